@@ -1,0 +1,28 @@
+"""`lorafleet bench NAME`: run one benchmark program from `lorafleet.bench`."""
+from __future__ import annotations
+
+import importlib
+
+# name -> one-line description; the module is lorafleet.bench.<name>
+BENCHMARKS = {
+    "model": "forward and generation speed vs transformers on the same checkpoint",
+    "quant": "NF4 quantize / dequantize / 4-bit linear vs bitsandbytes and bf16",
+    "train": "LoRA vs full fine-tuning memory and step time; our LoRA step vs PEFT",
+    "serve": "S-LoRA workload: throughput vs number of adapters, vs baselines",
+    "methods": "the LoRA paper's table at small scale (writes docs/paper.md)",
+}
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="run a benchmark (prints a table, writes JSON)")
+    names = parser.add_subparsers(dest="benchmark", metavar="NAME")
+    for name, description in BENCHMARKS.items():
+        try:
+            module = importlib.import_module(f"lorafleet.bench.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"lorafleet.bench.{name}":
+                continue
+            raise
+        sub = names.add_parser(name, help=description, description=description)
+        module.add_arguments(sub)
+        sub.set_defaults(func=module.run)

@@ -1,0 +1,26 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from hf_fixtures import make_checkpoint  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    """A small random Llama with grouped-query attention, saved with a tokenizer."""
+    path = tmp_path_factory.mktemp("llama")
+    make_checkpoint(path, "llama")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpt2")
+    make_checkpoint(path, "gpt2")
+    return path
