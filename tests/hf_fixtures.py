@@ -18,7 +18,7 @@ TEXT = (
 ) * 4
 
 
-def make_tokenizer(path: Path, vocab_size: int = 256) -> None:
+def make_tokenizer(path: Path, vocab_size: int = 384) -> None:
     """Train a small byte-level BPE and save tokenizer.json + tokenizer_config.json (with a
     ChatML-style chat template) into `path`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -61,7 +61,7 @@ def _config(kind: str, vocab_size: int, **overrides):
     raise ValueError(f"unknown kind {kind!r}")
 
 
-def make_checkpoint(path: Path, kind: str = "llama", seed: int = 0, vocab_size: int = 256,
+def make_checkpoint(path: Path, kind: str = "llama", seed: int = 0, vocab_size: int = 384,
                     max_shard_size: str | None = None, tokenizer: bool = True, **overrides):
     """Build a random `kind` model ("llama", "mistral", "qwen2", "gpt2") with transformers, save
     it (safetensors; sharded when `max_shard_size` is given) plus a tokenizer to `path`, and
