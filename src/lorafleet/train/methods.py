@@ -1,0 +1,311 @@
+"""The fine-tuning methods: each is one small function that transforms the model and leaves
+exactly the parameters it trains with requires_grad=True (STYLE.md rule 15: one trainer, many
+methods). The trainer does not know which method it runs.
+
+    lora     low-rank A, B on the target projections (LoRA paper; q,v by default)
+    qlora    the base quantized to NF4, then lora (QLoRA paper)
+    full     every parameter
+    adapter  bottleneck adapters: a small residual MLP after attention and after the FFN
+             (Houlsby et al. 2019)
+    prefix   learned key/value prefixes in every layer (Li & Liang 2021)
+    prompt   learned input embeddings prepended to the input (Lester et al. 2021)
+    bitfit   biases only (Ben Zaken et al. 2021)
+
+prefix and prompt both use "virtual tokens": the model is called with P placeholder tokens in
+front of the input, and wrapped modules overwrite what those positions produce: the input
+embedding (prompt) or the key and value projections of every layer (prefix). Real tokens then
+attend to learned keys/values at positions 0..P-1, exactly like a P-token past_key_values in
+PEFT's prefix tuning, and the trick works on any model whose projections are modules (ours and
+transformers' alike). The placeholders' own outputs are dropped.
+
+Artifacts: lora/qlora save a PEFT folder (adapter_config.json + adapter_model.safetensors); the
+others save `trainable.safetensors` (the trained tensors by parameter name). Every artifact has a
+`method.json` so `load_trained(model, dir)` can rebuild the structure and load the tensors.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorafleet.errors import ConfigError, TargetError
+
+METHOD_FILE = "method.json"
+TRAINABLE_FILE = "trainable.safetensors"
+
+# --targets short names -> module-name suffixes (Llama family, GPT-2). GPT-2 fuses q, k, v into
+# one c_attn, which is what PEFT adapts for "q,v" on GPT-2 too.
+TARGET_ALIASES = {
+    "q": ["q_proj", "attn.c_attn"], "k": ["k_proj", "attn.c_attn"], "v": ["v_proj", "attn.c_attn"],
+    "o": ["o_proj", "attn.c_proj"], "gate": ["gate_proj"], "up": ["up_proj", "mlp.c_fc"],
+    "down": ["down_proj", "mlp.c_proj"],
+}
+OUTPUT_HEADS = ("lm_head",)  # never adapted by all-linear (PEFT excludes the output layer too)
+ADAPTER_AFTER = ("self_attn.o_proj", "attn.c_proj", "mlp.down_proj", "mlp.c_proj")
+KEY_VALUE = ("self_attn.k_proj", "self_attn.v_proj", "attn.c_attn")
+EMBEDDINGS = ("embed_tokens", "wte")
+PLACEHOLDER_TOKEN = 0  # any valid id: the wrapped modules overwrite what it produces
+
+
+@dataclass
+class MethodConfig:
+    method: str = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "q,v"           # comma-separated short names / module suffixes, or all-linear
+    bottleneck: int = 16           # adapter: hidden width of each bottleneck MLP
+    virtual_tokens: int = 8        # prefix / prompt: number of learned positions
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {sorted(METHODS)} (found {self.method!r})")
+        for name in ("r", "bottleneck", "virtual_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 (found {getattr(self, name)})")
+
+
+# ---- module helpers ---------------------------------------------------------------------------
+
+def is_linear(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2) is a linear layer with weight [in, out].
+    return isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit")
+
+
+def linear_out_features(module: nn.Module) -> int:
+    if hasattr(module, "out_features"):
+        return module.out_features
+    return module.weight.shape[1]  # Conv1D: weight [in, out]
+
+
+def float_like(model: nn.Module) -> dict:
+    """device/dtype for new trainable tensors: those of the model's floating-point params."""
+    p = next(p for p in model.parameters() if p.is_floating_point())
+    return {"device": p.device, "dtype": p.dtype}
+
+
+def modules_ending_with(model: nn.Module, suffixes) -> list[str]:
+    return [name for name, _ in model.named_modules()
+            if any(name == s or name.endswith("." + s) for s in suffixes)]
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def resolve_targets(model: nn.Module, targets: str) -> list[str]:
+    """--targets -> the module-name suffixes present in this model (PEFT target_modules)."""
+    if targets == "all-linear":
+        names = [n for n, m in model.named_modules() if is_linear(m)
+                 and n.rpartition(".")[2] not in OUTPUT_HEADS]
+        found = sorted({n.rpartition(".")[2] for n in names})
+    else:
+        wanted = [t.strip() for t in targets.split(",") if t.strip()]
+        found = []
+        for t in wanted:
+            present = [s for s in TARGET_ALIASES.get(t, [t]) if modules_ending_with(model, [s])]
+            if not present:
+                sample = [n for n, m in model.named_modules() if is_linear(m)][:8]
+                raise TargetError(f"--targets {t!r} matches no module; linear modules include "
+                                  f"{sample}")
+            found += [s for s in present if s not in found]
+    if not found:
+        raise TargetError(f"--targets {targets!r} matches no linear module")
+    return found
+
+
+# ---- wrappers ---------------------------------------------------------------------------------
+
+class BottleneckAdapter(nn.Module):
+    """y = base(x); y + up(gelu(down(y))). up starts at zero so training starts at the base."""
+
+    def __init__(self, base: nn.Module, hidden: int, bottleneck: int, **factory):
+        super().__init__()
+        self.base_layer = base
+        self.down = nn.Linear(hidden, bottleneck, **factory)
+        self.up = nn.Linear(bottleneck, hidden, **factory)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x, *args):
+        y = self.base_layer(x, *args)
+        return y + self.up(nn.functional.gelu(self.down(y)))
+
+
+class VirtualTokenOutput(nn.Module):
+    """Overwrite the output columns [start, start + width) at the first P positions with a
+    learned [P, width] tensor. Used for input embeddings (prompt) and k/v projections (prefix)."""
+
+    def __init__(self, base: nn.Module, init: torch.Tensor, start: int = 0):
+        super().__init__()
+        self.base_layer = base
+        self.virtual = nn.Parameter(init)      # [P, width]
+        self.start = start
+
+    def forward(self, x, *args):
+        y = self.base_layer(x, *args)          # [B, T, out]
+        n_virtual, width = self.virtual.shape
+        head = y[:, :n_virtual]
+        learned = self.virtual.to(y.dtype).expand(y.shape[0], -1, -1)
+        head = torch.cat([head[..., :self.start], learned, head[..., self.start + width:]], -1)
+        return torch.cat([head, y[:, n_virtual:]], dim=1)
+
+
+class VirtualTokenModel(nn.Module):
+    """Calls `model` with P placeholder tokens in front and returns logits of the real tokens."""
+
+    def __init__(self, model: nn.Module, n_virtual: int):
+        super().__init__()
+        self.model = model
+        self.n_virtual = n_virtual
+
+    def forward(self, input_ids):              # [B, T] -> logits [B, T, vocab]
+        pad = input_ids.new_full((input_ids.shape[0], self.n_virtual), PLACEHOLDER_TOKEN)
+        out = self.model(torch.cat([pad, input_ids], dim=1))
+        logits = out.logits if hasattr(out, "logits") else out
+        return logits[:, self.n_virtual:]
+
+
+# ---- the methods: transform the model, leave only the trained parameters trainable ------------
+
+def apply_full(model: nn.Module, cfg: MethodConfig, state: dict) -> nn.Module:
+    model.requires_grad_(True)
+    return model
+
+
+def apply_lora(model: nn.Module, cfg: MethodConfig, state: dict) -> nn.Module:
+    from lorafleet.lora import LoraConfig, inject_lora
+    targets = state.setdefault("target_modules", resolve_targets(model, cfg.targets))
+    inject_lora(model, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                  target_modules=targets))
+    return model
+
+
+def apply_qlora(model: nn.Module, cfg: MethodConfig, state: dict) -> nn.Module:
+    from lorafleet.quant import quantize_model
+    quantize_model(model, skip=OUTPUT_HEADS)
+    return apply_lora(model, cfg, state)
+
+
+def apply_adapter(model: nn.Module, cfg: MethodConfig, state: dict) -> nn.Module:
+    names = modules_ending_with(model, ADAPTER_AFTER)
+    if not names:
+        raise TargetError(f"adapter: no attention/FFN output projection ({ADAPTER_AFTER})")
+    factory = float_like(model)
+    for name in names:
+        base = model.get_submodule(name)
+        set_submodule(model, name, BottleneckAdapter(base, linear_out_features(base),
+                                                     cfg.bottleneck, **factory))
+    return model
+
+
+def apply_prefix(model: nn.Module, cfg: MethodConfig, state: dict) -> nn.Module:
+    names = modules_ending_with(model, KEY_VALUE)
+    if not names:
+        raise TargetError(f"prefix: no key/value projection ({KEY_VALUE}) in this model")
+    factory = float_like(model)
+    for name in names:
+        base = model.get_submodule(name)
+        out = linear_out_features(base)
+        # GPT-2's fused c_attn outputs [q | k | v]: only the k and v columns are prefixes.
+        start, width = (out // 3, 2 * out // 3) if name.endswith("c_attn") else (0, out)
+        init = torch.randn(cfg.virtual_tokens, width, **factory) * 0.02
+        set_submodule(model, name, VirtualTokenOutput(base, init, start))
+    return VirtualTokenModel(model, cfg.virtual_tokens)
+
+
+def apply_prompt(model: nn.Module, cfg: MethodConfig, state: dict) -> nn.Module:
+    names = [n for n in modules_ending_with(model, EMBEDDINGS)
+             if isinstance(model.get_submodule(n), nn.Embedding)]
+    if not names:
+        raise TargetError(f"prompt: no input embedding ({EMBEDDINGS}) in this model")
+    embedding = model.get_submodule(names[0])
+    # Lester et al. sec. 2.2: initializing from real vocabulary embeddings trains better
+    # than random vectors.
+    rows = torch.randint(0, embedding.num_embeddings, (cfg.virtual_tokens,),
+                         generator=torch.Generator().manual_seed(0))
+    init = embedding.weight.detach()[rows].clone().float().to(**float_like(model))
+    set_submodule(model, names[0], VirtualTokenOutput(embedding, init))
+    return VirtualTokenModel(model, cfg.virtual_tokens)
+
+
+def apply_bitfit(model: nn.Module, cfg: MethodConfig, state: dict) -> nn.Module:
+    """Train every bias. Linear layers without one (all of Llama's) get a zero bias first, so
+    the model is unchanged at step 0; the output head gets none. Norm layers without a bias
+    (RMSNorm) stay as they are."""
+    factory = float_like(model)
+    added = state.setdefault("added_bias", [
+        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is None
+        and n.rpartition(".")[2] not in OUTPUT_HEADS])
+    for name in added:
+        module = model.get_submodule(name)
+        module.bias = nn.Parameter(torch.zeros(module.out_features, **factory))
+    for module in model.modules():
+        if isinstance(getattr(module, "bias", None), nn.Parameter):
+            module.bias.requires_grad_(True)
+    return model
+
+
+METHODS = {"lora": apply_lora, "qlora": apply_qlora, "full": apply_full,
+           "adapter": apply_adapter, "prefix": apply_prefix, "prompt": apply_prompt,
+           "bitfit": apply_bitfit}
+
+
+def apply_method(model: nn.Module, cfg: MethodConfig, state: dict | None = None) -> nn.Module:
+    """Freeze `model`, apply the method; returns the module to train (it may wrap `model`).
+    `state` records choices (resolved targets, added biases) so loading repeats them exactly."""
+    state = {} if state is None else state
+    model.requires_grad_(False)
+    trained = METHODS[cfg.method](model, cfg, state)
+    if not any(p.requires_grad for p in trained.parameters()):
+        raise ConfigError(f"method {cfg.method!r} left no trainable parameter in this model")
+    return trained
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_trained(model: nn.Module, cfg: MethodConfig, state: dict, path: str | Path) -> None:
+    """Write the method's artifact to the folder `path` (see module docstring)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if cfg.method in ("lora", "qlora"):
+        from lorafleet.lora import save_adapter
+        save_adapter(model, path)
+    else:
+        tensors = {k: v.contiguous().clone() for k, v in trainable_state(model).items()}
+        save_file(tensors, str(path / TRAINABLE_FILE))
+    (path / METHOD_FILE).write_text(json.dumps({**asdict(cfg), "state": state}, indent=2))
+
+
+def load_trained(model: nn.Module, path: str | Path) -> nn.Module:
+    """Apply the saved method to a fresh base `model` and load the trained tensors; returns the
+    module to call (input_ids -> logits)."""
+    path = Path(path)
+    if not (path / METHOD_FILE).is_file():
+        raise ConfigError(f"{path}: no {METHOD_FILE}; not a lorafleet training artifact")
+    saved = json.loads((path / METHOD_FILE).read_text())
+    state = saved.pop("state", {})
+    cfg = MethodConfig(**saved)
+    if cfg.method in ("lora", "qlora"):
+        if cfg.method == "qlora":
+            from lorafleet.quant import quantize_model
+            quantize_model(model, skip=OUTPUT_HEADS)
+        from lorafleet.lora import load_adapter
+        load_adapter(model, path, "default")
+        return model
+    trained = apply_method(model, cfg, state)
+    tensors = load_file(str(path / TRAINABLE_FILE))
+    expected = set(trainable_state(trained))
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise ConfigError(f"{path / TRAINABLE_FILE}: tensors do not fit the model "
+                          f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    trained.load_state_dict(tensors, strict=False)
+    return trained

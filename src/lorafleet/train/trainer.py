@@ -1,0 +1,382 @@
+"""The training loop: one plain loop for every method (read it top to bottom, like nanoGPT's
+train.py). The model only has to map input_ids [B, T] to logits [B, T, vocab] (or an object
+with `.logits`), so our models and transformers models train the same way.
+
+One optimizer step ("step") consumes a global batch of batch_size * grad_accum * world_size
+examples. The loss is the mean over every label token of that global batch, whatever way it is
+split into micro-batches and processes, so 2 processes x batch 2 equals 1 process x batch 4.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorafleet.errors import ConfigError, TrainingError
+from lorafleet.train import distributed as dist
+from lorafleet.train.checkpoint import (CHECKPOINT_DIR, Checkpoint, capture_rng, latest_checkpoint,
+                                        load_checkpoint, restore_rng, save_checkpoint)
+from lorafleet.train.data import IGNORE_INDEX, DataConfig, Sampler, collate, load_dataset
+from lorafleet.train.methods import MethodConfig, apply_method, save_trained, trainable_state
+
+logger = logging.getLogger(__name__)
+
+RUN_FILES = ("train_config.json", "log.jsonl", CHECKPOINT_DIR, "adapter", "tensorboard")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainConfig:
+    model: str                      # base model folder (Hugging Face layout)
+    data: str                       # training JSONL
+    out: str                        # output folder: adapter/, checkpoints/, log.jsonl
+    method: str = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "q,v"
+    bottleneck: int = 16
+    virtual_tokens: int = 8
+    steps: int | None = None        # optimizer steps; or epochs (default: 1 epoch)
+    epochs: float | None = None
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    batch_size: int = 4             # per process, per micro-batch
+    grad_accum: int = 1
+    warmup: int = 0                 # steps of linear warmup
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1       # cosine/linear decay to lr * min_lr_ratio (nanoGPT: 0.1)
+    max_grad_norm: float = 1.0      # 0 disables clipping
+    max_len: int = 512
+    pack: bool = False
+    val_file: str | None = None
+    val_split: float = 0.0
+    eval_every: int = 0             # 0: evaluate only at the end (when there is validation data)
+    save_every: int = 0             # 0: checkpoint only on interrupt
+    bf16: bool = False
+    grad_checkpointing: bool = False
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    skip_bad_lines: bool = False
+    device: str | None = None       # None: cuda if available, else cpu
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {SCHEDULES} (found {self.schedule!r})")
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigError("give steps or epochs, not both")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 (found {getattr(self, name)})")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume and overwrite exclude each other")
+
+    def method_config(self) -> MethodConfig:
+        return MethodConfig(self.method, self.r, self.alpha, self.dropout, self.targets,
+                            self.bottleneck, self.virtual_tokens)
+
+    def data_config(self) -> DataConfig:
+        return DataConfig(self.data, self.max_len, self.pack, self.val_file, self.val_split,
+                          self.skip_bad_lines, seed=self.seed)
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    artifact: Path | None           # the saved adapter / method artifact (None if interrupted)
+    steps: int
+    loss: float                     # training loss of the last step
+    eval_loss: float | None
+    interrupted: bool = False
+    history: list[dict] = field(default_factory=list)
+
+
+# ---- plain functions --------------------------------------------------------------------------
+
+def learning_rate(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warmup, then cosine / linear decay to lr * min_lr_ratio (nanoGPT's get_lr)."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.schedule == "constant" or total_steps <= cfg.warmup:
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup) / max(1, total_steps - cfg.warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
+
+
+def logits_of(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy. logits: [B, T, V], labels: [B, T] (-100 = no loss)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def count_targets(examples) -> int:
+    return sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in examples)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> int:
+    """Recompute each decoder layer's activations in backward instead of keeping them.
+    Returns how many layers were wrapped (the ModuleList named *.layers or *.h)."""
+    from torch.utils.checkpoint import checkpoint
+    wrapped = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rpartition(".")[2] in ("layers", "h"):
+            for layer in module:
+                layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+                wrapped += 1
+    if not wrapped:
+        raise ConfigError("grad_checkpointing: no decoder layer list (*.layers / *.h) found")
+    return wrapped
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, examples, cfg: TrainConfig, pad_id: int, device) -> float:
+    """Mean next-token loss over every label token of `examples`."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for i in range(0, len(examples), cfg.batch_size):
+        chunk = examples[i:i + cfg.batch_size]
+        input_ids, labels = (t.to(device) for t in collate(chunk, pad_id))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            total += loss_sum(logits_of(model, input_ids), labels).item()
+        tokens += count_targets(chunk)
+    model.train(was_training)
+    return total / max(1, tokens)
+
+
+# ---- the output folder and logs ---------------------------------------------------------------
+
+def prepare_out_dir(cfg: TrainConfig) -> Path:
+    out = Path(cfg.out)
+    existing = [n for n in RUN_FILES if (out / n).exists()]
+    if existing and not (cfg.resume or cfg.overwrite):
+        raise TrainingError(f"{out} already holds a training run ({', '.join(existing)}); pass "
+                            "--resume to continue it or --overwrite to replace it")
+    if cfg.resume and latest_checkpoint(out) is None:
+        raise TrainingError(f"--resume: {out / CHECKPOINT_DIR} holds no checkpoint to resume")
+    if cfg.overwrite and dist.is_main():
+        import shutil
+        for name in existing:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    dist.barrier()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+class RunLog:
+    """log.jsonl (one object per step/eval) and TensorBoard when it is installed."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.file = (out / "log.jsonl").open("a") if enabled else None
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        if self.tb:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM (or a callback returning True); checked after each step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        logger.warning("received %s: saving a checkpoint after this step",
+                       signal.Signals(signum).name)
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
+          callback: Callable[[dict], bool | None] | None = None) -> TrainResult:
+    """Train `cfg.method` on `cfg.data` and save the artifact to `cfg.out/adapter`.
+
+    `model`/`tokenizer` default to lorafleet.models.load_model/load_tokenizer(cfg.model); pass a
+    transformers model and tokenizer to train one of those. `callback(event)` receives a dict per
+    step ({"type": "step", "step", "total_steps", "loss", "lr", "tokens_per_s", ...}) and per
+    evaluation; returning True asks the run to stop (checkpoint saved, resumable).
+    """
+    dist.setup()
+    device = torch.device(cfg.device) if cfg.device else dist.default_device()
+    out = prepare_out_dir(cfg)
+    seed_everything(cfg.seed)
+    if tokenizer is None:
+        from lorafleet.models import load_tokenizer
+        tokenizer = load_tokenizer(cfg.model)
+    train_set, val_set, stats = load_dataset(cfg.data_config(), tokenizer)
+    if model is None:
+        from lorafleet.models import load_model
+        model = load_model(cfg.model, dtype=torch.float32, device=str(device))
+    method_state: dict = {}
+    trained = apply_method(model, cfg.method_config(), method_state).to(device)
+    if cfg.grad_checkpointing:
+        enable_gradient_checkpointing(trained)
+    params = [p for p in trained.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+    world, rank = dist.world_size(), dist.rank()
+    per_rank = cfg.batch_size * cfg.grad_accum
+    global_batch = per_rank * world
+    total_steps = cfg.steps if cfg.steps is not None else \
+        math.ceil((cfg.epochs or 1.0) * len(train_set) / global_batch)
+    sampler = Sampler(len(train_set), cfg.seed)
+
+    step, loss_value, eval_loss, history = 0, float("nan"), None, []
+    if cfg.resume:
+        ckpt = load_checkpoint(latest_checkpoint(out))
+        trained.load_state_dict(ckpt.trainable, strict=False)
+        optimizer.load_state_dict(ckpt.optimizer)
+        sampler.load_state_dict(ckpt.data_position)
+        restore_rng(ckpt.rng)
+        step, loss_value = ckpt.step, ckpt.extra.get("loss", float("nan"))
+        logger.info("resumed from %s (step %d)", latest_checkpoint(out), step)
+    elif dist.is_main():
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    log = RunLog(out, enabled=dist.is_main())
+    logger.info("%s: %d trainable / %d parameters; %d train / %d val examples; %d steps",
+                cfg.method, sum(p.numel() for p in params),
+                sum(p.numel() for p in trained.parameters()), len(train_set), len(val_set),
+                total_steps)
+
+    def checkpoint(extra: dict) -> Path | None:
+        path = None
+        if dist.is_main():
+            path = save_checkpoint(out, Checkpoint(step, trainable_state(trained),
+                                                   optimizer.state_dict(), sampler.state_dict(),
+                                                   capture_rng(), extra))
+        dist.barrier()
+        return path
+
+    trained.train()
+    interrupted = False
+    with StopFlag() as stop:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            lr = learning_rate(step, cfg, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = [train_set[i] for i in sampler.take(global_batch)]
+            n_targets = max(1, count_targets(batch))
+            mine = batch[rank * per_rank:(rank + 1) * per_rank]
+            step_loss, n_tokens = torch.zeros((), device=device), 0
+            for i in range(0, per_rank, cfg.batch_size):
+                input_ids, labels = (t.to(device) for t in collate(mine[i:i + cfg.batch_size],
+                                                                   pad_id))
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    micro_loss = loss_sum(logits_of(trained, input_ids), labels) / n_targets
+                # x world: all-reduce averages the ranks' gradients, we want their sum.
+                (micro_loss * world).backward()
+                step_loss += micro_loss.detach()
+                n_tokens += int((input_ids != pad_id).sum())
+            dist.average_gradients(params)
+            step_loss = float(dist.sum_scalar(step_loss))
+            grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) \
+                if cfg.max_grad_norm > 0 else torch.zeros(())
+            if not (math.isfinite(step_loss) and math.isfinite(float(grad_norm))):
+                last = latest_checkpoint(out)
+                log.close()
+                raise TrainingError(
+                    f"loss became {step_loss} at step {step + 1}; training stopped without "
+                    f"applying that update. Last good checkpoint: "
+                    f"{last if last else 'none (set --save-every to keep some)'}; try a lower "
+                    f"--lr or --max-grad-norm")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_value = step_loss
+            elapsed = time.perf_counter() - t0
+            event = {"type": "step", "step": step, "total_steps": total_steps, "loss": loss_value,
+                     "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens * world,
+                     "tokens_per_s": n_tokens * world / elapsed, "step_time_s": elapsed}
+            log.write(event)
+            history.append(event)
+            if val_set and cfg.eval_every and step % cfg.eval_every == 0:
+                eval_loss = evaluate(trained, val_set, cfg, pad_id, device)
+                eval_event = {"type": "eval", "step": step, "eval_loss": eval_loss,
+                              "perplexity": math.exp(min(eval_loss, 50.0))}
+                log.write(eval_event)
+                history.append(eval_event)
+                if callback:
+                    callback(eval_event)
+            if callback and callback(event):
+                stop.requested = True
+            if cfg.save_every and step % cfg.save_every == 0:
+                checkpoint({"loss": loss_value})
+            if stop.requested and step < total_steps:
+                path = checkpoint({"loss": loss_value})
+                logger.warning("stopped at step %d; checkpoint %s; continue with --resume",
+                               step, path)
+                interrupted = True
+                break
+
+    artifact = None
+    if not interrupted:
+        if val_set and (not cfg.eval_every or step % cfg.eval_every):
+            eval_loss = evaluate(trained, val_set, cfg, pad_id, device)
+            log.write({"type": "eval", "step": step, "eval_loss": eval_loss,
+                       "perplexity": math.exp(min(eval_loss, 50.0))})
+        if dist.is_main():
+            artifact = out / "adapter"
+            save_trained(trained, cfg.method_config(), method_state, artifact)
+        dist.barrier()
+    log.close()
+    return TrainResult(out, artifact, step, loss_value, eval_loss, interrupted, history)

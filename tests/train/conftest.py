@@ -1,0 +1,60 @@
+import json
+from pathlib import Path
+
+import pytest
+
+WORDS = ["one", "two", "three", "fox", "dog", "the", "quick", "lazy", "name", "food"]
+
+
+class HFTokenizer:
+    """A stand-in with the lorafleet Tokenizer interface over transformers' tokenizer (the
+    oracle for chat templates); used only where lorafleet.models.load_tokenizer is missing."""
+
+    def __init__(self, path):
+        from transformers import AutoTokenizer
+        self.tok = AutoTokenizer.from_pretrained(str(path))
+        self.eos_token_id = self.tok.eos_token_id
+        self.bos_token_id = self.tok.bos_token_id
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids):
+        return self.tok.decode(ids)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        return self.tok.apply_chat_template(messages, tokenize=False,
+                                            add_generation_prompt=add_generation_prompt)
+
+
+def get_tokenizer(path):
+    try:
+        from lorafleet.models import load_tokenizer
+    except ImportError:
+        return HFTokenizer(path)
+    return load_tokenizer(path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(llama_dir):
+    return get_tokenizer(llama_dir)
+
+
+def toy_records(n=8):
+    """Reverse three words: learnable by memorization in a few dozen steps."""
+    records = []
+    for i in range(n):
+        words = [WORDS[(i + j * 3) % len(WORDS)] for j in range(3)]
+        records.append({"prompt": "reverse : " + " ".join(words) + " ->",
+                        "completion": " " + " ".join(reversed(words)) + " ."})
+    return records
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def toy_data(tmp_path):
+    return write_jsonl(tmp_path / "toy.jsonl", toy_records())
