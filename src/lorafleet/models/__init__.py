@@ -9,3 +9,9 @@ __all__ = [
     "AttentionBackend", "ForwardBatch", "project", "ModelConfig", "GPT2", "Conv1D", "Llama",
     "build_model", "linear_layer_names", "load_model", "parse_dtype",
 ]
+from .generate import Generation, SamplingConfig, decode_one_token, generate, prefill  # noqa: E402
+from .kv_cache import KVCache  # noqa: E402
+from .tokenizer import Tokenizer, load_tokenizer  # noqa: E402
+
+__all__ += ["Generation", "SamplingConfig", "decode_one_token", "generate", "prefill", "KVCache",
+            "Tokenizer", "load_tokenizer"]
