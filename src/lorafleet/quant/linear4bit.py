@@ -1,0 +1,203 @@
+"""A frozen 4-bit linear layer (QLoRA's base) and the module swap that puts it in a model.
+
+`Linear4bit` keeps only the NF4 storage (codes + scales, as buffers so they follow `.to(device)`
+and land in `state_dict()`); every forward dequantizes straight to the input's dtype and runs one
+matmul. Nothing dequantized is cached or saved for backward (memory is the point): the backward
+dequantizes again, as bitsandbytes' `MatMul4Bit` does.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorafleet.errors import ConfigError
+
+from .nf4 import DOUBLE_QUANT_BLOCK, NF4Tensor, _check_block_size, dequantize_nf4, quantize_nf4
+
+log = logging.getLogger(__name__)
+
+_STORAGE = ("codes", "absmax", "absmax_codes", "absmax_scale", "absmax_offset")
+
+
+class _DequantMatmul(torch.autograd.Function):
+    """y = x @ W^T with W dequantized on the fly in the forward AND again in the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, nf4: NF4Tensor) -> torch.Tensor:
+        ctx.nf4 = nf4
+        return F.linear(x, dequantize_nf4(nf4, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        # The base is frozen: only the input gets a gradient.
+        return grad_out @ dequantize_nf4(ctx.nf4, grad_out.dtype), None
+
+
+def _storage_shapes(numel: int, block_size: int, double_quant: bool) -> dict[str, tuple]:
+    n_blocks = math.ceil(numel / block_size)
+    shapes = {"codes": (n_blocks * block_size // 2,)}
+    if double_quant:
+        shapes.update(absmax_codes=(n_blocks,),
+                      absmax_scale=(math.ceil(n_blocks / DOUBLE_QUANT_BLOCK),), absmax_offset=())
+    else:
+        shapes["absmax"] = (n_blocks,)
+    return shapes
+
+
+class Linear4bit(nn.Module):
+    """Frozen `y = x W^T + b` with W `[out, in]` stored in NF4.
+
+    Built empty (e.g. on the meta device) and filled by `set_weight`, `from_module`, or loading a
+    state dict that holds either our NF4 buffers or a plain float `weight` (quantized on load).
+    `fan_in_fan_out=True` marks a layer that replaced a GPT-2 Conv1D: a float `weight` loaded into
+    it is `[in, out]` and is transposed first.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 block_size: int = 64, double_quant: bool = True, fan_in_fan_out: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        _check_block_size(block_size)
+        self.in_features, self.out_features = in_features, out_features
+        self.block_size, self.double_quant = block_size, double_quant
+        self.fan_in_fan_out = fan_in_fan_out
+        self.dtype = dtype  # the dtype `weight` and a float state dict come back in
+        dtypes = {"codes": torch.uint8, "absmax_codes": torch.uint8}
+        for name, shape in _storage_shapes(in_features * out_features, block_size,
+                                           double_quant).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtypes.get(name, torch.float32),
+                                                   device=device))
+        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
+                                  requires_grad=False) if bias else None)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, block_size: int = 64, double_quant: bool = True
+                    ) -> Linear4bit:
+        """Quantize an `nn.Linear` (weight [out, in]) or a Conv1D (weight [in, out])."""
+        conv1d = is_conv1d(module)
+        weight = module.weight.t() if conv1d else module.weight
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, bias=module.bias is not None,
+                    block_size=block_size, double_quant=double_quant, fan_in_fan_out=conv1d,
+                    device=weight.device, dtype=weight.dtype)
+        if weight.is_meta:
+            return layer  # storage is filled when the weights are loaded
+        layer.set_weight(weight)
+        if module.bias is not None:
+            layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    @property
+    def nf4(self) -> NF4Tensor:
+        """The stored weight as an NF4Tensor (sharing this module's buffers)."""
+        return NF4Tensor(shape=torch.Size((self.out_features, self.in_features)), dtype=self.dtype,
+                         block_size=self.block_size,
+                         **{n: getattr(self, n) for n in _STORAGE if n in self._buffers})
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Quantize `weight` [out, in] into this layer's storage (replacing it)."""
+        expected = (self.out_features, self.in_features)
+        if tuple(weight.shape) != expected:
+            raise ConfigError(f"Linear4bit.set_weight: expected weight of shape {list(expected)}, "
+                              f"got {list(weight.shape)}")
+        nf4 = quantize_nf4(weight, self.block_size, self.double_quant)
+        for name, tensor in nf4.stored_tensors().items():
+            self._buffers[name] = tensor
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight [out, in] in `self.dtype` (a fresh tensor on every access)."""
+        return dequantize_nf4(self.nf4, self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out], computed in x's dtype."""
+        y = _DequantMatmul.apply(x, self.nf4)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def merge_delta(self, delta: torch.Tensor) -> float:
+        """W <- quantize(dequantize(W) + delta), delta [out, in] (a LoRA merge into a 4-bit base).
+
+        This rounds: the merged weight is not W + delta but its nearest NF4 version, and the same
+        holds for a later unmerge. Returns the RMS of that rounding error.
+        """
+        if tuple(delta.shape) != (self.out_features, self.in_features):
+            raise ConfigError(f"merge_delta: delta shape {list(delta.shape)} != weight shape "
+                              f"{[self.out_features, self.in_features]}")
+        with torch.no_grad():
+            target = dequantize_nf4(self.nf4, torch.float32) + delta.float()
+            self.set_weight(target)
+            rms = (dequantize_nf4(self.nf4, torch.float32) - target).pow(2).mean().sqrt().item()
+        log.warning("merging into a 4-bit NF4 base requantizes the weight: the result is rounded "
+                    "to NF4 (RMS error %.3g); export a merged bf16/fp16 checkpoint for an exact "
+                    "merge", rms)
+        return rms
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` must change the compute dtype, never the stored codes and
+        # fp32 scales: move the storage to the new device only.
+        storage = {n: self._buffers.pop(n) for n in _STORAGE if n in self._buffers}
+        super()._apply(fn, recurse)
+        probe = fn(torch.empty(0, dtype=self.dtype, device=storage["codes"].device))
+        self.dtype = probe.dtype
+        for name, tensor in storage.items():
+            self._buffers[name] = tensor.to(probe.device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "weight"
+        if key in state_dict:  # a float checkpoint: quantize on load
+            weight = state_dict[key]
+            self.set_weight(weight.t() if self.fan_in_fan_out else weight)
+            state_dict = {k: v for k, v in state_dict.items() if k != key}
+            state_dict.update({prefix + n: t for n, t in self._buffers.items() if n in _STORAGE})
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, block_size={self.block_size}, "
+                f"double_quant={self.double_quant}")
+
+
+class Embedding4bit(nn.Module):
+    """A frozen embedding table [vocab, dim] in NF4; a lookup dequantizes only the rows it reads
+    (when dim is a multiple of the block size, each row is whole blocks)."""
+
+    def __init__(self, embedding: nn.Embedding, block_size: int = 64, double_quant: bool = True):
+        super().__init__()
+        if embedding.embedding_dim % block_size:
+            raise ConfigError(f"Embedding4bit: embedding_dim {embedding.embedding_dim} must be a "
+                              f"multiple of block_size {block_size}")
+        self.num_embeddings, self.embedding_dim = embedding.weight.shape
+        self.block_size, self.dtype = block_size, embedding.weight.dtype
+        self.padding_idx = embedding.padding_idx
+        nf4 = quantize_nf4(embedding.weight, block_size, double_quant)
+        self.codes = nn.Buffer(nf4.codes.view(self.num_embeddings, -1))
+        # Row scales are decoded once: [vocab, dim / block_size] fp32 (double quantization saves
+        # little on a table that is already read row by row).
+        self.row_scales = nn.Buffer(nf4.scales().view(self.num_embeddings, -1))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._rows(torch.arange(self.num_embeddings, device=self.codes.device))
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = NF4Tensor(codes=self.codes[ids].reshape(-1), absmax=self.row_scales[ids].reshape(-1),
+                         shape=torch.Size((ids.numel(), self.embedding_dim)), dtype=self.dtype,
+                         block_size=self.block_size)
+        return dequantize_nf4(rows, self.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._rows(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D (ours or transformers'): a linear layer with weight [in, out]."""
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None
