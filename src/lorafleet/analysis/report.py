@@ -1,0 +1,130 @@
+"""Run the sec. 7 analyses on PEFT adapter folders: per adapted module, phi grids between two
+adapters, dW spectra, and amplification factors against the base weights."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lorafleet.analysis.subspace import (amplification_factor, delta_weight, projection_norm,
+                                         singular_values, subspace_similarity_grid)
+from lorafleet.errors import AdapterError
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[^.]+)?\.weight$")
+
+
+@dataclass
+class LoraFactors:
+    """One adapted module: A [r, in], B [out, r] and the scaling alpha/r (or alpha/sqrt(r))."""
+    module: str
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scaling: float
+    fan_in_fan_out: bool = False
+
+    @property
+    def rank(self) -> int:
+        return self.lora_a.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        """dW in the [out, in] orientation of nn.Linear."""
+        return delta_weight(self.lora_a, self.lora_b, self.scaling)
+
+
+def _pattern_value(pattern: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern: a key matches a module name it ends."""
+    for key, value in (pattern or {}).items():
+        if module == key or module.endswith("." + key) or re.fullmatch(key, module):
+            return value
+    return default
+
+
+def load_lora_factors(adapter_dir: str | Path) -> dict[str, LoraFactors]:
+    """{module name (as in the base model): LoraFactors} from a PEFT adapter folder."""
+    from lorafleet.adapters.peft_format import read_adapter
+
+    config, tensors = read_adapter(adapter_dir)
+    config = config if isinstance(config, dict) else vars(config)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        m = _KEY.match(key)
+        if m:
+            pairs.setdefault(m["module"], {})[m["which"]] = tensor
+    if not pairs:
+        raise AdapterError(f"{adapter_dir}: no lora_A/lora_B weights found")
+    out = {}
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"{adapter_dir}: {module} has lora_{next(iter(ab))} but not both")
+        r = ab["A"].shape[0]
+        alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", r))
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        out[module] = LoraFactors(module, ab["A"].float(), ab["B"].float(), float(scaling),
+                                  bool(config.get("fan_in_fan_out", False)))
+    return out
+
+
+@dataclass
+class ModuleAnalysis:
+    module: str
+    rank: int
+    singular_values: list[float]
+    delta_norm: float
+    amplification: float | None = None          # needs the base weights
+    weight_projection_norm: float | None = None  # ||U^T W V^T||_F
+    random_projection_norm: float | None = None  # the same for a random matrix of W's norm
+
+
+@dataclass
+class PairAnalysis:
+    """phi grids for the modules two adapters both adapt."""
+    grids: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> [r1, r2]
+
+
+def analyze_adapter(factors: dict[str, LoraFactors],
+                    base_weights: dict[str, torch.Tensor] | None = None,
+                    seed: int = 0) -> list[ModuleAnalysis]:
+    """Spectra of every dW; amplification when `base_weights` ({module: W [out, in]}) is given.
+    The random-matrix baseline is the paper's Table 7 comparison row."""
+    gen = torch.Generator().manual_seed(seed)
+    results = []
+    for name, f in factors.items():
+        dw = f.delta()
+        entry = ModuleAnalysis(name, f.rank, singular_values(dw)[:f.rank].tolist(),
+                               float(torch.linalg.matrix_norm(dw)))
+        if base_weights is not None and name in base_weights:
+            w = base_weights[name].double()
+            entry.amplification = amplification_factor(w, dw, f.rank)
+            entry.weight_projection_norm = projection_norm(w, dw, f.rank)
+            rand = torch.randn(w.shape, generator=gen, dtype=torch.float64)
+            rand *= torch.linalg.matrix_norm(w) / torch.linalg.matrix_norm(rand)
+            entry.random_projection_norm = projection_norm(rand, dw, f.rank)
+        results.append(entry)
+    return results
+
+
+def compare_adapters(first: dict[str, LoraFactors], second: dict[str, LoraFactors]) -> PairAnalysis:
+    common = sorted(set(first) & set(second))
+    if not common:
+        raise AdapterError("the two adapters share no adapted module; phi needs the same base "
+                           f"modules (first has {sorted(first)[:3]}, second {sorted(second)[:3]})")
+    pair = PairAnalysis()
+    for name in common:
+        pair.grids[name] = subspace_similarity_grid(first[name].lora_a, second[name].lora_a)
+    return pair
+
+
+def base_weights_for(model: torch.nn.Module, factors: dict[str, LoraFactors]) -> dict[str, torch.Tensor]:
+    """{module: W [out, in]} from a loaded base model, for the modules an adapter adapts."""
+    weights = {}
+    for name, f in factors.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise AdapterError(f"adapter module {name!r} is not in the base model") from None
+        w = module.weight.detach()
+        weights[name] = w.T if f.fan_in_fan_out else w  # GPT-2 Conv1D keeps W as [in, out]
+    return weights
