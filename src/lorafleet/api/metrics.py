@@ -1,0 +1,124 @@
+"""Prometheus metrics of the HTTP server: request/token counters by adapter, latencies, and the
+engine's own numbers (queue, batch, pool pages, adapter cache) read from `engine.stats()` at
+scrape time so they are never stale.
+
+Each app owns its registry, so several servers in one process (tests) do not collide.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+log = logging.getLogger(__name__)
+
+BASE_LABEL = "__base__"  # the `adapter` label of requests to the bare base model
+
+# Latency buckets in seconds: a tiny CPU model answers in milliseconds, a 7B on GPU in seconds.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+# engine.stats() key -> (metric name, help). Keys the engine does not report are skipped; any
+# other numeric key is still exported as lorafleet_engine_stat{name=...}.
+ENGINE_GAUGES = {
+    "queue_depth": ("lorafleet_queue_depth", "Requests waiting for admission"),
+    "waiting": ("lorafleet_queue_depth", "Requests waiting for admission"),
+    "running": ("lorafleet_running_batch_size", "Requests in the running batch"),
+    "running_batch": ("lorafleet_running_batch_size", "Requests in the running batch"),
+    "pool_pages_total": ("lorafleet_pool_pages_total", "Pages in the unified pool"),
+    "pool_pages_free": ("lorafleet_pool_pages_free", "Free pages in the unified pool"),
+    "pool_pages_kv": ("lorafleet_pool_pages_kv", "Pool pages holding KV cache"),
+    "kv_pages": ("lorafleet_pool_pages_kv", "Pool pages holding KV cache"),
+    "pool_pages_adapters": ("lorafleet_pool_pages_adapters", "Pool pages holding adapter weights"),
+    "adapter_pages": ("lorafleet_pool_pages_adapters", "Pool pages holding adapter weights"),
+    "adapters_resident": ("lorafleet_adapters_resident", "Adapters resident in the pool"),
+    "adapters_registered": ("lorafleet_adapters_registered", "Adapters registered"),
+}
+ENGINE_COUNTERS = {
+    "cache_hits": ("lorafleet_adapter_cache_hits", "Adapter cache hits"),
+    "adapter_cache_hits": ("lorafleet_adapter_cache_hits", "Adapter cache hits"),
+    "cache_misses": ("lorafleet_adapter_cache_misses", "Adapter cache misses (loads into pool)"),
+    "adapter_cache_misses": ("lorafleet_adapter_cache_misses",
+                             "Adapter cache misses (loads into pool)"),
+    "cache_evictions": ("lorafleet_adapter_cache_evictions", "Adapters evicted from the pool"),
+    "adapter_cache_evictions": ("lorafleet_adapter_cache_evictions",
+                                "Adapters evicted from the pool"),
+}
+
+
+def flatten_stats(stats: Any, prefix: str = "") -> dict[str, float]:
+    """Numbers of a (possibly nested) stats dict or dataclass, keys joined with '_'."""
+    if hasattr(stats, "__dataclass_fields__"):
+        stats = {name: getattr(stats, name) for name in stats.__dataclass_fields__}
+    flat: dict[str, float] = {}
+    if not isinstance(stats, dict):
+        return flat
+    for key, value in stats.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, bool):
+            flat[name] = float(value)
+        elif isinstance(value, (int, float)):
+            flat[name] = float(value)
+        elif isinstance(value, dict) or hasattr(value, "__dataclass_fields__"):
+            flat.update(flatten_stats(value, f"{name}_"))
+    return flat
+
+
+class EngineCollector:
+    """A custom collector: reads `stats_fn()` on every scrape."""
+
+    def __init__(self, stats_fn: Callable[[], Any]):
+        self.stats_fn = stats_fn
+
+    def collect(self):
+        try:
+            stats = flatten_stats(self.stats_fn())
+        except Exception:  # a scrape must never take the server down; log and report nothing
+            log.exception("engine.stats() failed during a metrics scrape")
+            return
+        emitted = set()
+        for table, suffix in ((ENGINE_GAUGES, ""), (ENGINE_COUNTERS, "_total")):
+            for key, (name, doc) in table.items():
+                if key in stats and name not in emitted:
+                    emitted.add(name)
+                    # Counters the engine keeps are exported as gauges named *_total: we only
+                    # mirror its value, and Prometheus' rate() works on either.
+                    family = GaugeMetricFamily(name + suffix, doc)
+                    family.add_metric([], stats[key])
+                    yield family
+        every = GaugeMetricFamily("lorafleet_engine_stat", "Every numeric engine.stats() value",
+                                  labels=["name"])
+        for key, value in sorted(stats.items()):
+            every.add_metric([key], value)
+        yield every
+
+
+class ServerMetrics:
+    def __init__(self, stats_fn: Callable[[], Any]):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("lorafleet_requests", "HTTP generation requests",
+                                ["adapter", "endpoint", "status"], registry=self.registry)
+        self.prompt_tokens = Counter("lorafleet_prompt_tokens", "Prompt tokens processed",
+                                     ["adapter"], registry=self.registry)
+        self.completion_tokens = Counter("lorafleet_completion_tokens", "Tokens generated",
+                                         ["adapter"], registry=self.registry)
+        self.aborted = Counter("lorafleet_aborted_requests",
+                               "Requests aborted because the client went away",
+                               ["adapter"], registry=self.registry)
+        self.rejected = Counter("lorafleet_rejected_requests", "Requests refused (by reason)",
+                                ["reason"], registry=self.registry)
+        self.latency = Histogram("lorafleet_request_latency_seconds",
+                                 "Time from request to last token", ["adapter"],
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.ttft = Histogram("lorafleet_time_to_first_token_seconds",
+                              "Time from request to first token", ["adapter"],
+                              buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(EngineCollector(stats_fn))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def adapter_label(adapter: str | None) -> str:
+    return BASE_LABEL if adapter is None else adapter

@@ -1,0 +1,182 @@
+"""Fixtures of the API tests: a real uvicorn server on 127.0.0.1 (random free port, in a thread)
+over an engine, PEFT adapters with random B made by peft itself, and an `openai` client."""
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from lorafleet.api.auth import ApiKeys
+from lorafleet.api.server import ServerConfig, create_app
+
+ADAPTER_NAMES = ["alpha", "beta"]
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+class ServerThread:
+    """uvicorn serving `app` on 127.0.0.1 in a daemon thread; `stop()` drains like SIGTERM."""
+
+    def __init__(self, app):
+        import uvicorn
+        self.sock = free_socket()
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
+                                                    timeout_graceful_shutdown=30))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+
+    def start(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+
+def make_adapters(base_dir: Path, out_root: Path, names: list[str], r: int = 4,
+                  targets=("q_proj", "v_proj")) -> dict[str, Path]:
+    """PEFT adapters over the checkpoint in `base_dir`, written by peft, with random B (a
+    zero B would make every adapter equal the base and the tests blind)."""
+    import peft
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets))
+    peft_model = peft.get_peft_model(model, config)
+    paths = {}
+    for i, name in enumerate(names):
+        torch.manual_seed(1000 + i)
+        for module_name, param in peft_model.named_parameters():
+            if "lora_B" in module_name or "lora_A" in module_name:
+                with torch.no_grad():
+                    param.copy_(torch.randn_like(param) * 0.5)
+        path = out_root / name
+        peft_model.save_pretrained(path)
+        paths[name] = path
+    return paths
+
+
+@pytest.fixture(scope="session")
+def adapter_root(tmp_path_factory, llama_dir):
+    root = tmp_path_factory.mktemp("adapters")
+    make_adapters(llama_dir, root, ADAPTER_NAMES + ["gamma"])
+    return root
+
+
+class _TmpTokenizer:
+    """TEMPORARY until lorafleet.models.load_tokenizer lands."""
+
+    def __init__(self, path):
+        import jinja2
+        from tokenizers import Tokenizer
+        self.tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+        cfg = json.loads((Path(path) / "tokenizer_config.json").read_text())
+        self.template = jinja2.Environment().from_string(cfg["chat_template"])
+        self.eos_token_id, self.bos_token_id = 1, 0
+
+    def encode(self, text):
+        return self.tok.encode(text).ids
+
+    def decode(self, ids):
+        return self.tok.decode(ids)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        return self.template.render(messages=messages,
+                                    add_generation_prompt=add_generation_prompt)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(llama_dir):
+    try:
+        from lorafleet.models import load_tokenizer
+    except ImportError:
+        return _TmpTokenizer(llama_dir)
+    return load_tokenizer(llama_dir)
+
+
+def build_engine(llama_dir, tokenizer, adapters: dict[str, Path]):
+    import lorafleet.serve
+    if not hasattr(lorafleet.serve, "Engine"):  # TEMPORARY until the real engine lands
+        import fake_engine
+        lorafleet.serve.SamplingParams = fake_engine.SamplingParams
+        engine = fake_engine.FakeEngine(tokenizer)
+        for name, path in adapters.items():
+            engine.register_adapter(name, str(path))
+        return fake_engine.FakeAsyncEngine(engine)
+    from lorafleet.serve import AsyncEngine, Engine, EngineConfig
+    engine = Engine(str(llama_dir), tokenizer, EngineConfig())
+    for name, path in adapters.items():
+        engine.register_adapter(name, str(path))
+    return AsyncEngine(engine)
+
+
+KEYS = {"sk-admin": "*", "sk-alpha": ["alpha"], "sk-none": []}
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir, tokenizer, adapter_root, tmp_path_factory):
+    """One server per test module, with keys: sk-admin (all), sk-alpha (alpha only)."""
+    keys_file = tmp_path_factory.mktemp("keys") / "keys.json"
+    keys_file.write_text(json.dumps(KEYS))
+    async_engine = build_engine(llama_dir, tokenizer,
+                                {n: adapter_root / n for n in ADAPTER_NAMES})
+    config = ServerConfig(model_name="base", max_model_len=128, max_tokens_limit=64,
+                          max_queue=64, adapter_dir=adapter_root,
+                          api_keys=ApiKeys.from_file(keys_file), vocab_size=384)
+    app = create_app(async_engine, tokenizer, config)
+    thread = ServerThread(app).start()
+    thread.engine = async_engine.engine
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture
+def client(server):
+    import openai
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="sk-admin", max_retries=0,
+                         timeout=60)
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60,
+                      headers={"Authorization": "Bearer sk-admin"}) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def reference(llama_dir, adapter_root):
+    """reference(prompt_ids, adapter, max_tokens) -> greedy token ids."""
+    import lorafleet.serve
+    if not hasattr(lorafleet.serve, "Engine"):  # TEMPORARY until the real engine lands
+        import fake_engine
+
+        def fake(prompt_ids, adapter, max_tokens):
+            out = []
+            for _ in range(max_tokens):
+                out.append(fake_engine.fake_next_token(prompt_ids, adapter, out, 384))
+            return out
+        return fake
+    from reference import GreedyOracle
+    return GreedyOracle(llama_dir, {n: adapter_root / n for n in ADAPTER_NAMES + ["gamma"]})
