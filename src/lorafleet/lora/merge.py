@@ -1,0 +1,224 @@
+"""Merging: W = W0 + scaling * B A (LoRA sec. 4.1), so a single-task model has no added latency.
+
+Two levels:
+  - on a live model: `merge(model, name)`, `unmerge(model)`, `unload(model)`;
+  - on a Hugging Face checkpoint folder, by tensor name alone (no model code):
+    `merge_checkpoint(base_dir, adapter_dir, out_dir)` writes a full checkpoint folder.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorafleet.errors import AdapterError, ModelLoadError, ShapeError
+from lorafleet.lora.config import LoraConfig
+from lorafleet.lora.inject import _replace, lora_layers, pattern_key
+from lorafleet.lora.layers import LoraLayer, ModulesToSave, delta_weight
+
+log = logging.getLogger(__name__)
+
+# Families whose checkpoints store linear weights [in, out] (transformers' Conv1D).
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PREFIX = "base_model.model."
+
+
+# -- live model ----------------------------------------------------------------------------------
+def merge(model: nn.Module, adapter_name: str) -> None:
+    """Add adapter `adapter_name` into the base weights of every layer that has it, and make it
+    the active adapter (so forward does not add it twice)."""
+    layers = [layer for _, layer in lora_layers(model) if adapter_name in layer.r]
+    if not layers:
+        raise AdapterError(f"cannot merge: the model has no adapter named {adapter_name!r}")
+    for layer in layers:
+        layer.merge(adapter_name)
+    for _, layer in lora_layers(model):
+        layer.active_adapter = adapter_name
+
+
+def unmerge(model: nn.Module) -> None:
+    """Subtract every merged adapter from the base weights (restores them within float rounding)."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def unload(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
+    """Merge `adapter_name` (if given) and put the plain base modules back (PEFT's
+    `merge_and_unload`). modules_to_save wrappers are replaced by that adapter's copy."""
+    if adapter_name is not None:
+        merge(model, adapter_name)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            _replace(model, name, module.base_layer)
+        elif isinstance(module, ModulesToSave):
+            keep = module.modules_to_save[adapter_name] if adapter_name in module.modules_to_save \
+                else module.original_module
+            _replace(model, name, keep)
+    if hasattr(model, "lora_configs"):
+        model.lora_configs = {}
+    return model
+
+
+# -- checkpoint folder ---------------------------------------------------------------------------
+@dataclass
+class MergeReport:
+    out_dir: Path
+    merged: list[str]      # checkpoint keys that received a low-rank update
+    replaced: list[str]    # checkpoint keys replaced outright (biases, modules_to_save)
+    files: list[str]       # safetensors files written
+
+
+def _checkpoint_key(name: str, keys: set[str], adapter_key: str) -> str:
+    """Module-derived name -> the checkpoint's key. GPT-2 checkpoints may drop the
+    `transformer.` prefix that module names carry, so a unique suffix match is accepted."""
+    if name in keys:
+        return name
+    matches = [k for k in keys if name.endswith("." + k) or k.endswith("." + name)]
+    if len(matches) == 1:
+        return matches[0]
+    raise AdapterError(f"adapter key {adapter_key!r}: the base checkpoint has no tensor "
+                       f"{name!r}" + (f" (ambiguous: {matches[:4]})" if matches else ""))
+
+
+def _oriented(delta: torch.Tensor, weight_shape: tuple, fan_in_fan_out: bool, key: str):
+    """Lay `delta` [out, in] out like the checkpoint's weight ([in, out] for Conv1D)."""
+    shape, transposed = tuple(delta.shape), tuple(delta.T.shape)
+    if shape == transposed:  # square: only the layout flag can tell
+        return delta.T if fan_in_fan_out else delta
+    if weight_shape == shape:
+        return delta
+    if weight_shape == transposed:
+        return delta.T
+    raise ShapeError(f"{key}: expected a weight of shape {shape} (or {transposed} for Conv1D), "
+                     f"found {weight_shape}")
+
+
+def _base_files(base_dir: Path) -> tuple[list[str], dict | None]:
+    index_file = base_dir / INDEX_NAME
+    if index_file.is_file():
+        index = json.loads(index_file.read_text())
+        return sorted(set(index["weight_map"].values())), index
+    if (base_dir / SINGLE_NAME).is_file():
+        return [SINGLE_NAME], None
+    pickled = [p.name for p in base_dir.glob("*.bin")] if base_dir.is_dir() else []
+    raise ModelLoadError(f"{base_dir}: no {SINGLE_NAME} or {INDEX_NAME}"
+                         + (f" (found {pickled}; safetensors is required)" if pickled else ""))
+
+
+def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
+                     dtype: str | torch.dtype | None = None) -> MergeReport:
+    """Merge a PEFT adapter into a Hugging Face checkpoint folder by tensor-name arithmetic and
+    write a full checkpoint (same sharding, config and tokenizer files copied) to `out_dir`.
+    `dtype`: output dtype of floating tensors (default: keep the checkpoint's)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from lorafleet.adapters.peft_format import read_adapter
+
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise AdapterError(f"dtype: expected one of {sorted(DTYPES)}, found {dtype!r}")
+        dtype = DTYPES[dtype]
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise AdapterError(f"{out_dir}: output folder exists and is not empty")
+    raw, tensors = read_adapter(adapter_dir)
+    config = LoraConfig.from_dict(raw, source=str(Path(adapter_dir) / "adapter_config.json"))
+    files, index = _base_files(base_dir)
+    model_type = None
+    if (base_dir / "config.json").is_file():
+        model_type = json.loads((base_dir / "config.json").read_text()).get("model_type")
+    fan_in_fan_out = config.fan_in_fan_out or model_type in CONV1D_MODEL_TYPES
+
+    # Group the adapter's tensors by what they do to the checkpoint.
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    replacements: dict[str, tuple[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if not key.startswith(PREFIX):
+            raise AdapterError(f"adapter key {key!r}: expected PEFT's prefix {PREFIX!r}")
+        name = key[len(PREFIX):]
+        for suffix, part in ((".lora_A.weight", "A"), (".lora_B.weight", "B"),
+                             (".lora_embedding_A", "embA"), (".lora_embedding_B", "embB")):
+            if name.endswith(suffix):
+                pairs.setdefault(name[:-len(suffix)], {})[part] = tensor
+                break
+        else:
+            if name.endswith(".base_layer.weight"):
+                continue  # PEFT's copy of an adapted embedding's base weight
+            replacements[name.replace(".base_layer.", ".")] = (key, tensor)
+
+    with_keys = {}
+    for f in files:
+        with safe_open(base_dir / f, framework="pt") as handle:
+            with_keys.update(dict.fromkeys(handle.keys(), f))
+    keys = set(with_keys)
+    updates: dict[str, tuple] = {}  # checkpoint key -> (adapter key, delta, is_embedding)
+    for module, parts in pairs.items():
+        adapter_key = PREFIX + module
+        embedding = "embA" in parts or "embB" in parts
+        A, B = (parts.get("embA"), parts.get("embB")) if embedding else (parts.get("A"), parts.get("B"))
+        if A is None or B is None:
+            raise AdapterError(f"adapter {adapter_key!r}: has only one of lora_A / lora_B")
+        r_key, a_key = pattern_key(list(config.rank_pattern), module), pattern_key(list(config.alpha_pattern), module)
+        r = config.rank_pattern[r_key] if r_key is not None else config.r
+        alpha = config.alpha_pattern[a_key] if a_key is not None else config.lora_alpha
+        if A.shape[0] != r or B.shape[1] != r:
+            raise ShapeError(f"{adapter_key}: expected rank {r} from the config, found lora_A "
+                             f"{tuple(A.shape)} and lora_B {tuple(B.shape)}")
+        delta = delta_weight(A.float(), B.float(), config.scaling(r, alpha))
+        if embedding:
+            delta = delta.T  # embedding tables are [vocab, dim]
+        target = _checkpoint_key(module + ".weight", keys, adapter_key)
+        updates[target] = (adapter_key, delta, embedding)
+    replace_keys = {_checkpoint_key(n, keys, k): t for n, (k, t) in replacements.items()}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged, replaced, total_size = [], [], 0
+    for f in files:
+        shard = load_file(base_dir / f)
+        for key in list(shard):
+            weight = shard[key]
+            if key in updates:
+                adapter_key, delta, embedding = updates[key]
+                delta = delta if embedding else _oriented(delta, tuple(weight.shape),
+                                                          fan_in_fan_out, key)
+                if tuple(delta.shape) != tuple(weight.shape):
+                    raise ShapeError(f"{adapter_key}: expected update shape {tuple(weight.shape)} "
+                                     f"for {key}, found {tuple(delta.shape)}")
+                new = weight.float() + delta
+                if not torch.isfinite(new).all():
+                    raise AdapterError(f"{adapter_key}: merging gives NaN/Inf in {key}")
+                shard[key] = new.to(weight.dtype)
+                merged.append(key)
+            elif key in replace_keys:
+                new = replace_keys[key]
+                if tuple(new.shape) != tuple(weight.shape):
+                    raise ShapeError(f"adapter tensor for {key}: expected shape "
+                                     f"{tuple(weight.shape)}, found {tuple(new.shape)}")
+                shard[key] = new.to(weight.dtype)
+                replaced.append(key)
+            if dtype is not None and shard[key].is_floating_point():
+                shard[key] = shard[key].to(dtype)
+            shard[key] = shard[key].contiguous()
+            total_size += shard[key].numel() * shard[key].element_size()
+        save_file(shard, out_dir / f, metadata={"format": "pt"})
+    if index is not None:
+        index = dict(index, metadata=dict(index.get("metadata", {}), total_size=total_size))
+        (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    for item in base_dir.iterdir():
+        if item.is_file() and item.suffix != ".safetensors" and item.name != INDEX_NAME:
+            shutil.copy2(item, out_dir / item.name)
+    if dtype is not None and (out_dir / "config.json").is_file():
+        cfg = json.loads((out_dir / "config.json").read_text())
+        cfg["torch_dtype" if "torch_dtype" in cfg else "dtype"] = str(dtype).removeprefix("torch.")
+        (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    log.info("merged %d tensors (%d replaced) into %s", len(merged), len(replaced), out_dir)
+    return MergeReport(out_dir, merged, replaced, files)
