@@ -65,9 +65,10 @@ class ModelConfig:
                 f"{', '.join(ARCHITECTURES)}")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads"):
-            if int(getattr(self, name)) <= 0:
-                raise ConfigError(f"config field {name} must be positive, got "
-                                  f"{getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"config field {name} must be a positive integer, got "
+                                  f"{value!r}")
         if not self.head_dim:
             if self.hidden_size % self.num_attention_heads:
                 raise ConfigError(
