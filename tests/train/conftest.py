@@ -58,3 +58,14 @@ def write_jsonl(path: Path, records) -> Path:
 @pytest.fixture
 def toy_data(tmp_path):
     return write_jsonl(tmp_path / "toy.jsonl", toy_records())
+
+
+@pytest.fixture(scope="session")
+def train_llama_dir(tmp_path_factory):
+    """The small Llama with larger random weights (std 0.2, not 0.02): at 0.02 the logits are
+    so flat that methods leaving lm_head frozen (adapter, prefix, bitfit) barely move the loss
+    in a few steps, which would make 'lowers the loss' a weak test."""
+    from hf_fixtures import make_checkpoint
+    path = tmp_path_factory.mktemp("train_llama")
+    make_checkpoint(path, "llama", initializer_range=0.2)
+    return path

@@ -267,6 +267,13 @@ def apply_method(model: nn.Module, cfg: MethodConfig, state: dict | None = None)
     return trained
 
 
+def peft_io():
+    """The PEFT-folder reader/writer (lorafleet.adapters.peft_format, which needs only torch and
+    safetensors: see docs/architecture.md)."""
+    from lorafleet.adapters import peft_format
+    return peft_format
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
@@ -276,8 +283,7 @@ def save_trained(model: nn.Module, cfg: MethodConfig, state: dict, path: str | P
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if cfg.method in ("lora", "qlora"):
-        from lorafleet.lora import save_adapter
-        save_adapter(model, path)
+        peft_io().save_adapter(model, path)
     else:
         tensors = {k: v.contiguous().clone() for k, v in trainable_state(model).items()}
         save_file(tensors, str(path / TRAINABLE_FILE))
@@ -297,8 +303,7 @@ def load_trained(model: nn.Module, path: str | Path) -> nn.Module:
         if cfg.method == "qlora":
             from lorafleet.quant import quantize_model
             quantize_model(model, skip=OUTPUT_HEADS)
-        from lorafleet.lora import load_adapter
-        load_adapter(model, path, "default")
+        peft_io().load_adapter(model, path, "default")
         return model
     trained = apply_method(model, cfg, state)
     tensors = load_file(str(path / TRAINABLE_FILE))

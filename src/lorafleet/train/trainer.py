@@ -104,6 +104,7 @@ class TrainResult:
     eval_loss: float | None
     interrupted: bool = False
     history: list[dict] = field(default_factory=list)
+    model: nn.Module | None = None  # the trained module (input_ids -> logits), for evaluation
 
 
 # ---- plain functions --------------------------------------------------------------------------
@@ -379,4 +380,4 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
             save_trained(trained, cfg.method_config(), method_state, artifact)
         dist.barrier()
     log.close()
-    return TrainResult(out, artifact, step, loss_value, eval_loss, interrupted, history)
+    return TrainResult(out, artifact, step, loss_value, eval_loss, interrupted, history, trained)
