@@ -1,0 +1,156 @@
+"""Adapters added and removed at run time, bad adapter files, unload while in use, client
+disconnects, and the bounded queue."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+from conftest import ServerThread, build_engine
+from safetensors.torch import load_file, save_file
+
+from lorafleet.api.server import ServerConfig, create_app
+
+
+def pool_idle(stats) -> bool:
+    """No sequence left and no KV page held."""
+    flat = stats if isinstance(stats, dict) else vars(stats)
+    return flat.get("running", 0) == 0 and flat.get("pool_pages_kv", 0) == 0 \
+        and flat.get("queue_depth", 0) == 0
+
+
+def wait_until(predicate, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_load_use_unload(client, http, tokenizer, reference):
+    resp = http.post("/v1/load_lora_adapter", json={"lora_name": "gamma", "lora_path": "gamma"})
+    assert resp.status_code == 200, resp.text
+    assert "gamma" in {m.id for m in client.models.list().data}
+    prompt_ids = tokenizer.encode("to be or not")
+    ids = reference(prompt_ids, "gamma", 6)
+    out = client.completions.create(model="gamma", prompt="to be or not", max_tokens=6,
+                                    temperature=0)
+    assert out.choices[0].text == tokenizer.decode([t for t in ids
+                                                    if t != tokenizer.eos_token_id])
+    again = http.post("/v1/load_lora_adapter", json={"lora_name": "gamma",
+                                                     "lora_path": "gamma"})
+    assert again.status_code == 400 and again.json()["error"]["code"] == "already_loaded"
+    assert http.post("/v1/unload_lora_adapter", json={"lora_name": "gamma"}).status_code == 200
+    assert "gamma" not in {m.id for m in client.models.list().data}
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gamma", prompt="hi", max_tokens=2)
+    gone = http.post("/v1/unload_lora_adapter", json={"lora_name": "gamma"})
+    assert gone.status_code == 404
+
+
+def test_adapter_paths_stay_inside_adapter_dir(http, adapter_root, tmp_path):
+    outside = tmp_path / "outside"
+    shutil.copytree(adapter_root / "gamma", outside)
+    link = adapter_root / "escape"
+    if not link.exists():
+        os.symlink(outside, link)
+    cases = {"../gamma": 400, "gamma/../../x": 400, str(outside): 403, "escape": 403,
+             "does-not-exist": 404}
+    for path, status in cases.items():
+        resp = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path})
+        assert resp.status_code == status, (path, resp.text)
+        assert resp.json()["error"]["param"] == "lora_path"
+    assert http.post("/v1/load_lora_adapter", json={"lora_name": "x"}).status_code == 400
+
+
+def _bad_adapters(adapter_root):
+    good = adapter_root / "alpha"
+    corrupt = adapter_root / "bad-corrupt"
+    pickled = adapter_root / "bad-pickle"
+    shapes = adapter_root / "bad-shapes"
+    for folder in (corrupt, pickled, shapes):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        shutil.copy(good / "adapter_config.json", folder)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00garbage-not-json")
+    tensors = load_file(good / "adapter_model.safetensors")
+    torch.save(tensors, pickled / "adapter_model.bin")
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 3)
+    save_file(tensors, shapes / "adapter_model.safetensors")
+    return {"corrupt": corrupt, "pickle": pickled, "shapes": shapes}
+
+
+def test_bad_adapter_files_are_reported_and_server_keeps_serving(client, http, adapter_root):
+    import lorafleet.serve
+    for kind, folder in _bad_adapters(adapter_root).items():
+        if kind == "shapes" and not hasattr(lorafleet.serve, "Engine"):
+            continue  # the stand-in engine does not check shapes
+        resp = http.post("/v1/load_lora_adapter",
+                         json={"lora_name": f"bad-{kind}", "lora_path": folder.name})
+        assert resp.status_code == 400, (kind, resp.text)
+        assert resp.json()["error"]["code"] == "adapter_load_failed"
+        assert f"bad-{kind}" not in {m.id for m in client.models.list().data}
+        assert client.completions.create(model="alpha", prompt="hi", max_tokens=2).choices
+
+
+def test_unload_while_in_use_is_409_naming_the_request(client, http):
+    stream = client.completions.create(model="beta", prompt="the quick", max_tokens=64,
+                                       temperature=0, stream=True)
+    first = next(iter(stream))
+    resp = http.post("/v1/unload_lora_adapter", json={"lora_name": "beta"})
+    assert resp.status_code == 409, resp.text
+    assert first.id in resp.json()["error"]["message"]
+    list(stream)  # finish it; afterwards beta is still served
+    assert client.completions.create(model="beta", prompt="hi", max_tokens=1).choices
+
+
+def test_client_disconnect_aborts_and_frees_pages(server, http):
+    def aborted():
+        for line in http.get("/metrics").text.splitlines():
+            if line.startswith('lorafleet_aborted_requests_total{adapter="alpha"}'):
+                return float(line.split()[-1])
+        return 0.0
+    before = aborted()
+    with httpx.Client(base_url=server.url, timeout=30,
+                      headers={"Authorization": "Bearer sk-admin"}) as c:
+        with c.stream("POST", "/v1/completions", json={
+                "model": "alpha", "prompt": "the quick brown", "max_tokens": 64,
+                "stream": True}) as resp:
+            lines = resp.iter_lines()
+            next(lines), next(lines)
+    assert wait_until(lambda: aborted() == before + 1)
+    assert wait_until(lambda: pool_idle(server.engine.stats())), server.engine.stats()
+
+
+def test_full_queue_is_429(llama_dir, tokenizer, adapter_root):
+    async_engine = build_engine(llama_dir, tokenizer, {})
+    app = create_app(async_engine, tokenizer, ServerConfig(model_name="base", max_model_len=128,
+                                                           max_queue=2))
+    server = ServerThread(app).start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0,
+                               timeout=30)
+        holding = client.completions.create(model="base", prompt="hi", max_tokens=100,
+                                            n=2, stream=True)
+        next(iter(holding))
+        with pytest.raises(openai.RateLimitError) as info:
+            client.completions.create(model="base", prompt="hi", max_tokens=1)
+        assert "max_queue=2" in info.value.body["message"]
+        holding.close()  # the client goes away: its slots come back
+
+        def admitted():
+            try:
+                return bool(client.completions.create(model="base", prompt="hi",
+                                                      max_tokens=1).choices)
+            except openai.RateLimitError:
+                return False
+        assert wait_until(admitted)
+    finally:
+        server.stop()
