@@ -84,34 +84,9 @@ def adapter_root(tmp_path_factory, llama_dir):
     return root
 
 
-class _TmpTokenizer:
-    """TEMPORARY until lorafleet.models.load_tokenizer lands."""
-
-    def __init__(self, path):
-        import jinja2
-        from tokenizers import Tokenizer
-        self.tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
-        cfg = json.loads((Path(path) / "tokenizer_config.json").read_text())
-        self.template = jinja2.Environment().from_string(cfg["chat_template"])
-        self.eos_token_id, self.bos_token_id = 1, 0
-
-    def encode(self, text):
-        return self.tok.encode(text).ids
-
-    def decode(self, ids):
-        return self.tok.decode(ids)
-
-    def apply_chat_template(self, messages, add_generation_prompt=True):
-        return self.template.render(messages=messages,
-                                    add_generation_prompt=add_generation_prompt)
-
-
 @pytest.fixture(scope="session")
 def tokenizer(llama_dir):
-    try:
-        from lorafleet.models import load_tokenizer
-    except ImportError:
-        return _TmpTokenizer(llama_dir)
+    from lorafleet.models import load_tokenizer
     return load_tokenizer(llama_dir)
 
 

@@ -10,7 +10,7 @@ import torch
 
 class GreedyOracle:
     """Greedy continuation of token ids by the transformers model, bare or with a PEFT adapter
-    loaded by peft itself. Stops after EOS like the engine does."""
+    loaded by peft itself. Stops at EOS like the engine does."""
 
     def __init__(self, base_dir: Path, adapter_paths: dict[str, Path], eos_token_id: int = 1):
         self.base_dir, self.adapter_paths, self.eos = base_dir, adapter_paths, eos_token_id
@@ -35,8 +35,8 @@ class GreedyOracle:
         for _ in range(max_tokens):
             logits = model(input_ids=ids).logits[0, -1]
             token = int(torch.argmax(logits))
-            out.append(token)
             if token == self.eos:
-                break
+                break  # EOS ends the completion and is not part of it (as in the engine)
+            out.append(token)
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
         return out

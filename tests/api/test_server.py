@@ -35,6 +35,7 @@ def test_completion_greedy_matches_reference(client, tokenizer, reference, model
         assert resp.usage.completion_tokens == len(ids)
         assert resp.usage.total_tokens == len(prompt_ids) + len(ids)
         assert resp.choices[0].finish_reason == ("length" if len(ids) == 8 else "stop")
+        assert text  # the test is blind if everything is EOS
 
 
 def test_adapters_change_the_output(client):
@@ -67,8 +68,8 @@ def test_streaming_completion_equals_non_streaming(client, http):
 def test_chat_uses_template_and_matches_reference(client, tokenizer, reference):
     messages = [{"role": "system", "content": "name : the eagle"},
                 {"role": "user", "content": "food : french"}]
-    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    prompt_ids = tokenizer.encode(rendered) if isinstance(rendered, str) else list(rendered)
+    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                               tokenize=True)
     text, ids = expected_text(tokenizer, reference, prompt_ids, "beta", 8)
     resp = client.chat.completions.create(model="beta", messages=messages, max_tokens=8,
                                           temperature=0)

@@ -27,7 +27,7 @@ from lorafleet.api.protocol import (ChatChoiceLogprobs, ChatCompletionChoice,
                                     CompletionResponse, DeltaMessage, UsageInfo, error_body,
                                     new_id)
 from lorafleet.api.server import ApiError, ServerState, authorize, parse_body, resolve_model
-from lorafleet.errors import RequestError
+from lorafleet.errors import LoraFleetError, RequestError
 
 
 @dataclass
@@ -242,13 +242,15 @@ def _encode_prompt(state: ServerState, prompt: str | list[int]) -> list[int]:
 def _encode_chat(state: ServerState, body: ChatCompletionRequest) -> list[int]:
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     try:
-        rendered = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        # tokenize=True encodes without adding special tokens: the template writes them.
+        return list(state.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                        tokenize=True))
+    except LoraFleetError as exc:  # no template: the server's setup, said plainly
+        raise ApiError(400, f"chat is unavailable: {exc}", param="messages",
+                       code="no_chat_template") from exc
     except Exception as exc:  # a template error is the request's fault, not the server's
         raise ApiError(400, f"messages cannot be rendered by the chat template: {exc}",
                        param="messages", code="chat_template_error") from exc
-    if isinstance(rendered, str):
-        return list(state.tokenizer.encode(rendered))
-    return list(rendered)
 
 
 def _sse(payload: Any) -> str:
