@@ -5,6 +5,8 @@ differ only in the `ForwardBatch` they pass (STYLE.md rule 13: no module-level g
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -37,6 +39,19 @@ class ForwardBatch:
     lora: Any = None
 
 
+@functools.cache
+def takes_lora(module_type: type) -> bool:
+    """Whether `module_type.forward` accepts a second argument (the LoRA metadata). Plain
+    projections (nn.Linear, Conv1D, a 4-bit linear) take only x."""
+    params = list(inspect.signature(module_type.forward).parameters.values())[1:]  # skip self
+    positional = [p for p in params
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in positional)
+
+
 def project(module: torch.nn.Module, x: torch.Tensor, lora: Any) -> torch.Tensor:
-    """Call a projection, handing it the batch's LoRA metadata when there is some."""
-    return module(x) if lora is None else module(x, lora)
+    """Call a projection, handing it the batch's LoRA metadata when there is some and the
+    module takes it (adapters may target only some projections)."""
+    if lora is None or not takes_lora(type(module)):
+        return module(x)
+    return module(x, lora)

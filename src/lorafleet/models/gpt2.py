@@ -30,6 +30,16 @@ class Conv1D(nn.Module):
         y = x2d @ self.weight if self.bias is None else torch.addmm(self.bias, x2d, self.weight)
         return y.view(shape)
 
+    # transformers' Conv1D names: nf = out features, nx = in features (LoRA layers detect a
+    # Conv1D, PEFT's fan_in_fan_out case, by these).
+    @property
+    def nf(self) -> int:
+        return self.out_features
+
+    @property
+    def nx(self) -> int:
+        return self.in_features
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
