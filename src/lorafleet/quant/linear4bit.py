@@ -23,18 +23,23 @@ log = logging.getLogger(__name__)
 _STORAGE = ("codes", "absmax", "absmax_codes", "absmax_scale", "absmax_offset")
 
 
-class _DequantMatmul(torch.autograd.Function):
-    """y = x @ W^T with W dequantized on the fly in the forward AND again in the backward."""
+class _DequantLinear(torch.autograd.Function):
+    """y = x @ W^T + b with W dequantized on the fly in the forward AND again in the backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, nf4: NF4Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, nf4: NF4Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.nf4 = nf4
-        return F.linear(x, dequantize_nf4(nf4, x.dtype))
+        return F.linear(x, dequantize_nf4(nf4, x.dtype), None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        # The base is frozen: only the input gets a gradient.
-        return grad_out @ dequantize_nf4(ctx.nf4, grad_out.dtype), None
+        # W is frozen; the bias may train (BitFit), so it gets a gradient when it asks for one.
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ dequantize_nf4(ctx.nf4, grad_out.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, grad_bias
 
 
 def _storage_shapes(numel: int, block_size: int, double_quant: bool) -> dict[str, tuple]:
@@ -115,8 +120,7 @@ class Linear4bit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out], computed in x's dtype."""
-        y = _DequantMatmul.apply(x, self.nf4)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return _DequantLinear.apply(x, self.nf4, self.bias)
 
     def merge_delta(self, delta: torch.Tensor) -> float:
         """W <- quantize(dequantize(W) + delta), delta [out, in] (a LoRA merge into a 4-bit base).

@@ -1,0 +1,196 @@
+"""Linear4bit and the model swap: forward/backward against F.linear over the dequantized weight,
+device/dtype moves, state dicts, merging a delta, memory accounting, the streaming loader."""
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorafleet.errors import ConfigError
+from lorafleet.models import load_model
+from lorafleet.quant import (Embedding4bit, Linear4bit, dequantize_nf4, load_quantized_model,
+                             memory_report, quantize_model, quantize_nf4)
+
+
+def make_layer(in_features=128, out_features=96, bias=True, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return Linear4bit.from_module(nn.Linear(in_features, out_features, bias=bias), **kwargs)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_equals_linear_over_dequantized_weight(bias):
+    layer = make_layer(bias=bias)
+    x = torch.randn(3, 5, 128)
+    w = dequantize_nf4(layer.nf4, torch.float32)
+    torch.testing.assert_close(layer(x), F.linear(x, w, layer.bias), rtol=0, atol=0)
+    assert torch.equal(layer.weight, w)
+    xb = x.bfloat16()
+    expected = F.linear(xb, dequantize_nf4(layer.nf4, torch.bfloat16),
+                        None if layer.bias is None else layer.bias.bfloat16())
+    torch.testing.assert_close(layer(xb), expected, rtol=0, atol=0)
+
+
+def test_backward_reaches_input_only():
+    layer = make_layer()
+    x = torch.randn(4, 128, requires_grad=True)
+    layer(x).square().sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    F.linear(x_ref, layer.weight, layer.bias).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert not any(p.requires_grad for p in layer.parameters())
+
+
+def test_to_bf16_keeps_storage_dtypes_and_moves_compute():
+    layer = make_layer()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.to(torch.bfloat16)
+    assert layer.dtype == torch.bfloat16 and layer.weight.dtype == torch.bfloat16
+    assert layer.absmax_scale.dtype == torch.float32 and layer.codes.dtype == torch.uint8
+    for name in ("codes", "absmax_codes", "absmax_scale", "absmax_offset"):
+        assert torch.equal(layer.state_dict()[name], before[name])
+    assert layer.bias.dtype == torch.bfloat16
+    layer.float()
+    assert layer.dtype == torch.float32
+
+
+def test_state_dict_round_trip_through_meta_and_assign():
+    layer = make_layer(double_quant=True)
+    with torch.device("meta"):
+        empty = Linear4bit(128, 96, bias=True)
+    empty.load_state_dict(layer.state_dict(), assign=True)
+    x = torch.randn(2, 128)
+    assert torch.equal(empty(x), layer(x))
+
+
+def test_loading_a_float_weight_quantizes_it():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    layer = Linear4bit(64, 32)
+    layer.load_state_dict(linear.state_dict())
+    expected = quantize_nf4(linear.weight.detach(), 64).dequantize(torch.float32)
+    assert torch.equal(layer.weight, expected)
+    assert torch.equal(layer.bias, linear.bias.detach())
+
+
+def test_conv1d_is_transposed():
+    from lorafleet.models import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(64, 192)
+    layer = Linear4bit.from_module(conv)
+    assert (layer.in_features, layer.out_features, layer.fan_in_fan_out) == (64, 192, True)
+    x = torch.randn(5, 64)
+    w = quantize_nf4(conv.weight.detach().t(), 64).dequantize(torch.float32)
+    torch.testing.assert_close(layer(x), x @ w.t() + conv.bias, rtol=0, atol=1e-6)
+    fresh = Linear4bit(64, 192, fan_in_fan_out=True)
+    fresh.load_state_dict(conv.state_dict())  # a GPT-2 checkpoint's [in, out] weight
+    assert torch.equal(fresh.weight, w)
+
+
+def test_merge_delta_requantizes_and_warns(caplog):
+    layer = make_layer(bias=False)
+    w = layer.weight
+    delta = torch.randn_like(w) * 0.01
+    with caplog.at_level(logging.WARNING, logger="lorafleet.quant"):
+        rms = layer.merge_delta(delta)
+    assert "rounded to NF4" in caplog.text
+    expected = quantize_nf4(w + delta, 64).dequantize(torch.float32)
+    assert torch.equal(layer.weight, expected)
+    assert 0 < rms < 0.1 * w.abs().max()
+    with pytest.raises(ConfigError, match="delta shape"):
+        layer.merge_delta(torch.zeros(3, 3))
+
+
+def test_bad_shapes_and_block_sizes():
+    with pytest.raises(ConfigError, match="block_size"):
+        Linear4bit(64, 64, block_size=6)
+    with pytest.raises(ConfigError, match="expected weight of shape"):
+        Linear4bit(64, 32).set_weight(torch.randn(64, 64))
+
+
+def test_quantize_model_skips_head_and_embeddings_unless_asked(llama_dir):
+    model = quantize_model(load_model(llama_dir))
+    assert isinstance(model.lm_head, nn.Linear)
+    assert isinstance(model.model.embed_tokens, nn.Embedding)
+    assert isinstance(model.model.layers[0].mlp.down_proj, Linear4bit)
+    everything = quantize_model(load_model(llama_dir), skip=(), include_embeddings=True)
+    assert isinstance(everything.lm_head, Linear4bit)
+    embed = everything.model.embed_tokens
+    assert isinstance(embed, Embedding4bit)
+    ids = torch.tensor([[3, 7, 300]])
+    torch.testing.assert_close(embed(ids), embed.weight[ids], rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="no nn.Linear"):
+        quantize_model(nn.Sequential(nn.ReLU()))
+
+
+def bnb_nf4_transformers(path, double_quant):
+    """The oracle: transformers' model with every decoder linear replaced by bitsandbytes'
+    NF4 round trip of its weight (lm_head kept, as our default)."""
+    import bitsandbytes.functional as bnbF
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and name != "lm_head":
+                packed, state = bnbF.quantize_4bit(module.weight, blocksize=64, quant_type="nf4",
+                                                   compress_statistics=double_quant)
+                module.weight.copy_(bnbF.dequantize_4bit(packed, state))
+    return model
+
+
+def test_quantized_llama_equals_bnb_oracle_and_stays_close(llama_dir):
+    ids = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = load_model(llama_dir)(ids)
+        bf16 = load_model(llama_dir, dtype=torch.bfloat16)(ids).float()
+        nf4 = quantize_model(load_model(llama_dir), double_quant=False)(ids)
+        oracle = bnb_nf4_transformers(llama_dir, double_quant=False)(ids).logits
+        nf4_dq = quantize_model(load_model(llama_dir))(ids)
+        oracle_dq = bnb_nf4_transformers(llama_dir, double_quant=True)(ids).logits
+    torch.testing.assert_close(nf4, oracle, rtol=0, atol=1e-5)
+    # double quant: a handful of 8-bit scale codes round a tie differently from bnb's C kernel
+    torch.testing.assert_close(nf4_dq, oracle_dq, rtol=0, atol=2e-3)
+
+    def rel(a):
+        return ((a - full).norm() / full.norm()).item()
+
+    print(f"\nrelative logit error vs fp32: NF4 {rel(nf4):.4f}, NF4+DQ {rel(nf4_dq):.4f}, "
+          f"bf16 {rel(bf16):.4f}, max |dlogit| NF4+DQ {(nf4_dq - full).abs().max():.4f} "
+          f"(logit scale {full.abs().max():.3f})")
+    # N(0, 0.02) random weights, hidden 64: NF4's per-weight error (~10% of a block's spread)
+    # reaches the logits at about that size; bf16 is an order of magnitude closer.
+    assert rel(nf4_dq) < 0.2 and rel(nf4) < 0.2
+    assert rel(bf16) < rel(nf4_dq) / 5
+
+
+def test_streaming_loader_equals_quantize_after_load(llama_dir):
+    ids = torch.randint(0, 384, (1, 10), generator=torch.Generator().manual_seed(1))
+    streamed = load_quantized_model(llama_dir, dtype=torch.float32)
+    swapped = quantize_model(load_model(llama_dir))
+    with torch.no_grad():
+        assert torch.equal(streamed(ids), swapped(ids))
+
+
+def test_gpt2_quantizes_its_conv1d(gpt2_dir):
+    ids = torch.randint(0, 384, (1, 12), generator=torch.Generator().manual_seed(2))
+    streamed = load_quantized_model(gpt2_dir, dtype=torch.float32)
+    assert isinstance(streamed.transformer.h[0].attn.c_attn, Linear4bit)
+    with torch.no_grad():
+        full = load_model(gpt2_dir)(ids)
+        ours = streamed(ids)
+        assert torch.equal(ours, quantize_model(load_model(gpt2_dir))(ids))
+    assert ((ours - full).norm() / full.norm()) < 0.1
+
+
+def test_memory_report_counts_stored_bytes(llama_dir):
+    model = quantize_model(load_model(llama_dir))
+    report = memory_report(model)
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert report.quantized_params == sum(m.in_features * m.out_features for m in layers)
+    assert report.quantized_bytes == sum(
+        sum(b.numel() * b.element_size() for b in m.buffers()) for m in layers)
+    assert 4.12 < report.bits_per_quantized_param < 4.2  # small layers: a few fp32 scales more
+    full = sum(p.numel() * p.element_size() for p in load_model(llama_dir).parameters())
+    assert report.total_bytes < full
