@@ -1,0 +1,155 @@
+"""`lorafleet serve`: the OpenAI-compatible HTTP server over one base model and its adapters."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from lorafleet.errors import ConfigError
+
+log = logging.getLogger("lorafleet.serve")
+
+EXAMPLES = """\
+examples:
+  lorafleet serve --model ./tiny-llama --adapter sql=runs/sql/adapter
+  lorafleet serve --model ./llama --quantize nf4 --adapter-dir ./adapters \\
+      --api-keys keys.json --port 8000
+  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+      -d '{"model": "sql", "prompt": "SELECT", "max_tokens": 16}'
+
+keys file (JSON): {"sk-team-a": ["sql", "support"], "sk-admin": "*"}
+See docs/serve.md for every endpoint.
+"""
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve the base model and many adapters over an OpenAI-compatible API",
+        description="Start an HTTP server (OpenAI /v1/completions, /v1/chat/completions, "
+                    "/v1/models, run-time adapter loading, /metrics) over one base model; the "
+                    "request's `model` field picks an adapter.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="base model folder (config.json, "
+                   "safetensors, tokenizer.json)")
+    p.add_argument("--served-model-name", help="the id clients use for the bare base model "
+                   "(default: the model folder's name)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="register a PEFT adapter folder at start-up (repeatable)")
+    p.add_argument("--adapter-dir", help="folder that POST /v1/load_lora_adapter may load "
+                   "from (paths are confined to it); without it run-time loading is off")
+    p.add_argument("--quantize", choices=["nf4"], help="store the base model in 4-bit NF4 "
+                   "(QLoRA's format); adapters stay in full precision")
+    p.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
+    p.add_argument("--api-keys", help="JSON file {key: [adapters] or \"*\"}; without it the "
+                   "server accepts every request")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="sequences accepted and not finished before answering 429 (default 256)")
+    p.add_argument("--max-model-len", type=int,
+                   help="context per sequence, prompt + completion (default: the model's)")
+    p.add_argument("--max-tokens-limit", type=int,
+                   help="largest max_tokens a request may ask (default: --max-model-len)")
+    p.add_argument("--num-pages", type=int, default=8192,
+                   help="pages in the unified KV/adapter pool (one page = hidden_size numbers)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="running batch size cap")
+    p.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="seconds SIGTERM waits for in-flight requests before exiting")
+    p.set_defaults(func=run)
+
+
+def parse_adapter_args(values: list[str]) -> dict[str, Path]:
+    adapters: dict[str, Path] = {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep or not name or not folder:
+            raise ConfigError(f"--adapter expects NAME=DIR, got {value!r}")
+        if name in adapters:
+            raise ConfigError(f"--adapter {name!r} is given twice")
+        adapters[name] = Path(folder)
+    return adapters
+
+
+def build(args):
+    """The engine, tokenizer and app the arguments describe (also used by tests)."""
+    from lorafleet.api.auth import ApiKeys
+    from lorafleet.api.server import ServerConfig, create_app
+    from lorafleet.models import load_model, load_tokenizer
+    from lorafleet.serve import Engine, EngineConfig
+
+    adapters = parse_adapter_args(args.adapter)
+    keys = ApiKeys.from_file(args.api_keys) if args.api_keys else None
+    if args.adapter_dir and not Path(args.adapter_dir).is_dir():
+        raise ConfigError(f"--adapter-dir {args.adapter_dir} is not a folder")
+    tokenizer = load_tokenizer(args.model)
+    if args.quantize == "nf4":
+        from lorafleet.quant import load_quantized_model  # lazily: only NF4 users pay for it
+        model = load_quantized_model(args.model, dtype=args.dtype, device=args.device)
+    else:
+        model = load_model(args.model, dtype=args.dtype, device=args.device)
+    engine = Engine(model, tokenizer, EngineConfig(
+        num_pages=args.num_pages, max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len, dtype=args.dtype, device=args.device))
+    for name, folder in adapters.items():
+        engine.register_adapter(name, str(folder))
+    max_model_len = args.max_model_len or engine.max_model_len
+    config = ServerConfig(
+        model_name=args.served_model_name or Path(args.model).resolve().name,
+        max_model_len=max_model_len, max_tokens_limit=args.max_tokens_limit,
+        max_queue=args.max_queue, adapter_dir=args.adapter_dir, api_keys=keys,
+        vocab_size=model.config.vocab_size)
+    return engine, tokenizer, create_app(engine, tokenizer, config), config
+
+
+def _startup_log(args, engine, config, url: str) -> None:
+    cfg = engine.model.config
+    stats = engine.stats()
+    hidden = getattr(cfg, "hidden_size", None)
+    log.info("lorafleet serve")
+    log.info("  model     %s (%s, %s layers, hidden %s, vocab %s), %s%s", args.model,
+             type(engine.model).__name__, getattr(cfg, "num_hidden_layers", "?"), hidden,
+             cfg.vocab_size, args.dtype, ", base in NF4" if args.quantize else "")
+    log.info("  served as %r", config.model_name)
+    names = engine.adapters()
+    log.info("  adapters  %d: %s", len(names), ", ".join(sorted(names)) or "none")
+    log.info("  run-time  %s", f"loading from {Path(args.adapter_dir).resolve()}"
+             if args.adapter_dir else "loading disabled (no --adapter-dir)")
+    log.info("  pool      %d pages of %s numbers (%d free)", stats.get("pages_total", 0),
+             hidden, stats.get("pages_free", 0))
+    log.info("  limits    max_model_len %d, max_tokens %d, max_queue %d, batch %d",
+             config.max_model_len, config.max_tokens_limit, config.max_queue,
+             args.max_num_seqs)
+    log.info("  auth      %s", f"{len(config.api_keys.grants)} API keys from {args.api_keys}"
+             if config.api_keys else "none (every request accepted)")
+    log.info("  listening %s/v1  (metrics %s/metrics)", url, url)
+
+
+def run(args) -> int:
+    import uvicorn
+
+    engine, _, app, config = build(args)
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
+    port = sock.getsockname()[1]  # the real one when --port 0
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    _startup_log(args, engine, config, f"http://{host}:{port}")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: the server speaks plain HTTP; put TLS in front of it",
+                    args.host)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
+                                           timeout_graceful_shutdown=args.drain_timeout))
+    # uvicorn answers SIGTERM by closing the listener, waiting for in-flight requests and the
+    # app's shutdown (the engine drains), then re-raising the signal with the handler that was
+    # installed before it: this one, so a drained server exits 0 instead of "killed".
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    server.run(sockets=[sock])
+    log.info("server stopped")
+    return 0
