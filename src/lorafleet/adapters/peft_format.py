@@ -208,3 +208,33 @@ def adapter_config(model: nn.Module, adapter_name: str = "default"):
         raise AdapterError(f"the model has no adapter named {adapter_name!r} "
                            f"(it has {sorted(configs)})")
     return configs[adapter_name]
+
+
+def inspect_adapter(path: str | Path) -> dict[str, Any]:
+    """A summary of a PEFT adapter folder: rank, alpha, targets, parameter count, size on disk."""
+    path = Path(path)
+    config, tensors = read_adapter(path)
+    modules: dict[str, int] = {}  # adapted module -> rank
+    for key, tensor in tensors.items():
+        for suffix in (".lora_A.weight", ".lora_embedding_A"):
+            if key.endswith(suffix):
+                modules[key[len(PREFIX):-len(suffix)]] = int(tensor.shape[0])
+    return {
+        "path": str(path),
+        "peft_type": config.get("peft_type"),
+        "base_model_name_or_path": config.get("base_model_name_or_path"),
+        "r": config.get("r"),
+        "lora_alpha": config.get("lora_alpha"),
+        "use_rslora": bool(config.get("use_rslora", False)),
+        "rank_pattern": config.get("rank_pattern") or {},
+        "alpha_pattern": config.get("alpha_pattern") or {},
+        "target_modules": config.get("target_modules"),
+        "adapted_modules": len(modules),
+        "module_types": sorted({name.split(".")[-1] for name in modules}),
+        "ranks": sorted(set(modules.values())),
+        "bias": config.get("bias", "none"),
+        "modules_to_save": config.get("modules_to_save"),
+        "parameters": sum(t.numel() for t in tensors.values()),
+        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
+        "size_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
+    }
