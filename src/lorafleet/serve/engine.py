@@ -14,6 +14,7 @@ both cases the engine keeps serving every other request.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,9 @@ class Engine:
         eos = getattr(tokenizer, "eos_token_ids", None) or model.config.eos_token_id
         self.eos_ids = set([eos] if isinstance(eos, int) else eos or [])
         self.requests: dict[str, Sequence] = {}
+        # Public methods take this lock: AsyncEngine steps in a thread while the HTTP server
+        # registers adapters and adds requests from others.
+        self.lock = threading.RLock()
         self._pending: list[RequestOutput] = []
         self.num_steps = self.num_generated = 0
 
@@ -129,18 +133,20 @@ class Engine:
 
     def register_adapter_tensors(self, name: str, config: dict, tensors: dict) -> None:
         """Same from an adapter_config dict and PEFT-keyed tensors already in memory."""
-        if not name:
-            raise AdapterError("an adapter needs a non-empty name")
-        self.cache.register(build_host_adapter(
-            name, config, tensors, self.runner.targets, self.runner.pages.shape[1],
-            self.config.max_lora_rank, self.runner.dtype))
+        with self.lock:
+            if not name:
+                raise AdapterError("an adapter needs a non-empty name")
+            self.cache.register(build_host_adapter(
+                name, config, tensors, self.runner.targets, self.runner.pages.shape[1],
+                self.config.max_lora_rank, self.runner.dtype))
 
     def unregister_adapter(self, name: str) -> None:
-        if name not in self.cache:
-            raise EngineError(f"adapter {name!r} is not registered")
-        if any(s.adapter == name for s in self.requests.values()):
-            raise EngineError(f"adapter {name!r} is used by queued or running requests")
-        self.cache.unregister(name)
+        with self.lock:
+            if name not in self.cache:
+                raise EngineError(f"adapter {name!r} is not registered")
+            if any(s.adapter == name for s in self.requests.values()):
+                raise EngineError(f"adapter {name!r} is used by queued or running requests")
+            self.cache.unregister(name)
 
     def adapters(self) -> list[str]:
         return self.cache.names()
@@ -149,49 +155,51 @@ class Engine:
 
     def add_request(self, request_id: str, prompt_ids, adapter: str | None = None,
                     params: SamplingParams | None = None) -> None:
-        params = params or SamplingParams()
-        if request_id in self.requests:
-            raise RequestError(f"request id {request_id!r} is already in use")
-        if isinstance(prompt_ids, str):
-            if self.tokenizer is None:
-                raise RequestError("a text prompt needs a tokenizer; pass token ids")
-            prompt_ids = self.tokenizer.encode(prompt_ids)
-        prompt_ids = [int(t) for t in prompt_ids]
-        if not prompt_ids:
-            raise RequestError("the prompt is empty: it needs at least one token")
-        vocab = self.model.config.vocab_size
-        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-            raise RequestError(f"prompt token ids must be in [0, {vocab})")
-        if adapter is not None and adapter not in self.cache:
-            raise RequestError(f"unknown adapter {adapter!r}; registered: "
-                               f"{', '.join(self.adapters()[:8]) or 'none'}")
-        if len(prompt_ids) >= self.max_model_len:
-            raise RequestError(f"prompt has {len(prompt_ids)} tokens; the model's context is "
-                               f"{self.max_model_len} (prompt + at least one new token)")
-        if params.stop and self.tokenizer is None:
-            raise RequestError("stop strings need a tokenizer")
-        max_tokens = min(params.max_tokens, self.max_model_len - len(prompt_ids))
-        pages = self.kv.layout.pages_for_tokens(len(prompt_ids) + max_tokens)
-        if adapter is not None:
-            pages += self.cache.host[adapter].num_pages
-        if pages > self.pool.num_pages:
-            raise RequestError(f"request needs {pages} pages (prompt {len(prompt_ids)} + "
-                               f"max_tokens {max_tokens} tokens of KV, plus its adapter); the "
-                               f"pool has {self.pool.num_pages}")
-        seq = Sequence(request_id, prompt_ids, adapter, params, time.monotonic(), max_tokens)
-        if params.seed is not None:
-            seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
-        self.requests[request_id] = seq
-        self.scheduler.add(seq)
+        with self.lock:
+            params = params or SamplingParams()
+            if request_id in self.requests:
+                raise RequestError(f"request id {request_id!r} is already in use")
+            if isinstance(prompt_ids, str):
+                if self.tokenizer is None:
+                    raise RequestError("a text prompt needs a tokenizer; pass token ids")
+                prompt_ids = self.tokenizer.encode(prompt_ids)
+            prompt_ids = [int(t) for t in prompt_ids]
+            if not prompt_ids:
+                raise RequestError("the prompt is empty: it needs at least one token")
+            vocab = self.model.config.vocab_size
+            if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+                raise RequestError(f"prompt token ids must be in [0, {vocab})")
+            if adapter is not None and adapter not in self.cache:
+                raise RequestError(f"unknown adapter {adapter!r}; registered: "
+                                   f"{', '.join(self.adapters()[:8]) or 'none'}")
+            if len(prompt_ids) >= self.max_model_len:
+                raise RequestError(f"prompt has {len(prompt_ids)} tokens; the model's context is "
+                                   f"{self.max_model_len} (prompt + at least one new token)")
+            if params.stop and self.tokenizer is None:
+                raise RequestError("stop strings need a tokenizer")
+            max_tokens = min(params.max_tokens, self.max_model_len - len(prompt_ids))
+            pages = self.kv.layout.pages_for_tokens(len(prompt_ids) + max_tokens)
+            if adapter is not None:
+                pages += self.cache.host[adapter].num_pages
+            if pages > self.pool.num_pages:
+                raise RequestError(f"request needs {pages} pages (prompt {len(prompt_ids)} + "
+                                   f"max_tokens {max_tokens} tokens of KV, plus its adapter); the "
+                                   f"pool has {self.pool.num_pages}")
+            seq = Sequence(request_id, prompt_ids, adapter, params, time.monotonic(), max_tokens)
+            if params.seed is not None:
+                seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+            self.requests[request_id] = seq
+            self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
         """Drop a request now (its pages are freed at once); its final output, with
         finish_reason "abort", comes from the next step()."""
-        seq = self.scheduler.abort(request_id)
-        if seq is None:
-            return False
-        self._pending.append(self._final(seq))
-        return True
+        with self.lock:
+            seq = self.scheduler.abort(request_id)
+            if seq is None:
+                return False
+            self._pending.append(self._final(seq))
+            return True
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._pending)
@@ -199,21 +207,22 @@ class Engine:
     # ---- the loop ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        outputs, self._pending = self._pending, []
-        batch = self.scheduler.schedule()
-        for seq in batch.aborted:
-            seq.error = "first-token deadline exceeded while queued"
-            outputs.append(self._final(seq))
-        if batch.seqs:
-            seqs, logits = self.runner.run(batch.seqs, batch.is_prefill, self.kv)
-            tokens = self._sample(seqs, logits)
-            logprobs = None
-            if any(s.params.logprobs for s in seqs):
-                logprobs = token_logprobs(logits, tokens).tolist()
-            for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
-                outputs.append(self._postprocess(seq, token, logprobs and logprobs[i]))
-            self.num_steps += 1
-        return outputs
+        with self.lock:
+            outputs, self._pending = self._pending, []
+            batch = self.scheduler.schedule()
+            for seq in batch.aborted:
+                seq.error = "first-token deadline exceeded while queued"
+                outputs.append(self._final(seq))
+            if batch.seqs:
+                seqs, logits = self.runner.run(batch.seqs, batch.is_prefill, self.kv)
+                tokens = self._sample(seqs, logits)
+                logprobs = None
+                if any(s.params.logprobs for s in seqs):
+                    logprobs = token_logprobs(logits, tokens).tolist()
+                for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+                    outputs.append(self._postprocess(seq, token, logprobs and logprobs[i]))
+                self.num_steps += 1
+            return outputs
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         if all(s.params.temperature == 0 for s in seqs):
@@ -307,8 +316,9 @@ class Engine:
         return [results[i] for i in ids]
 
     def stats(self) -> dict:
-        return {**self.pool.stats(), **self.cache.stats(),
-                "queue_depth": len(self.scheduler.waiting),
-                "running": len(self.scheduler.running),
-                "preemptions": self.scheduler.num_preemptions,
-                "steps": self.num_steps, "generated_tokens": self.num_generated}
+        with self.lock:
+            return {**self.pool.stats(), **self.cache.stats(),
+                    "queue_depth": len(self.scheduler.waiting),
+                    "running": len(self.scheduler.running),
+                    "preemptions": self.scheduler.num_preemptions,
+                    "steps": self.num_steps, "generated_tokens": self.num_generated}

@@ -1,0 +1,105 @@
+"""The engine's request-level features: text and stop strings, EOS, logprobs, seeds, the
+asyncio interface, stats."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from lorafleet.serve import AsyncEngine, Engine, EngineConfig, SamplingParams
+
+from conftest import merged_oracle
+
+
+@pytest.fixture(scope="module")
+def engine(llama_fleet):
+    base_dir, _, adapters = llama_fleet
+    engine = Engine(base_dir, config=EngineConfig(num_pages=4096, block_tokens=4))
+    for name in ("a00", "a01", "a03"):
+        engine.register_adapter(name, adapters[name])
+    return engine
+
+
+def test_text_streaming_and_stop_strings(engine):
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    full = engine.generate(["the quick brown"], ["a01"], params)[0]
+    assert full.text == engine.tokenizer.decode(full.token_ids) and len(full.text) > 3
+    stop = full.text[len(full.text) // 2: len(full.text) // 2 + 2]
+    cut = full.text.find(stop)
+    engine.add_request("s", "the quick brown", "a01",
+                       SamplingParams(max_tokens=12, ignore_eos=True, stop=[stop]))
+    pieces, last = [], None
+    while engine.has_work():
+        for out in engine.step():
+            pieces.append(out.new_text)
+            last = out
+    assert last.finished and last.finish_reason == "stop"
+    assert "".join(pieces) == full.text[:cut]
+    engine.pool.check()
+
+
+def test_eos_ends_without_the_eos_token(engine):
+    first = engine.generate([[5, 6, 7]], ["a00"], SamplingParams(max_tokens=3,
+                                                                 ignore_eos=True))[0]
+    saved = engine.eos_ids
+    engine.eos_ids = {first.token_ids[1]}
+    try:
+        out = engine.generate([[5, 6, 7]], ["a00"], SamplingParams(max_tokens=3))[0]
+    finally:
+        engine.eos_ids = saved
+    assert out.finish_reason == "stop" and out.token_ids == first.token_ids[:1]
+
+
+def test_logprobs_match_oracle(engine, llama_fleet):
+    _, base_model, adapters = llama_fleet
+    prompt = [9, 10, 11, 12]
+    out = engine.generate([prompt], ["a03"], SamplingParams(max_tokens=4, ignore_eos=True,
+                                                            logprobs=True))[0]
+    oracle = merged_oracle(base_model, adapters["a03"])
+    ids = torch.tensor([prompt + out.token_ids])
+    with torch.no_grad():
+        logp = oracle(ids).logits[0].log_softmax(-1)
+    expected = [logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(out.token_ids)]
+    assert out.logprobs == pytest.approx(expected, abs=1e-4)
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    params = [SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, top_k=50, seed=s,
+                             ignore_eos=True) for s in (1, 1, 2)]
+    first = engine.generate([[5, 6]] * 3, ["a00", "a00", "a00"], params)
+    again = engine.generate([[5, 6]], ["a00"], params[0])[0]
+    assert first[0].token_ids == first[1].token_ids == again.token_ids
+    assert first[0].token_ids != first[2].token_ids
+
+
+def test_async_stream_abort_and_shutdown(engine):
+    expected = engine.generate([[5, 6, 7], [8, 9]], ["a00", None],
+                               SamplingParams(max_tokens=6, ignore_eos=True))
+
+    async def main():
+        async_engine = AsyncEngine(engine)
+
+        async def collect(rid, prompt, adapter, limit=None):
+            tokens = []
+            async for out in async_engine.stream(rid, prompt, adapter,
+                                                 SamplingParams(max_tokens=6, ignore_eos=True)):
+                tokens += out.new_token_ids
+                if limit and len(tokens) >= limit:
+                    break                     # leaving early aborts the request
+            return tokens
+
+        got = await asyncio.gather(collect("x", [5, 6, 7], "a00"), collect("y", [8, 9], None),
+                                   collect("z", [8, 9, 10], "a01", limit=1))
+        with pytest.raises(Exception, match="unknown adapter"):
+            await collect("bad", [5], "nope")
+        await async_engine.shutdown(drain=True)
+        return got
+
+    got = asyncio.run(main())
+    assert got[0] == expected[0].token_ids and got[1] == expected[1].token_ids
+    assert len(got[2]) >= 1
+    assert engine.pool.used_by["kv"] == 0 and not engine.requests
+    stats = engine.stats()
+    assert {"pages_kv", "pages_adapter", "queue_depth", "running", "cache_hits",
+            "cache_misses", "cache_evictions"} <= set(stats)

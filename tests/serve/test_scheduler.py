@@ -1,0 +1,136 @@
+"""The scheduler alone (plain Python): admission by pages and budget, preemption by recompute,
+adapter cap, early abort. A small fake adapter cache stands in for the real one."""
+from pathlib import Path
+
+from lorafleet.serve import kv_cache, pool, scheduler
+from lorafleet.serve.kv_cache import KVCacheManager, KVLayout
+from lorafleet.serve.pool import ADAPTER, PagePool
+from lorafleet.serve.scheduler import Scheduler, SchedulerConfig
+from lorafleet.serve.sequence import Sequence, SeqStatus
+
+
+class FakeAdapters:
+    """Each adapter takes `size` pages; same pin/unpin/reclaim/prefetch contract."""
+
+    def __init__(self, pool, size=4):
+        self.pool, self.size, self.resident, self.refs = pool, size, {}, {}
+
+    def pin(self, name, reserve=0):
+        if name not in self.resident:
+            short = self.size + reserve - self.pool.num_free
+            if short > 0:
+                self.reclaim(short)
+            if self.size + reserve > self.pool.num_free:
+                return False
+            self.resident[name] = self.pool.alloc(self.size, ADAPTER)
+        self.refs[name] = self.refs.get(name, 0) + 1
+        return True
+
+    def unpin(self, name):
+        self.refs[name] -= 1
+
+    def reclaim(self, n):
+        freed = 0
+        for name in [k for k in self.resident if not self.refs.get(k)]:
+            if freed >= n:
+                break
+            self.pool.free(self.resident.pop(name))
+            freed += self.size
+        return freed
+
+    def prefetch(self, name):
+        return False
+
+
+def make(num_pages=64, **config):
+    pool_ = PagePool(num_pages)
+    kv = KVCacheManager(pool_, KVLayout(num_layers=1, kv_dim=64, page_size=64,
+                                        block_tokens_hint=2))   # 2 tokens = 4 pages
+    clock = [0.0]
+    sched = Scheduler(SchedulerConfig(**config), kv, FakeAdapters(pool_), clock=lambda: clock[0])
+    return sched, pool_, clock
+
+
+def seq(rid, n, adapter=None, t=0.0):
+    return Sequence(rid, list(range(n)), adapter, None, t, max_tokens=100)
+
+
+def test_plain_python_no_torch():
+    for module in (pool, kv_cache, scheduler):
+        assert "import torch" not in Path(module.__file__).read_text()
+
+
+def test_prefill_then_decode_and_token_budget():
+    sched, pool_, _ = make(max_num_batched_tokens=10)
+    for i, n in enumerate([6, 4, 3]):
+        sched.add(seq(f"s{i}", n))
+    batch = sched.schedule()
+    assert batch.is_prefill and [s.request_id for s in batch.seqs] == ["s0", "s1"]
+    batch = sched.schedule()
+    assert batch.is_prefill and [s.request_id for s in batch.seqs] == ["s2"]
+    for s in sched.running:
+        s.output_ids.append(1)
+    batch = sched.schedule()
+    assert not batch.is_prefill and len(batch.seqs) == 3
+    pool_.check()
+
+
+def test_out_of_pages_preempts_newest_and_recomputes():
+    sched, pool_, _ = make(num_pages=16)     # 4 blocks of 2 tokens
+    sched.add(seq("old", 2))
+    sched.add(seq("new", 2))
+    assert len(sched.schedule().seqs) == 2   # 8 pages used
+    for _ in range(3):
+        for s in sched.running:
+            s.output_ids.append(7)
+        batch = sched.schedule()
+        pool_.check()
+    assert [s.request_id for s in batch.seqs] == ["old"]
+    preempted = sched.waiting[0]
+    assert preempted.request_id == "new" and preempted.status is SeqStatus.WAITING
+    assert preempted.num_preemptions == 1 and "new" not in sched.kv
+    sched.finish(sched.running[0], "length")
+    batch = sched.schedule()                 # recompute: prompt + output so far
+    assert batch.is_prefill and batch.seqs[0].request_id == "new"
+    assert sched.kv.num_tokens_held("new") >= preempted.num_tokens
+
+
+def test_adapter_cap_and_eviction_of_unused_adapters():
+    sched, pool_, _ = make(num_pages=40, max_adapters_per_step=2)
+    for i, name in enumerate(["x", "y", "z", "x"]):
+        sched.add(seq(f"s{i}", 2, name))
+    batch = sched.schedule()
+    assert [s.adapter for s in batch.seqs] == ["x", "y"]    # FCFS: z blocks the second x
+    for s in list(sched.running):
+        sched.finish(s, "length")
+    assert sched.adapters.refs == {"x": 0, "y": 0}
+    batch = sched.schedule()
+    assert [s.adapter for s in batch.seqs] == ["z", "x"]
+    pool_.check()
+
+
+def test_early_abort_of_queued_requests_past_deadline():
+    sched, _, clock = make(num_pages=4, first_token_deadline_s=1.0)
+    sched.add(seq("a", 2))
+    sched.add(seq("b", 2))          # 4 pages hold one request: b and c wait
+    sched.add(seq("c", 2, t=0.5))
+    sched.schedule()
+    clock[0] = 1.2
+    batch = sched.schedule()
+    assert {s.request_id for s in batch.aborted} == {"b"}
+    assert all(s.finish_reason == "deadline" for s in batch.aborted)
+    assert [s.request_id for s in sched.waiting] == ["c"]
+
+
+def test_abort_from_any_queue_frees_pages():
+    sched, pool_, _ = make()
+    sched.add(seq("a", 3, "x"))
+    sched.add(seq("b", 3))
+    sched.schedule()
+    sched.add(seq("c", 3))
+    assert sched.abort("a").finish_reason == "abort"
+    assert sched.abort("c").finish_reason == "abort"
+    assert sched.abort("zzz") is None
+    assert sched.adapters.refs["x"] == 0
+    assert pool_.used_by["kv"] == 8      # b: 3 tokens = 2 blocks of 4 pages
+    pool_.check()
