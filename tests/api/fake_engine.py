@@ -116,9 +116,9 @@ class FakeEngine:
     def stats(self):
         with self.lock:
             kv = sum(len(r["prompt"]) + len(r["out"]) for r in self.running.values())
-            return {"queue_depth": 0, "running": len(self.running), "pool_pages_kv": kv,
-                    "pool_pages_adapters": 0, "pool_pages_total": 10000,
-                    "pool_pages_free": 10000 - kv, "cache_hits": 0, "cache_misses": 0,
+            return {"queue_depth": 0, "running": len(self.running), "pages_kv": kv,
+                    "pages_adapter": 0, "pages_total": 10000, "pages_free": 10000 - kv,
+                    "adapters_in_use": 0, "cache_hits": 0, "cache_misses": 0,
                     "cache_evictions": 0}
 
 

@@ -20,7 +20,7 @@ from lorafleet.api.server import ServerConfig, create_app
 def pool_idle(stats) -> bool:
     """No sequence left and no KV page held."""
     flat = stats if isinstance(stats, dict) else vars(stats)
-    return flat.get("running", 0) == 0 and flat.get("pool_pages_kv", 0) == 0 \
+    return flat.get("running", 0) == 0 and flat.get("pages_kv", 0) == 0 \
         and flat.get("queue_depth", 0) == 0
 
 

@@ -254,7 +254,7 @@ def _encode_chat(state: ServerState, body: ChatCompletionRequest) -> list[int]:
 
 
 def _sse(payload: Any) -> str:
-    body = payload if isinstance(payload, dict) else payload.model_dump(exclude_none=True)
+    body = payload if isinstance(payload, dict) else payload.model_dump()
     return f"data: {json.dumps(body)}\n\n"
 
 
