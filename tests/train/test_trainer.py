@@ -181,3 +181,13 @@ def test_ddp_two_processes_equal_one_process(tmp_path, llama_dir):
     # near-zero gradient into at most ~lr-sized steps, so allow 1% of lr, far below a real bug.
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
+
+
+def test_bf16_autocast_with_gradient_checkpointing_on_our_model(tmp_path, llama_dir, toy_data):
+    result = train(config(llama_dir, toy_data, tmp_path / "run", steps=3, bf16=True,
+                          grad_checkpointing=True, method="adapter"),
+                   tokenizer=get_tokenizer(llama_dir))
+    losses = [e["loss"] for e in result.history if e["type"] == "step"]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    # autocast computes in bf16 but the trained parameters stay fp32
+    assert all(p.dtype == torch.float32 for p in result.model.parameters() if p.requires_grad)
