@@ -9,6 +9,9 @@ from torch import nn
 
 from lorafleet.errors import ConfigError
 from lorafleet.models import load_model
+from quant_helpers import bnb_nf4_transformers
+
+from lorafleet.quant.nf4 import unpack_nibbles
 from lorafleet.quant import (Embedding4bit, Linear4bit, dequantize_nf4, load_quantized_model,
                              memory_report, quantize_model, quantize_nf4)
 
@@ -88,16 +91,35 @@ def test_conv1d_is_transposed():
     assert torch.equal(fresh.weight, w)
 
 
-def test_merge_delta_requantizes_and_warns(caplog):
-    layer = make_layer(bias=False)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_merge_delta_requantizes_on_the_same_grid_and_warns(double_quant, caplog):
+    layer = make_layer(bias=False, double_quant=double_quant)
     w = layer.weight
-    delta = torch.randn_like(w) * 0.01
+    stored = {k: v.clone() for k, v in layer.state_dict().items()}
     with caplog.at_level(logging.WARNING, logger="lorafleet.quant"):
-        rms = layer.merge_delta(delta)
+        assert layer.merge_delta(torch.zeros_like(w)) == 0.0  # a zero merge changes nothing
     assert "rounded to NF4" in caplog.text
-    expected = quantize_nf4(w + delta, 64).dequantize(torch.float32)
-    assert torch.equal(layer.weight, expected)
-    assert 0 < rms < 0.1 * w.abs().max()
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in stored.items())
+    delta = torch.randn_like(w) * 0.002
+    rms = layer.merge_delta(delta)
+    merged = layer.weight
+    # Each element lands on the nearest NF4 point of its block's (kept or grown) grid:
+    naive = quantize_nf4(w + delta, 64, double_quant).dequantize(torch.float32)
+    naive_rms = (naive - (w + delta)).pow(2).mean().sqrt().item()
+    assert rms == pytest.approx((merged - (w + delta)).pow(2).mean().sqrt().item())
+    assert rms <= naive_rms * 1.05  # as close as re-quantizing from scratch
+    codes_before = unpack_nibbles(stored["codes"])
+    changed = (unpack_nibbles(layer.codes) != codes_before).float().mean().item()
+    assert changed < 0.2, changed  # a small delta moves only the codes it pushes past a midpoint
+
+
+def test_merge_delta_grows_a_block_that_outgrows_its_scale():
+    layer = make_layer(bias=False, double_quant=False)
+    w = layer.weight
+    delta = torch.zeros_like(w)
+    delta[0, 0] = 10 * w.abs().max()
+    layer.merge_delta(delta)
+    torch.testing.assert_close(layer.weight[0, 0], (w + delta)[0, 0])  # new absmax: exact
     with pytest.raises(ConfigError, match="delta shape"):
         layer.merge_delta(torch.zeros(3, 3))
 
@@ -122,22 +144,6 @@ def test_quantize_model_skips_head_and_embeddings_unless_asked(llama_dir):
     torch.testing.assert_close(embed(ids), embed.weight[ids], rtol=0, atol=0)
     with pytest.raises(ConfigError, match="no nn.Linear"):
         quantize_model(nn.Sequential(nn.ReLU()))
-
-
-def bnb_nf4_transformers(path, double_quant):
-    """The oracle: transformers' model with every decoder linear replaced by bitsandbytes'
-    NF4 round trip of its weight (lm_head kept, as our default)."""
-    import bitsandbytes.functional as bnbF
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Linear) and name != "lm_head":
-                packed, state = bnbF.quantize_4bit(module.weight, blocksize=64, quant_type="nf4",
-                                                   compress_statistics=double_quant)
-                module.weight.copy_(bnbF.dequantize_4bit(packed, state))
-    return model
 
 
 def test_quantized_llama_equals_bnb_oracle_and_stays_close(llama_dir):

@@ -16,7 +16,8 @@ from torch import nn
 
 from lorafleet.errors import ConfigError
 
-from .nf4 import DOUBLE_QUANT_BLOCK, NF4Tensor, _check_block_size, dequantize_nf4, quantize_nf4
+from .nf4 import (DOUBLE_QUANT_BLOCK, NF4Tensor, _check_block_size, dequantize_nf4, quantize_nf4,
+                  requantize_nf4)
 
 log = logging.getLogger(__name__)
 
@@ -123,21 +124,23 @@ class Linear4bit(nn.Module):
         return _DequantLinear.apply(x, self.nf4, self.bias)
 
     def merge_delta(self, delta: torch.Tensor) -> float:
-        """W <- quantize(dequantize(W) + delta), delta [out, in] (a LoRA merge into a 4-bit base).
+        """W <- requantize(dequantize(W) + delta), delta [out, in] (a LoRA merge into a 4-bit base).
 
-        This rounds: the merged weight is not W + delta but its nearest NF4 version, and the same
-        holds for a later unmerge. Returns the RMS of that rounding error.
+        This rounds: the stored weight becomes the nearest NF4 point to W + delta on the layer's
+        grid (block scales kept unless a block outgrows its scale), and a later unmerge rounds
+        again. Returns the RMS of that rounding error.
         """
         if tuple(delta.shape) != (self.out_features, self.in_features):
             raise ConfigError(f"merge_delta: delta shape {list(delta.shape)} != weight shape "
                               f"{[self.out_features, self.in_features]}")
         with torch.no_grad():
             target = dequantize_nf4(self.nf4, torch.float32) + delta.float()
-            self.set_weight(target)
+            for name, tensor in requantize_nf4(self.nf4, target).stored_tensors().items():
+                self._buffers[name] = tensor
             rms = (dequantize_nf4(self.nf4, torch.float32) - target).pow(2).mean().sqrt().item()
         log.warning("merging into a 4-bit NF4 base requantizes the weight: the result is rounded "
-                    "to NF4 (RMS error %.3g); export a merged bf16/fp16 checkpoint for an exact "
-                    "merge", rms)
+                    "to NF4 (RMS error %.3g); export a merged bf16/fp16 checkpoint (lorafleet "
+                    "merge) for an exact merge", rms)
         return rms
 
     def _apply(self, fn, recurse=True):

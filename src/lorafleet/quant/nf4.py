@@ -90,15 +90,17 @@ def _blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
     return flat.view(-1, block_size)
 
 
-def quantize_blockwise(values: torch.Tensor, codebook: torch.Tensor, block_size: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise(values: torch.Tensor, codebook: torch.Tensor, block_size: int,
+                       absmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise absmax quantization to the nearest codebook entry.
 
     values: [n] float; returns (indices uint8 [n_blocks, block_size] (padded), absmax fp32
-    [n_blocks]). Scaling multiplies by the reciprocal, clamped to [-1, 1], like bitsandbytes.
+    [n_blocks]). `absmax` given: use those scales instead of each block's own. Scaling multiplies
+    by the reciprocal, clamped to [-1, 1], like bitsandbytes.
     """
     blocks = _blocks(values.reshape(-1).float(), block_size)
-    absmax = blocks.abs().amax(dim=1)
+    if absmax is None:
+        absmax = blocks.abs().amax(dim=1)
     scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=_TINY_ABSMAX)).unsqueeze(1), -1, 1)
     return _round_to_codebook(scaled, codebook.to(values.device)).to(torch.uint8), absmax
 
@@ -184,33 +186,71 @@ def dequantize_blockwise(indices: torch.Tensor, absmax: torch.Tensor, codebook: 
     return values.reshape(-1)[: indices.numel()]
 
 
+def _checked(weight: torch.Tensor, what: str) -> torch.Tensor:
+    if not weight.is_floating_point():
+        raise ConfigError(f"{what}: weight must be a floating-point tensor, got {weight.dtype}")
+    if weight.numel() == 0:
+        raise ConfigError(f"{what}: weight is empty (shape {tuple(weight.shape)})")
+    weight = weight.detach()
+    if not torch.isfinite(weight).all():
+        raise ConfigError(f"{what}: weight holds inf or NaN values; NF4 cannot store them")
+    return weight
+
+
+def _with_scales(nf4: NF4Tensor, absmax: torch.Tensor, double_quant: bool) -> NF4Tensor:
+    """Store the fp32 block scales in `nf4`, double-quantized or not."""
+    if not double_quant:
+        nf4.absmax = absmax
+        return nf4
+    # QLoRA sec. 3: the scales are positive, so centre them on their mean to use the signed
+    # 8-bit map's full range (bnb: offset = absmax.mean(); quantize_blockwise(absmax - offset)).
+    offset = absmax.mean()
+    absmax_codes, absmax_scale = quantize_blockwise(absmax - offset, dynamic_map(absmax.device),
+                                                    DOUBLE_QUANT_BLOCK)
+    nf4.absmax_codes = absmax_codes.reshape(-1)[: absmax.numel()].clone()
+    nf4.absmax_scale, nf4.absmax_offset = absmax_scale, offset
+    return nf4
+
+
 def quantize_nf4(weight: torch.Tensor, block_size: int = 64, double_quant: bool = True
                  ) -> NF4Tensor:
     """Quantize a float tensor of any shape to NF4 (bnb `quantize_4bit(quant_type="nf4",
     compress_statistics=double_quant)`)."""
     _check_block_size(block_size)
-    if not weight.is_floating_point():
-        raise ConfigError(f"quantize_nf4: weight must be a floating-point tensor, got {weight.dtype}")
-    if weight.numel() == 0:
-        raise ConfigError(f"quantize_nf4: weight is empty (shape {tuple(weight.shape)})")
     with torch.no_grad():
-        weight = weight.detach()
-        if not torch.isfinite(weight).all():
-            raise ConfigError("quantize_nf4: weight holds inf or NaN values; NF4 cannot store them")
+        weight = _checked(weight, "quantize_nf4")
         indices, absmax = quantize_blockwise(weight, nf4_codebook(weight.device), block_size)
-        result = NF4Tensor(codes=pack_nibbles(indices), shape=weight.shape, dtype=weight.dtype,
-                           block_size=block_size)
-        if not double_quant:
-            result.absmax = absmax
-            return result
-        # QLoRA sec. 3: the scales are positive, so centre them on their mean to use the signed
-        # 8-bit map's full range (bnb: offset = absmax.mean(); quantize_blockwise(absmax - offset)).
-        offset = absmax.mean()
-        absmax_codes, absmax_scale = quantize_blockwise(absmax - offset, dynamic_map(weight.device),
-                                                        DOUBLE_QUANT_BLOCK)
-        result.absmax_codes = absmax_codes.reshape(-1)[: absmax.numel()].clone()
-        result.absmax_scale = absmax_scale
-        result.absmax_offset = offset
+        nf4 = NF4Tensor(codes=pack_nibbles(indices), shape=weight.shape, dtype=weight.dtype,
+                        block_size=block_size)
+        return _with_scales(nf4, absmax, double_quant)
+
+
+def requantize_nf4(nf4: NF4Tensor, weight: torch.Tensor) -> NF4Tensor:
+    """Quantize `weight` (nf4's shape) onto nf4's existing grid (dequantize-add-requantize).
+
+    Each block keeps its stored scale unless the new block outgrows it; only then are the scales
+    re-encoded. So a zero change gives back the same codes, and a small change only moves the
+    codes it pushes past a midpoint, instead of re-rounding the whole matrix.
+    """
+    if tuple(weight.shape) != tuple(nf4.shape):
+        raise ConfigError(f"requantize_nf4: weight shape {list(weight.shape)} != stored shape "
+                          f"{list(nf4.shape)}")
+    with torch.no_grad():
+        weight = _checked(weight, "requantize_nf4")
+        scales = nf4.scales()
+        new_absmax = _blocks(weight.reshape(-1).float(), nf4.block_size).abs().amax(dim=1)
+        grown = new_absmax > scales
+        result = NF4Tensor(codes=nf4.codes, shape=nf4.shape, dtype=nf4.dtype,
+                           block_size=nf4.block_size)
+        if grown.any():
+            result = _with_scales(result, torch.where(grown, new_absmax, scales), nf4.double_quant)
+            scales = result.scales()
+        else:
+            for name, tensor in nf4.stored_tensors().items():
+                setattr(result, name, tensor.clone())
+        indices, _ = quantize_blockwise(weight, nf4_codebook(weight.device), nf4.block_size,
+                                        absmax=scales)
+        result.codes = pack_nibbles(indices)
         return result
 
 
