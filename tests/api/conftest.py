@@ -13,7 +13,7 @@ import httpx
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent))  # reference.py
 from lorafleet.api.auth import ApiKeys
 from lorafleet.api.server import ServerConfig, create_app
 
@@ -91,14 +91,6 @@ def tokenizer(llama_dir):
 
 
 def build_engine(llama_dir, tokenizer, adapters: dict[str, Path]):
-    import lorafleet.serve
-    if not hasattr(lorafleet.serve, "Engine"):  # TEMPORARY until the real engine lands
-        import fake_engine
-        lorafleet.serve.SamplingParams = fake_engine.SamplingParams
-        engine = fake_engine.FakeEngine(tokenizer)
-        for name, path in adapters.items():
-            engine.register_adapter(name, str(path))
-        return fake_engine.FakeAsyncEngine(engine)
     from lorafleet.serve import AsyncEngine, Engine, EngineConfig
     engine = Engine(str(llama_dir), tokenizer, EngineConfig())
     for name, path in adapters.items():
@@ -143,15 +135,5 @@ def http(server):
 @pytest.fixture(scope="session")
 def reference(llama_dir, adapter_root):
     """reference(prompt_ids, adapter, max_tokens) -> greedy token ids."""
-    import lorafleet.serve
-    if not hasattr(lorafleet.serve, "Engine"):  # TEMPORARY until the real engine lands
-        import fake_engine
-
-        def fake(prompt_ids, adapter, max_tokens):
-            out = []
-            for _ in range(max_tokens):
-                out.append(fake_engine.fake_next_token(prompt_ids, adapter, out, 384))
-            return out
-        return fake
     from reference import GreedyOracle
     return GreedyOracle(llama_dir, {n: adapter_root / n for n in ADAPTER_NAMES + ["gamma"]})

@@ -27,7 +27,7 @@ from lorafleet.api.protocol import (ChatChoiceLogprobs, ChatCompletionChoice,
                                     CompletionResponse, DeltaMessage, UsageInfo, error_body,
                                     new_id)
 from lorafleet.api.server import ApiError, ServerState, authorize, parse_body, resolve_model
-from lorafleet.errors import LoraFleetError, RequestError
+from lorafleet.errors import EngineError, LoraFleetError, RequestError
 
 
 @dataclass
@@ -191,6 +191,9 @@ class Job:
         except RequestError as exc:
             self.status = "error"
             raise ApiError(400, str(exc), code="engine_rejected") from exc
+        except EngineError as exc:  # the engine is stopping: the request was not served
+            self.status = "error"
+            raise ApiError(503, str(exc), type_="server_error", code="engine_unavailable") from exc
 
 
 # ---- request -> engine inputs ------------------------------------------------------------------
@@ -361,7 +364,7 @@ async def _stream_completion(state: ServerState, job: Job, body: CompletionReque
         if _include_usage(body):
             yield _sse(CompletionChunk(id=job.id, model=body.model, choices=[],
                                        usage=job.usage()))
-    except RequestError as exc:
+    except EngineError as exc:
         job.status = "error"
         yield _sse(error_body(str(exc), "invalid_request_error", code="engine_rejected"))
     yield "data: [DONE]\n\n"
@@ -387,7 +390,7 @@ async def _stream_chat(state: ServerState, job: Job,
                                               finish_reason=job.choices[index].finish_reason)])
         if _include_usage(body):
             yield chunk([], usage=job.usage())
-    except RequestError as exc:
+    except EngineError as exc:
         job.status = "error"
         yield _sse(error_body(str(exc), "invalid_request_error", code="engine_rejected"))
     yield "data: [DONE]\n\n"

@@ -184,7 +184,9 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig | None = None) 
 
     @app.get("/metrics")
     async def metrics_route():
-        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+        # engine.stats() waits for the engine's lock (held through a step): off the loop.
+        body = await asyncio.to_thread(state.metrics.render)
+        return Response(body, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def list_models(request: Request):
@@ -251,7 +253,7 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig | None = None) 
                                 f"{', '.join(users[:10])}; retry when they finish",
                            param="lora_name", code="adapter_in_use")
         try:
-            engine.unregister_adapter(name)
+            await asyncio.to_thread(engine.unregister_adapter, name)
         except EngineError as exc:
             raise ApiError(409, f"adapter {name!r} cannot be unloaded: {exc}",
                            param="lora_name", code="adapter_in_use") from exc
