@@ -56,12 +56,12 @@ def oracle_greedy(model, prompt, max_new_tokens):
     return out[0, len(prompt):].tolist()
 
 
-def _build(tmp_path_factory, kind, targets_list):
+def _build(tmp_path_factory, kind, targets_list, num_adapters=NUM_ADAPTERS):
     root = tmp_path_factory.mktemp(f"serve_{kind}")
     base = make_checkpoint(root / "base", kind, seed=1)
     rng = random.Random(0)
     adapters = {}
-    for i in range(NUM_ADAPTERS):
+    for i in range(num_adapters):
         r = RANKS[i % len(RANKS)]
         targets = targets_list[i % len(targets_list)]
         kwargs = {}
@@ -86,3 +86,9 @@ def llama_fleet(tmp_path_factory):
 @pytest.fixture(scope="session")
 def gpt2_fleet(tmp_path_factory):
     return _build(tmp_path_factory, "gpt2", GPT2_TARGETS)
+
+
+@pytest.fixture(scope="session")
+def small_fleet(tmp_path_factory):
+    """A Llama with four adapters (ranks 1, 2, 4, 8): for the quick tests."""
+    return _build(tmp_path_factory, "llama", LLAMA_TARGETS, num_adapters=4)

@@ -12,6 +12,9 @@ from lorafleet.serve.engine import Engine, EngineConfig, SamplingParams
 
 from conftest import merged_oracle, oracle_greedy
 
+# Building 2 x 22 PEFT adapters and their merged oracles takes ~40 s on the 2-core machine.
+pytestmark = pytest.mark.slow
+
 MAX_TOKENS = 5
 
 

@@ -13,8 +13,8 @@ from conftest import merged_oracle
 
 
 @pytest.fixture(scope="module")
-def engine(llama_fleet):
-    base_dir, _, adapters = llama_fleet
+def engine(small_fleet):
+    base_dir, _, adapters = small_fleet
     engine = Engine(base_dir, config=EngineConfig(num_pages=4096, block_tokens=4))
     for name in ("a00", "a01", "a03"):
         engine.register_adapter(name, adapters[name])
@@ -51,8 +51,8 @@ def test_eos_ends_without_the_eos_token(engine):
     assert out.finish_reason == "stop" and out.token_ids == first.token_ids[:1]
 
 
-def test_logprobs_match_oracle(engine, llama_fleet):
-    _, base_model, adapters = llama_fleet
+def test_logprobs_match_oracle(engine, small_fleet):
+    _, base_model, adapters = small_fleet
     prompt = [9, 10, 11, 12]
     out = engine.generate([prompt], ["a03"], SamplingParams(max_tokens=4, ignore_eos=True,
                                                             logprobs=True))[0]
@@ -103,3 +103,28 @@ def test_async_stream_abort_and_shutdown(engine):
     stats = engine.stats()
     assert {"pages_kv", "pages_adapter", "queue_depth", "running", "cache_hits",
             "cache_misses", "cache_evictions"} <= set(stats)
+
+
+def test_adapter_store_registers_a_folder_of_folders(small_fleet, tmp_path):
+    from lorafleet.adapters.store import AdapterStore
+    from lorafleet.errors import AdapterError
+
+    base_dir, _, adapters = small_fleet
+    store = AdapterStore(tmp_path / "store", create=True)
+    store.add("sql", adapters["a00"])
+    store.add("chat.v2", adapters["a01"])
+    with pytest.raises(AdapterError, match="already exists"):
+        store.add("sql", adapters["a02"])
+    with pytest.raises(AdapterError, match="must be"):
+        store.add("../evil", adapters["a02"])
+    with pytest.raises(AdapterError, match="missing adapter_config.json"):
+        store.add("empty", tmp_path)
+    assert store.names() == ["chat.v2", "sql"] and "sql" in store
+    engine = Engine(base_dir, config=EngineConfig(num_pages=1024, block_tokens=4))
+    assert engine.register_store(store.root) == ["chat.v2", "sql"]
+    assert engine.adapters() == ["chat.v2", "sql"]
+    out = engine.generate([[5, 6]], ["sql"], SamplingParams(max_tokens=2, ignore_eos=True))
+    assert len(out[0].token_ids) == 2
+    engine.unregister_adapter("sql")
+    store.remove("sql")
+    assert store.names() == ["chat.v2"] and engine.adapters() == ["chat.v2"]

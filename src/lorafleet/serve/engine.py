@@ -131,6 +131,16 @@ class Engine:
         config, tensors = read_peft_folder(path)
         self.register_adapter_tensors(name, config, tensors)
 
+    def register_store(self, store) -> list[str]:
+        """Register every adapter of an `AdapterStore` (or a folder of PEFT folders)."""
+        from lorafleet.adapters.store import AdapterStore
+
+        store = store if isinstance(store, AdapterStore) else AdapterStore(store)
+        names = store.names()
+        for name in names:
+            self.register_adapter(name, store.path(name))
+        return names
+
     def register_adapter_tensors(self, name: str, config: dict, tensors: dict) -> None:
         """Same from an adapter_config dict and PEFT-keyed tensors already in memory."""
         with self.lock:
