@@ -46,6 +46,9 @@ def test_resume_after_sigterm_is_bit_exact(tmp_path, llama_dir, toy_data):
     assert cut.interrupted and cut.steps == 3 and cut.artifact is None
     with pytest.raises(TrainingError, match="already holds a training run"):
         train(config(llama_dir, toy_data, tmp_path / "b", **kw), tokenizer=tok)
+    with pytest.raises(TrainingError, match="does not fit this run's method/targets"):
+        train(config(llama_dir, toy_data, tmp_path / "b", resume=True, targets="q,k,v", **kw),
+              tokenizer=tok)
     resumed = train(config(llama_dir, toy_data, tmp_path / "b", resume=True, **kw),
                     tokenizer=tok)
     assert resumed.steps == 6

@@ -284,6 +284,10 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
     step, loss_value, eval_loss, history = 0, float("nan"), None, []
     if cfg.resume:
         ckpt = load_checkpoint(latest_checkpoint(out))
+        if set(ckpt.trainable) != set(trainable_state(trained)):
+            raise TrainingError(f"--resume: the checkpoint in {out} does not fit this run's "
+                                f"method/targets ({cfg.method}, {cfg.targets}); use the "
+                                f"settings of {out / 'train_config.json'}")
         trained.load_state_dict(ckpt.trainable, strict=False)
         optimizer.load_state_dict(ckpt.optimizer)
         sampler.load_state_dict(ckpt.data_position)
@@ -327,7 +331,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
                 # x world: all-reduce averages the ranks' gradients, we want their sum.
                 (micro_loss * world).backward()
                 step_loss += micro_loss.detach()
-                n_tokens += int((input_ids != pad_id).sum())
+                n_tokens += sum(len(e.input_ids) for e in mine[i:i + cfg.batch_size])
             dist.average_gradients(params)
             step_loss = float(dist.sum_scalar(step_loss))
             grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) \
