@@ -57,7 +57,7 @@ def _two_peft_adapters(base_dir, tmp_path):
     oracle = peft_random(base_dir, "a", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     torch.manual_seed(5)
     oracle.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=4, use_rslora=True, init_lora_weights=False,
-                                            target_modules=["k_proj", "gate_proj", "v_proj"]))
+                                            target_modules=["k_proj", "gate_proj", "v_proj", "embed_tokens"]))
     oracle.save_pretrained(tmp_path / "peft")  # non-"default" adapters go to peft/<name>/
     return oracle.eval()
 

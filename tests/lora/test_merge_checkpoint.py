@@ -100,3 +100,24 @@ def test_adapters_inspect(llama_dir, tmp_path, capsys):
     assert main(["adapters", "inspect", str(tmp_path / "a")]) == 0
     text = capsys.readouterr().out
     assert "1,408" in text and "q_proj" in text and "size on disk" in text
+
+
+def test_checkpoint_without_transformer_prefix(gpt2_dir, tmp_path, ids):
+    """Original GPT-2 checkpoints name tensors `h.0.attn.c_attn.weight` (no `transformer.`)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    base = tmp_path / "bare"
+    shutil.copytree(gpt2_dir, base)
+    tensors = load_file(base / "model.safetensors")
+    save_file({k.removeprefix("transformer."): v for k, v in tensors.items()},
+              base / "model.safetensors", metadata={"format": "pt"})
+    oracle = peft_random(gpt2_dir, r=2, lora_alpha=4, target_modules=["c_attn", "wte"])
+    oracle.save_pretrained(tmp_path / "adapter")
+    expected = oracle.merge_and_unload().state_dict()
+    report = merge_checkpoint(base, tmp_path / "adapter", tmp_path / "merged")
+    assert sorted(report.merged) == ["h.0.attn.c_attn.weight", "h.1.attn.c_attn.weight", "wte.weight"]
+    for key, tensor in _checkpoint(tmp_path / "merged").items():
+        torch.testing.assert_close(tensor, expected["transformer." + key if "lm_head" not in key else key],
+                                   atol=1e-6, rtol=0)
