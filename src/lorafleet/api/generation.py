@@ -201,8 +201,8 @@ class Job:
 def _sampling_params(body, max_tokens: int, logprobs: bool, n: int) -> list[Any]:
     from lorafleet.serve import SamplingParams
     return [SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                           seed=None if body.seed is None else body.seed + i, stop=body.stop,
-                           logprobs=logprobs)
+                           top_k=body.top_k, seed=None if body.seed is None else body.seed + i,
+                           stop=body.stop, logprobs=logprobs, ignore_eos=body.ignore_eos)
             for i in range(n)]
 
 

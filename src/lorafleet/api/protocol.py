@@ -37,6 +37,9 @@ class _Request(BaseModel):
     seed: int | None = None
     user: str | None = None
     stream_options: dict[str, Any] | None = None
+    # Extensions vLLM also accepts: generate exactly max_tokens (benchmarks), top-k sampling.
+    ignore_eos: bool = False
+    top_k: int = Field(default=0, ge=0)
 
     @field_validator("stop")
     @classmethod

@@ -154,8 +154,9 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig | None = None) 
         # uvicorn has already waited for open connections (SIGTERM drains in-flight requests);
         # let the engine finish whatever is left, then stop its thread.
         state.draining = True
-        log.info("shutting down: draining %d in-flight sequences", state.outstanding)
+        log.info("shutting down: connections closed, draining the engine")
         await async_engine.shutdown(drain=True)
+        log.info("engine stopped")
 
     app = FastAPI(title="lorafleet", lifespan=lifespan)
     app.state.lorafleet = state

@@ -151,5 +151,4 @@ def run(args) -> int:
     # installed before it: this one, so a drained server exits 0 instead of "killed".
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server.run(sockets=[sock])
-    log.info("server stopped")
     return 0

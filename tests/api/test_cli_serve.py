@@ -1,0 +1,108 @@
+"""`lorafleet serve` as a user runs it: a subprocess on 127.0.0.1 (any free port), its start-up
+log, outputs equal to `lorafleet generate` with the same adapter, and SIGTERM draining an
+in-flight stream before a clean exit."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from lorafleet.cli import main as cli_main
+
+
+def lorafleet_generate(capsys, *args) -> dict:
+    capsys.readouterr()
+    assert cli_main(["generate", *map(str, args), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def serve_process(llama_dir, adapter_root, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    log_file = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lorafleet.cli", "serve", "--model", str(llama_dir),
+         "--served-model-name", "tiny", "--adapter", f"alpha={adapter_root / 'alpha'}",
+         "--adapter-dir", str(adapter_root), "--port", "0", "--max-model-len", "256",
+         "--num-pages", "4096"],
+        stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 90
+    url = None
+    while url is None:
+        assert proc.poll() is None, log_path.read_text()
+        assert time.monotonic() < deadline, log_path.read_text()
+        found = re.search(r"listening (http://127\.0\.0\.1:\d+)/v1", log_path.read_text())
+        if found:
+            url = found.group(1)
+        time.sleep(0.1)
+    while True:  # the log line comes just before uvicorn accepts
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                break
+        except httpx.TransportError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    proc.url, proc.log_path = url, log_path
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(30)
+    log_file.close()
+
+
+@pytest.mark.slow
+def test_serve_cli_matches_generate_and_drains_on_sigterm(serve_process, llama_dir,
+                                                          adapter_root, capsys):
+    log = serve_process.log_path.read_text()
+    for expected in ("model", "served as 'tiny'", "adapters  1: alpha", "pool      4096 pages",
+                     f"loading from {adapter_root.resolve()}", "auth      none"):
+        assert expected in log, log
+    client = openai.OpenAI(base_url=serve_process.url + "/v1", api_key="unused", max_retries=0,
+                           timeout=60)
+    assert {m.id for m in client.models.list().data} == {"tiny", "alpha"}
+    for adapter in ("alpha", None):
+        args = ["--model", llama_dir, "--prompt", "the quick brown fox", "--max-tokens", 12]
+        ref = lorafleet_generate(capsys, *args, *(["--adapter", adapter_root / adapter]
+                                                  if adapter else []))
+        out = client.completions.create(model=adapter or "tiny", prompt="the quick brown fox",
+                                        max_tokens=12, temperature=0)
+        assert out.choices[0].text == ref["text"]
+        assert out.usage.completion_tokens == len(ref["token_ids"])
+    ref = lorafleet_generate(capsys, "--model", llama_dir, "--adapter", adapter_root / "alpha",
+                             "--prompt", "food : french", "--max-tokens", 12, "--chat")
+    chat = client.chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": "food : french"}],
+        max_tokens=12, temperature=0)
+    assert chat.choices[0].message.content == ref["text"]
+
+    # SIGTERM while a long stream is in flight: it still completes, then the process exits 0.
+    stream = client.completions.create(model="alpha", prompt="to be", max_tokens=240,
+                                       temperature=0, stream=True, extra_body={
+                                           "ignore_eos": True,
+                                           "stream_options": {"include_usage": True}})
+    chunks = iter(stream)
+    received = [next(chunks)]
+    serve_process.send_signal(signal.SIGTERM)
+    received += list(chunks)
+    assert received[-1].usage.completion_tokens == 240
+    assert received[-2].choices[0].finish_reason == "length"
+    assert serve_process.wait(timeout=60) == 0
+    with pytest.raises(httpx.TransportError):
+        httpx.get(serve_process.url + "/health", timeout=5)
+    assert "engine stopped" in serve_process.log_path.read_text()
+
+
+def test_serve_cli_bad_arguments(llama_dir, capsys):
+    assert cli_main(["serve", "--model", str(llama_dir), "--adapter", "no-equals-sign"]) == 1
+    assert "--adapter expects NAME=DIR" in capsys.readouterr().err
+    assert cli_main(["serve", "--model", str(llama_dir), "--api-keys", "/nonexistent.json"]) == 1
+    assert "does not exist" in capsys.readouterr().err
