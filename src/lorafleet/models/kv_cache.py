@@ -25,6 +25,7 @@ class KVCache:
         self._length = 0  # keys [0, _length) are read by this step
         self._mask: torch.Tensor | None = None
         self._causal = False
+        self._span: tuple[int, int] | None = None  # set when all rows write the same slots
 
     @classmethod
     def for_model(cls, model: nn.Module, batch_size: int, max_len: int) -> "KVCache":
@@ -49,6 +50,7 @@ class KVCache:
         # Fast paths SDPA handles without a mask: a prefill from position 0 (causal), or every
         # row decoding one token at the same position (it reads all cached keys).
         self._causal = same_rows and contiguous and length == T and T > 1
+        self._span = (length - T, length) if same_rows and contiguous else None
         if same_rows and contiguous and T == 1:
             self._mask = None
         elif self._causal:
@@ -60,11 +62,15 @@ class KVCache:
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scale: float) -> torch.Tensor:
         """q [B, T, H, D], k/v [B, T, Hkv, D] -> [B, T, H, D]."""
-        B = q.shape[0]
-        rows = torch.arange(B, device=q.device)[:, None]
         k_cache, v_cache = self.k[layer_idx], self.v[layer_idx]  # [B, Hkv, max_len, D]
-        k_cache[rows, :, self.positions] = k  # advanced indices first: [B, T, Hkv, D]
-        v_cache[rows, :, self.positions] = v
+        if self._span is not None:  # the common case: a slice copy, no index tensors
+            start, end = self._span
+            k_cache[:, :, start:end] = k.transpose(1, 2)
+            v_cache[:, :, start:end] = v.transpose(1, 2)
+        else:
+            rows = torch.arange(q.shape[0], device=q.device)[:, None]
+            k_cache[rows, :, self.positions] = k  # advanced indices first: [B, T, Hkv, D]
+            v_cache[rows, :, self.positions] = v
         keys, values = k_cache[:, :, :self._length], v_cache[:, :, :self._length]
         y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=self._mask,
                                            is_causal=self._causal, scale=scale,
