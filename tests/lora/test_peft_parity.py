@@ -42,6 +42,7 @@ def test_llama_written_adapter_loads_in_peft(llama_dir, tmp_path, ids):
         rank_pattern={"gate_proj": 2}, alpha_pattern={"v_proj": 4}, use_rslora=True,
         init_lora_weights=False))
     lf.save_adapter(model, tmp_path / "ours")
+    assert lf.LoraConfig.from_peft(tmp_path / "ours").base_model_name_or_path == str(llama_dir)
     oracle = peft.PeftModel.from_pretrained(hf_model(llama_dir), tmp_path / "ours").eval()
     expected = logits(oracle, ids)
     assert not torch.allclose(expected, logits(hf_model(llama_dir), ids), atol=1e-3)

@@ -182,7 +182,14 @@ def _warn_if_differs(key: str, tensor: torch.Tensor, base: torch.Tensor | None) 
 # -- the user-facing pair ------------------------------------------------------------------------
 def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> Path:
     """Write adapter `adapter_name` of `model` as a PEFT folder (`PeftModel.from_pretrained` loads it)."""
+    import dataclasses
+
     config = adapter_config(model, adapter_name)
+    if config.base_model_name_or_path is None:  # as PEFT does, name the base when it is known
+        base = getattr(model, "name_or_path", None) or getattr(
+            getattr(model, "config", None), "_name_or_path", None)
+        if isinstance(base, str) and base:
+            config = dataclasses.replace(config, base_model_name_or_path=base)
     return write_adapter(path, config, adapter_state_dict(model, adapter_name, config.bias))
 
 
