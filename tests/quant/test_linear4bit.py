@@ -200,3 +200,20 @@ def test_memory_report_counts_stored_bytes(llama_dir):
     assert 4.12 < report.bits_per_quantized_param < 4.2  # small layers: a few fp32 scales more
     full = sum(p.numel() * p.element_size() for p in load_model(llama_dir).parameters())
     assert report.total_bytes < full
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1100, 256), (40, 100)])  # chunked rows / ragged rows
+def test_chunked_linear_matches_reference(dtype, shape, monkeypatch):
+    from lorafleet.quant import linear4bit
+
+    monkeypatch.setattr(linear4bit, "CHUNK_BYTES", 64 * 1024)  # force several chunks
+    torch.manual_seed(0)
+    nf4 = quantize_nf4(torch.randn(shape) * 0.05, 64)
+    x = torch.randn(2, 3, shape[1]).to(dtype)
+    bias = torch.randn(shape[0])
+    got = linear4bit.linear_nf4(x, nf4, bias)
+    expected = linear4bit.linear_nf4_reference(x, nf4, bias)
+    assert got.shape == expected.shape == (2, 3, shape[0]) and got.dtype == dtype
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, expected, **tol)

@@ -280,22 +280,25 @@ def _byte_pair_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return table.to(dtype).contiguous().view(torch.int64).reshape(-1).to(device)
 
 
-def dequantize_nf4(nf4: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Fast dequantization: one table gather per 2 (or 4) elements straight into `dtype`, then one
-    in-place multiply by the block scales in `dtype`.
+def decode_nf4(codes: torch.Tensor, scales: torch.Tensor, block_size: int, dtype: torch.dtype,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """The fast path: packed codes uint8 [k] (whole blocks) and block scales [2k / block_size]
+    (already in `dtype`) -> values [2k] in `dtype`. One table gather per 4 (16-bit dtypes) or 2
+    (fp32) elements straight into `dtype`, then one in-place multiply by the scales in `dtype`.
+    `out`: an optional int64 buffer of k / 2 (16-bit) or k (fp32) elements to write into."""
+    table = _byte_pair_table(dtype, codes.device)
+    index = codes.view(torch.uint16).int() if dtype.itemsize == 2 else codes.int()
+    values = torch.index_select(table, 0, index, out=out).view(dtype).view(-1, block_size)
+    values.mul_(scales.unsqueeze(1))
+    return values.view(-1)
 
-    For fp32 the result equals the reference bit for bit. For bf16/fp16 the codebook value and the
-    scale are each rounded to `dtype` before the product (no fp32 intermediate of the whole
-    matrix), so results may differ from the reference by an ulp of `dtype`.
-    """
+
+def dequantize_nf4(nf4: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dequantize with `decode_nf4`. For fp32 the result equals the reference bit for bit; for
+    bf16/fp16 the codebook value and the scale are each rounded to `dtype` before the product (no
+    fp32 copy of the whole matrix), so results may differ from the reference by an ulp."""
     dtype = dtype or nf4.dtype
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ConfigError(f"dequantize_nf4: dtype must be float32, bfloat16 or float16, got {dtype}")
-    table = _byte_pair_table(dtype, nf4.device)
-    if dtype.itemsize == 2:
-        index = nf4.codes.view(torch.uint16).int()  # codes has whole blocks, block_size % 4 == 0
-    else:
-        index = nf4.codes.int()
-    values = torch.index_select(table, 0, index).view(dtype).view(-1, nf4.block_size)
-    values.mul_(nf4.scales().to(dtype).unsqueeze(1))
-    return values.view(-1)[: nf4.numel].view(nf4.shape)
+    values = decode_nf4(nf4.codes, nf4.scales().to(dtype), nf4.block_size, dtype)
+    return values[: nf4.numel].view(nf4.shape)
