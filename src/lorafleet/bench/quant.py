@@ -1,0 +1,152 @@
+"""NF4 speed and size: ours vs bitsandbytes' CPU NF4 vs a plain bf16 linear, on the same matrices
+in one run, measured round-robin so every contender sees the same machine load.
+
+    lorafleet bench quant [--shapes 4096x4096,11008x4096] [--tokens 1,16] [--repeats 5]
+                          [--threads N] [--json out.json]
+
+For each weight [out, in] (random N(0, 0.02), bf16, block 64, double quantization on both sides):
+- quantize: bf16 weight -> NF4 (ours `quantize_nf4` / bnb `quantize_4bit(compress_statistics)`)
+- dequantize: NF4 -> bf16 matrix (ours `dequantize_nf4` / bnb `dequantize_4bit`)
+- linear: y = x W^T for x [tokens, in] in bf16: our `Linear4bit` (chunked decode + matmul); bnb
+  `Linear4bit` in training mode (dequantize, then F.linear) and in eval mode (bnb repacks the
+  weight for its fused AVX512-BF16 4-bit GEMM kernel, when the CPU has one); `nn.Linear` in bf16.
+Times are wall-clock milliseconds, best of --repeats (median in the JSON); ratio = other / ours
+(> 1: ours faster). Sizes are the bytes each format stores per parameter.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shapes", default="4096x4096,11008x4096",
+                        help="comma-separated OUTxIN weight shapes")
+    parser.add_argument("--tokens", default="1,16", help="comma-separated batch sizes (tokens)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--json", "--out", dest="json", type=Path, default=None,
+                        help="write the results here")
+
+
+def _time_round_robin(contenders: dict, repeats: int) -> dict[str, dict[str, float]]:
+    """Call each contender once per round (after one warm-up round); ms best and median."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for round_ in range(repeats + 1):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            if round_:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: {"best_ms": min(t), "median_ms": statistics.median(t)}
+            for name, t in times.items()}
+
+
+def _bnb_linear(weight, training: bool):
+    import bitsandbytes as bnb
+    import torch
+
+    out_features, in_features = weight.shape
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16,
+                              compress_statistics=True, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4",
+                                     blocksize=64, compress_statistics=True)
+    layer = layer.to("cpu")  # quantizes
+    return layer.train(training)
+
+
+def measure_shape(out_features: int, in_features: int, tokens: list[int], repeats: int) -> dict:
+    import bitsandbytes.functional as bnbF
+    import torch
+    from torch import nn
+
+    from lorafleet.quant import Linear4bit, dequantize_nf4, quantize_nf4
+
+    torch.manual_seed(0)
+    weight = (torch.randn(out_features, in_features) * 0.02).to(torch.bfloat16)
+    result: dict = {"shape": [out_features, in_features]}
+
+    nf4 = quantize_nf4(weight, 64, double_quant=True)
+    packed, state = bnbF.quantize_4bit(weight, blocksize=64, quant_type="nf4",
+                                       compress_statistics=True)
+    bnb_bytes = (packed.numel() + state.absmax.numel() + 4 * state.state2.absmax.numel() + 4)
+    result["bytes_per_param"] = {"ours": nf4.nbytes / weight.numel(),
+                                 "bnb": bnb_bytes / weight.numel(), "bf16": 2.0}
+    result["quantize"] = _time_round_robin({
+        "ours": lambda: quantize_nf4(weight, 64, double_quant=True),
+        "bnb": lambda: bnbF.quantize_4bit(weight, blocksize=64, quant_type="nf4",
+                                          compress_statistics=True),
+    }, repeats)
+    result["dequantize"] = _time_round_robin({
+        "ours": lambda: dequantize_nf4(nf4, torch.bfloat16),
+        "bnb": lambda: bnbF.dequantize_4bit(packed, state),
+    }, repeats)
+
+    ours = Linear4bit.from_module(nn.Linear(in_features, out_features, bias=False))
+    ours.set_weight(weight.float())
+    bf16 = nn.Linear(in_features, out_features, bias=False, dtype=torch.bfloat16)
+    with torch.no_grad():
+        bf16.weight.copy_(weight)
+        bnb_train, bnb_eval = _bnb_linear(weight, True), _bnb_linear(weight, False)
+        for t in tokens:
+            x = torch.randn(t, in_features, dtype=torch.bfloat16)
+            bnb_eval(x)  # first eval call repacks the weight for the fused kernel
+            result[f"linear_{t}"] = _time_round_robin({
+                "ours": lambda: ours(x), "bnb_dequant": lambda: bnb_train(x),
+                "bnb_fused": lambda: bnb_eval(x), "bf16": lambda: bf16(x),
+            }, repeats)
+            reference = bf16(x).float()
+            result[f"linear_{t}"]["rel_error_vs_bf16"] = {
+                name: ((fn(x).float() - reference).norm() / reference.norm()).item()
+                for name, fn in (("ours", ours), ("bnb_dequant", bnb_train),
+                                 ("bnb_fused", bnb_eval))}
+    return result
+
+
+def _rows(result: dict) -> list[tuple[str, str, float, str]]:
+    rows = []
+    for op, timings in result.items():
+        if op not in ("quantize", "dequantize") and not op.startswith("linear_"):
+            continue
+        ours = timings["ours"]["best_ms"]
+        for name, t in timings.items():
+            if isinstance(t, dict) and "best_ms" in t:
+                ratio = "" if name == "ours" else f"{t['best_ms'] / ours:.2f}x"
+                rows.append((op, name, t["best_ms"], ratio))
+    return rows
+
+
+def run(args) -> int:
+    import torch
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = [tuple(int(n) for n in s.lower().split("x")) for s in args.shapes.split(",")]
+    tokens = [int(t) for t in args.tokens.split(",")]
+    results = {"threads": torch.get_num_threads(), "repeats": args.repeats, "block_size": 64,
+               "double_quant": True, "shapes": []}
+    for out_features, in_features in shapes:
+        result = measure_shape(out_features, in_features, tokens, args.repeats)
+        results["shapes"].append(result)
+        print(f"\nW [{out_features} x {in_features}] bf16, NF4 block 64 + double quant; "
+              f"{results['threads']} threads; best of {args.repeats}")
+        size = result["bytes_per_param"]
+        print(f"stored bytes/param: ours {size['ours']:.4f} ({8 * size['ours']:.3f} bits), "
+              f"bnb {size['bnb']:.4f}, bf16 {size['bf16']:.1f}")
+        print(f"{'op':<14}{'impl':<13}{'ms':>10}{'other/ours':>12}")
+        for op, name, ms, ratio in _rows(result):
+            print(f"{op:<14}{name:<13}{ms:>10.2f}{ratio:>12}")
+        for t in tokens:
+            errors = result[f"linear_{t}"]["rel_error_vs_bf16"]
+            print(f"linear_{t} relative error vs bf16 weights: " +
+                  ", ".join(f"{k} {v:.4f}" for k, v in errors.items()))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+        print(f"\nwrote {args.json}")
+    return 0
