@@ -106,3 +106,26 @@ def test_serve_cli_bad_arguments(llama_dir, capsys):
     assert "--adapter expects NAME=DIR" in capsys.readouterr().err
     assert cli_main(["serve", "--model", str(llama_dir), "--api-keys", "/nonexistent.json"]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_serve_quantized_nf4_matches_generate(llama_dir, capsys):
+    from conftest import ServerThread
+
+    from lorafleet.cli import build_parser
+    from lorafleet.cli.serve import build
+    args = build_parser().parse_args(["serve", "--model", str(llama_dir), "--quantize", "nf4",
+                                      "--served-model-name", "q", "--num-pages", "1024"])
+    engine, _, app, _ = build(args)
+    from lorafleet.quant import Linear4bit
+    assert any(isinstance(m, Linear4bit) for m in engine.model.modules())
+    server = ServerThread(app).start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0,
+                               timeout=60)
+        out = client.completions.create(model="q", prompt="the quick", max_tokens=8,
+                                        temperature=0)
+    finally:
+        server.stop()
+    ref = lorafleet_generate(capsys, "--model", llama_dir, "--quantize", "nf4", "--prompt",
+                             "the quick", "--max-tokens", 8)
+    assert out.choices[0].text == ref["text"]

@@ -128,3 +128,20 @@ def test_metrics_exposed(client, http):
                  "lorafleet_adapter_cache_evictions_total"):
         assert f"\n{name} " in body, name
     assert http.get("/health").json() == {"status": "ok"}
+
+
+def test_echo_and_streamed_n_choices(client):
+    plain = client.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=4,
+                                      temperature=0).choices[0].text
+    echoed = client.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=4,
+                                       temperature=0, echo=True).choices[0].text
+    assert echoed == PROMPTS[0] + plain
+    texts = {0: "", 1: ""}
+    finished = set()
+    for chunk in client.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=4,
+                                           temperature=0, n=2, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert texts == {0: plain, 1: plain} and finished == {0, 1}

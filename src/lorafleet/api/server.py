@@ -85,6 +85,7 @@ class ServerState:
     metrics: ServerMetrics
     outstanding: int = 0
     in_use: dict[str | None, set[str]] = field(default_factory=dict)
+    unloading: set[str] = field(default_factory=set)
     draining: bool = False
 
 
@@ -126,7 +127,7 @@ def resolve_model(state: ServerState, grant: Grant, model: str) -> str | None:
     """The adapter a `model` field names (None for the base); 404 unknown, 403 not granted."""
     if model == state.config.model_name:
         return None
-    if model not in state.engine.adapters():
+    if model not in state.engine.adapters() or model in state.unloading:
         raise ApiError(404, f"model {model!r} does not exist: use {state.config.model_name!r} "
                             f"or an adapter listed by GET /v1/models", param="model",
                        code="model_not_found")
@@ -253,11 +254,16 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig | None = None) 
             raise ApiError(409, f"adapter {name!r} is in use by {len(users)} request(s): "
                                 f"{', '.join(users[:10])}; retry when they finish",
                            param="lora_name", code="adapter_in_use")
+        # From here new requests see the adapter as gone, so none can slip in while the
+        # engine unregisters it in a worker thread.
+        state.unloading.add(name)
         try:
             await asyncio.to_thread(engine.unregister_adapter, name)
         except EngineError as exc:
             raise ApiError(409, f"adapter {name!r} cannot be unloaded: {exc}",
                            param="lora_name", code="adapter_in_use") from exc
+        finally:
+            state.unloading.discard(name)
         log.info("unloaded adapter %s", name)
         return {"status": "ok", "lora_name": name}
 
