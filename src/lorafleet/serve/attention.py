@@ -16,7 +16,6 @@ Plain torch indexing, so the same code runs on CPU and CUDA.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from lorafleet.models.layers import causal_attention
 
@@ -87,7 +86,22 @@ class PagedAttention:
         B, max_len = self.read_row.shape
         keys = self.kv[self.read_page[k_plane], self.read_row].view(B, max_len, n_kv, head_dim)
         values = self.kv[self.read_page[v_plane], self.read_row].view(B, max_len, n_kv, head_dim)
-        y = F.scaled_dot_product_attention(
-            q[0][:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=self.mask, scale=scale, enable_gqa=q.shape[2] != n_kv)  # [B, nh, 1, hd]
-        return y.transpose(1, 2).reshape(1, B, q.shape[2], head_dim)
+        return decode_attention(q[0], keys, values, self.mask, scale)[None]
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per sequence against its padded keys. q [B, nh, hd], keys/values
+    [B, L, nkv, hd], mask [B, 1, 1, L] (True = attend) -> [B, nh, hd].
+
+    Written as two small batched matmuls with the query heads grouped by their KV head (GQA
+    without copying K/V): on CPU this is several times faster than SDPA's masked kernel at
+    decode shapes."""
+    B, n_heads, head_dim = q.shape
+    n_kv = keys.shape[2]
+    grouped = q.view(B, n_kv, n_heads // n_kv, head_dim)               # [B, nkv, rep, hd]
+    scores = torch.matmul(grouped, keys.permute(0, 2, 3, 1)).float() * scale   # [B, nkv, rep, L]
+    scores.masked_fill_(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1).to(values.dtype)
+    out = torch.matmul(probs, values.transpose(1, 2))                 # [B, nkv, rep, hd]
+    return out.reshape(B, n_heads, head_dim)

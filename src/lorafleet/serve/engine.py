@@ -70,6 +70,16 @@ class EngineConfig:
 
 
 @dataclass
+class StepRecord:
+    is_prefill: bool
+    num_seqs: int
+    num_tokens: int          # tokens run through the model
+    context_tokens: int      # KV tokens attended to (sum of sequence lengths)
+    adapters: list[str]      # distinct adapters in the batch
+    seconds: float           # forward + sampling + postprocessing
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     new_token_ids: list[int]
@@ -123,6 +133,8 @@ class Engine:
         self.lock = threading.RLock()
         self._pending: list[RequestOutput] = []
         self.num_steps = self.num_generated = 0
+        # Set to a list to record one StepRecord per forward pass (benchmarks).
+        self.step_log: list[StepRecord] | None = None
 
     # ---- adapters ----------------------------------------------------------------------------
 
@@ -224,6 +236,7 @@ class Engine:
                 seq.error = "first-token deadline exceeded while queued"
                 outputs.append(self._final(seq))
             if batch.seqs:
+                started = time.perf_counter()
                 seqs, logits = self.runner.run(batch.seqs, batch.is_prefill, self.kv)
                 tokens = self._sample(seqs, logits)
                 logprobs = None
@@ -232,6 +245,13 @@ class Engine:
                 for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
                     outputs.append(self._postprocess(seq, token, logprobs and logprobs[i]))
                 self.num_steps += 1
+                if self.step_log is not None:
+                    self.step_log.append(StepRecord(
+                        batch.is_prefill, len(seqs),
+                        sum(s.num_tokens for s in seqs) if batch.is_prefill else len(seqs),
+                        sum(s.num_tokens for s in seqs), sorted({s.adapter for s in seqs
+                                                                  if s.adapter}),
+                        time.perf_counter() - started))
             return outputs
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
