@@ -51,13 +51,14 @@ def test_v4_config_keys(tmp_path):
     assert config.num_key_value_heads == 2 and config.head_dim == 4
 
 
-def test_bf16_close_to_fp32(checkpoints):
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_close_to_fp32(checkpoints, dtype):
     path, _ = checkpoints("llama_gqa")
     ids = torch.randint(0, 384, (1, 16))
     with torch.no_grad():
         full = load_model(path)(ids)
-        half = load_model(path, dtype="bf16")(ids)
-    assert half.dtype == torch.bfloat16
+        half = load_model(path, dtype=dtype)(ids)
+    assert half.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     torch.testing.assert_close(half.float(), full, atol=0.1, rtol=0.05)
 
 

@@ -1,5 +1,7 @@
 """Sampling math against transformers' logits warpers, row by row."""
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
@@ -50,3 +52,22 @@ def test_token_logprobs():
     tokens = torch.tensor([1, 5, 9])
     expected = torch.log_softmax(logits, -1)[torch.arange(3), tokens]
     torch.testing.assert_close(token_logprobs(logits, tokens), expected)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 4), vocab=st.integers(2, 40), data=st.data())
+def test_top_k_top_p_property_vs_transformers(rows, vocab, data):
+    logits = torch.tensor(data.draw(st.lists(
+        st.lists(st.floats(-5, 5, width=32), min_size=vocab, max_size=vocab),
+        min_size=rows, max_size=rows)))
+    ks = data.draw(st.lists(st.integers(0, vocab + 2), min_size=rows, max_size=rows))
+    ps = data.draw(st.lists(st.floats(0.05, 1.0), min_size=rows, max_size=rows))
+    ours = top_p_filter(top_k_filter(logits, torch.tensor(ks)), torch.tensor(ps))
+    for row in range(rows):
+        x = logits[row:row + 1]
+        if 0 < ks[row] < vocab:
+            x = TopKLogitsWarper(ks[row])(None, x)
+        if ps[row] < 1:
+            x = TopPLogitsWarper(ps[row])(None, x)
+        assert torch.equal(ours[row:row + 1].isinf(), x.isinf())
+        assert not ours[row].isinf().all()

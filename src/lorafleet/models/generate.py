@@ -57,7 +57,8 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, cache: KVCache, lora: Any
     positions = torch.arange(T, device=input_ids.device).expand(B, T)
     cache.begin(positions)
     batch = ForwardBatch(positions=positions, attention=cache, lora=lora)
-    return model(input_ids, batch, logits_indices=torch.tensor([T - 1]))[:, -1]
+    last = torch.tensor([T - 1], device=input_ids.device)
+    return model(input_ids, batch, logits_indices=last)[:, -1]
 
 
 def decode_one_token(model: nn.Module, token: torch.Tensor, position: int, cache: KVCache,
