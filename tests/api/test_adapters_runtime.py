@@ -151,3 +151,20 @@ def test_full_queue_is_429(llama_dir, tokenizer, adapter_root):
         assert wait_until(admitted)
     finally:
         server.stop()
+
+
+def test_non_streaming_client_disconnect_aborts(server, http):
+    def aborted():
+        for line in http.get("/metrics").text.splitlines():
+            if line.startswith('lorafleet_aborted_requests_total{adapter="beta"}'):
+                return float(line.split()[-1])
+        return 0.0
+    before = aborted()
+    body = {"model": "beta", "prompt": "the quick", "max_tokens": 64, "n": 32,
+            "ignore_eos": True}
+    started = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(5.0, read=0.05),
+                   headers={"Authorization": "Bearer sk-admin"})
+    assert wait_until(lambda: aborted() == before + 1), time.monotonic() - started
+    assert wait_until(lambda: pool_idle(server.engine.stats())), server.engine.stats()

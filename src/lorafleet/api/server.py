@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class ServerConfig:
     """model_name: the id clients use for the bare base model.
-    max_model_len: prompt + generated tokens per sequence (the model's context).
+    max_model_len: prompt + generated tokens per sequence (default: the engine's).
     max_tokens_limit: the largest `max_tokens` a request may ask for (default: max_model_len).
     max_queue: sequences accepted and not yet finished (waiting + running); beyond it -> 429.
     adapter_dir: the only folder `/v1/load_lora_adapter` may load from (None: loading disabled).
@@ -43,7 +43,7 @@ class ServerConfig:
     """
 
     model_name: str = "base"
-    max_model_len: int = 2048
+    max_model_len: int | None = None
     max_tokens_limit: int | None = None
     max_queue: int = 256
     adapter_dir: str | Path | None = None
@@ -51,12 +51,20 @@ class ServerConfig:
     vocab_size: int | None = None
 
     def __post_init__(self):
-        if self.max_model_len < 2:
+        if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"ServerConfig.max_model_len must be >= 2, got {self.max_model_len}")
         if self.max_queue < 1:
             raise ValueError(f"ServerConfig.max_queue must be >= 1, got {self.max_queue}")
+
+    def fill_from(self, engine: Any) -> None:
+        """Take the limits the caller left open from the engine and its model."""
+        if self.max_model_len is None:
+            self.max_model_len = getattr(engine, "max_model_len", None) or 2048
         if self.max_tokens_limit is None:
             self.max_tokens_limit = self.max_model_len
+        if self.vocab_size is None:
+            model_config = getattr(getattr(engine, "model", None), "config", None)
+            self.vocab_size = getattr(model_config, "vocab_size", None)
 
 
 class ApiError(Exception):
@@ -146,6 +154,7 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig | None = None) 
     else:
         from lorafleet.serve import AsyncEngine
         async_engine = AsyncEngine(engine)
+    config.fill_from(engine)
     metrics = ServerMetrics(engine.stats)
     state = ServerState(engine, async_engine, tokenizer, config, metrics)
 
