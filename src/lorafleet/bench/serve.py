@@ -233,7 +233,8 @@ def run_merge_swap(model_dir, dtype, requests, num_adapters, args, roofline) -> 
     wrapped = [dict(r) for r in requests]
     for r in wrapped:
         r["adapter"] = r["adapter_index"]
-    result = drive(_BaseOnly(engine), wrapped, [], before_admit=before_admit)
+    result = drive(_BaseOnly(engine), wrapped, list(range(num_adapters)),
+                   before_admit=before_admit)
     result["swaps"] = state["swaps"]
     return result
 
@@ -265,7 +266,7 @@ def run_peft(model_dir, dtype, requests, args) -> dict:
     ranks = [int(r) for r in args.ranks.split(",")]
     peft_model = None
     for i in range(args.peft_adapters):
-        config, tensors = make_adapter(i, model.config_class and _cfg(model), ranks, args.seed)
+        config, tensors = make_adapter(i, _cfg(model), ranks, args.seed)
         lora_config = LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"],
                                  target_modules=config["target_modules"])
         if peft_model is None:
@@ -373,6 +374,9 @@ def run(args) -> int:
         for n in counts:
             record("lorafleet", n, run_lorafleet(model_dir, dtype, requests_for(n), n, args,
                                                  roofline))
+        # Base-only again at the end: the spread of the two shows the machine's noise.
+        record("base-only", 0, run_lorafleet(model_dir, dtype, base_requests, 0, args,
+                                             roofline))
         if not args.no_merge_swap:
             n = min(10, max(counts))
             record("merge-swap", n, run_merge_swap(model_dir, dtype, requests_for(n), n, args,
