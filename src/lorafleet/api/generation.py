@@ -212,7 +212,6 @@ async def _stream_completion(state: ServerState, job: Job, body: CompletionReque
             yield _sse(CompletionChunk(id=job.id, model=body.model, choices=[],
                                        usage=job.usage()))
     except EngineError as exc:
-        job.status = "error"
         yield _sse(error_body(str(exc), "invalid_request_error", code="engine_rejected"))
     yield "data: [DONE]\n\n"
 
@@ -238,6 +237,5 @@ async def _stream_chat(state: ServerState, job: Job,
         if _include_usage(body):
             yield chunk([], usage=job.usage())
     except EngineError as exc:
-        job.status = "error"
         yield _sse(error_body(str(exc), "invalid_request_error", code="engine_rejected"))
     yield "data: [DONE]\n\n"

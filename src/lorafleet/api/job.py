@@ -133,11 +133,13 @@ class Job:
             while len(finished) < len(self.tasks):
                 index, out, exc = await queue.get()
                 if exc is not None:
+                    self.status = "error"
                     raise exc
                 if out is None:
                     finished.add(index)
                     continue
                 if getattr(out, "error", None):
+                    self.status = "error"
                     raise RequestError(str(out.error))
                 self._record(index, out)
                 yield index, out
@@ -180,8 +182,6 @@ class Job:
             async for _ in self.events():
                 pass
         except RequestError as exc:
-            self.status = "error"
             raise ApiError(400, str(exc), code="engine_rejected") from exc
         except EngineError as exc:  # the engine is stopping: the request was not served
-            self.status = "error"
             raise ApiError(503, str(exc), type_="server_error", code="engine_unavailable") from exc

@@ -173,8 +173,7 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig | None = None) 
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        if exc.status in (400, 404, 429):
-            state.metrics.rejected.labels(reason=str(exc.code or exc.status)).inc()
+        state.metrics.rejected.labels(reason=str(exc.code or exc.status)).inc()
         return exc.response()
 
     @app.exception_handler(404)
