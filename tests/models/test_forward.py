@@ -35,8 +35,8 @@ def test_llama3_rope_scaling_is_read_and_matters(checkpoints):
     model = load_model(path)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     ids = torch.arange(64)[None] % ref.config.vocab_size
-    model.model.rotary.scaling = None  # without the scaling the oracle disagrees
-    model.model.rotary._inv_freq.clear()
+    model.model.rotary_emb.scaling = None  # without the scaling the oracle disagrees
+    model.model.rotary_emb._inv_freq.clear()
     with torch.no_grad():
         assert (model(ids) - ref(ids).logits).abs().max() > 1e-3
 

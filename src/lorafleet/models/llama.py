@@ -77,7 +77,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.rotary_emb = Rotary(config.head_dim, config.rope_theta, config.rope_scaling)
 
 
 class Llama(nn.Module):
@@ -102,7 +102,7 @@ class Llama(nn.Module):
         are computed (generation and serving only need each sequence's last token)."""
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch = default_batch(x, batch)
-        cos, sin = self.model.rotary(batch.positions, x.dtype)
+        cos, sin = self.model.rotary_emb(batch.positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, batch)
         if logits_indices is not None:
