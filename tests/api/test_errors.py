@@ -103,3 +103,16 @@ def test_keys(server):
     assert resp.status_code == 403 and error_of(resp)["code"] == "not_admin"
     # /health and /metrics stay open for probes and scrapers
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+
+
+def test_chat_content_parts(client, http):
+    parts = [{"type": "text", "text": "food : "}, {"type": "text", "text": "french"}]
+    as_parts = client.chat.completions.create(model="base", max_tokens=4, temperature=0,
+                                              messages=[{"role": "user", "content": parts}])
+    as_text = client.chat.completions.create(model="base", max_tokens=4, temperature=0,
+                                             messages=[{"role": "user",
+                                                        "content": "food : french"}])
+    assert as_parts.choices[0].message.content == as_text.choices[0].message.content
+    resp = http.post("/v1/chat/completions", json={"model": "base", "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
+    assert resp.status_code == 400 and "only text content parts" in error_of(resp)["message"]
