@@ -49,6 +49,7 @@ ADAPTER_AFTER = ("self_attn.o_proj", "attn.c_proj", "mlp.down_proj", "mlp.c_proj
 KEY_VALUE = ("self_attn.k_proj", "self_attn.v_proj", "attn.c_attn")
 EMBEDDINGS = ("embed_tokens", "wte")
 PLACEHOLDER_TOKEN = 0  # any valid id: the wrapped modules overwrite what it produces
+PREFIX_INIT_STD = 0.02  # the usual transformer init scale (GPT-2's initializer_range)
 
 
 @dataclass
@@ -214,7 +215,7 @@ def apply_prefix(model: nn.Module, cfg: MethodConfig, state: dict) -> nn.Module:
         out = linear_out_features(base)
         # GPT-2's fused c_attn outputs [q | k | v]: only the k and v columns are prefixes.
         start, width = (out // 3, 2 * out // 3) if name.endswith("c_attn") else (0, out)
-        init = torch.randn(cfg.virtual_tokens, width, **factory) * 0.02
+        init = torch.randn(cfg.virtual_tokens, width, **factory) * PREFIX_INIT_STD
         set_submodule(model, name, VirtualTokenOutput(base, init, start))
     return VirtualTokenModel(model, cfg.virtual_tokens)
 

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 RUN_FILES = ("train_config.json", "log.jsonl", CHECKPOINT_DIR, "adapter", "tensorboard")
 SCHEDULES = ("cosine", "linear", "constant")
+MAX_LOG_PERPLEXITY = 50.0
 
 
 @dataclass
@@ -129,6 +130,11 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy. logits: [B, T, V], labels: [B, T] (-100 = no loss)."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def perplexity(loss: float) -> float:
+    # exp(loss), capped: a diverged run's loss of 1000 would overflow a float.
+    return math.exp(min(loss, MAX_LOG_PERPLEXITY))
 
 
 def count_targets(examples) -> int:
@@ -357,7 +363,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
             if val_set and cfg.eval_every and step % cfg.eval_every == 0:
                 eval_loss = evaluate(trained, val_set, cfg, pad_id, device)
                 eval_event = {"type": "eval", "step": step, "eval_loss": eval_loss,
-                              "perplexity": math.exp(min(eval_loss, 50.0))}
+                              "perplexity": perplexity(eval_loss)}
                 log.write(eval_event)
                 history.append(eval_event)
                 if callback:
@@ -378,7 +384,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
         if val_set and (not cfg.eval_every or step % cfg.eval_every):
             eval_loss = evaluate(trained, val_set, cfg, pad_id, device)
             log.write({"type": "eval", "step": step, "eval_loss": eval_loss,
-                       "perplexity": math.exp(min(eval_loss, 50.0))})
+                       "perplexity": perplexity(eval_loss)})
         if dist.is_main():
             artifact = out / "adapter"
             save_trained(trained, cfg.method_config(), method_state, artifact)
