@@ -99,7 +99,8 @@ def test_bad_adapter_files_are_reported_and_server_keeps_serving(client, http, a
 
 def test_unload_while_in_use_is_409_naming_the_request(client, http):
     stream = client.completions.create(model="beta", prompt="the quick", max_tokens=64,
-                                       temperature=0, stream=True)
+                                       temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
     first = next(iter(stream))
     resp = http.post("/v1/unload_lora_adapter", json={"lora_name": "beta"})
     assert resp.status_code == 409, resp.text
@@ -119,7 +120,7 @@ def test_client_disconnect_aborts_and_frees_pages(server, http):
                       headers={"Authorization": "Bearer sk-admin"}) as c:
         with c.stream("POST", "/v1/completions", json={
                 "model": "alpha", "prompt": "the quick brown", "max_tokens": 64,
-                "stream": True}) as resp:
+                "ignore_eos": True, "stream": True}) as resp:
             lines = resp.iter_lines()
             next(lines), next(lines)
     assert wait_until(lambda: aborted() == before + 1)
@@ -135,7 +136,7 @@ def test_full_queue_is_429(llama_dir, tokenizer, adapter_root):
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0,
                                timeout=30)
         holding = client.completions.create(model="base", prompt="hi", max_tokens=100,
-                                            n=2, stream=True)
+                                            n=2, stream=True, extra_body={"ignore_eos": True})
         next(iter(holding))
         with pytest.raises(openai.RateLimitError) as info:
             client.completions.create(model="base", prompt="hi", max_tokens=1)
