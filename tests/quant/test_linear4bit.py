@@ -146,6 +146,7 @@ def test_quantize_model_skips_head_and_embeddings_unless_asked(llama_dir):
         quantize_model(nn.Sequential(nn.ReLU()))
 
 
+@pytest.mark.slow
 def test_quantized_llama_equals_bnb_oracle_and_stays_close(llama_dir):
     ids = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

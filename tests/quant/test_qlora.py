@@ -66,12 +66,14 @@ def test_lora_wraps_the_4bit_base_and_only_a_b_train(llama_dir):
     assert all(b.codes.grad is None for b in bases)
 
 
+@pytest.mark.slow
 def test_qlora_training_lowers_the_loss(trained):
     _, losses = trained
     print(f"\nQLoRA loss: {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert losses[-1] < losses[0] - 0.5
 
 
+@pytest.mark.slow
 def test_adapter_loads_into_peft_over_the_same_nf4_base(trained, llama_dir, tmp_path):
     import peft
 
