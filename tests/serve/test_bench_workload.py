@@ -1,0 +1,28 @@
+"""The benchmark's workload generator and in-memory adapters (the timed runs are programs, not
+tests: `lorafleet bench serve`)."""
+from collections import Counter
+
+from lorafleet.bench.serve import make_adapter, make_requests
+from lorafleet.models import ModelConfig
+
+
+def test_requests_follow_the_s_lora_workload():
+    reqs = make_requests(400, rate=10.0, num_adapters=50, alpha=1.0, input_len=(8, 64),
+                         output_len=(8, 32), vocab=1000, seed=0)
+    assert reqs == make_requests(400, 10.0, 50, 1.0, (8, 64), (8, 32), 1000, 0)
+    arrivals = [r["arrival"] for r in reqs]
+    assert arrivals == sorted(arrivals) and 25 < arrivals[-1] < 60      # ~ 400 / 10 s
+    assert all(8 <= len(r["prompt"]) <= 64 and 8 <= r["output_len"] <= 32 for r in reqs)
+    popularity = Counter(r["adapter"] for r in reqs)
+    assert popularity[0] > popularity[10] > 0 and popularity[0] > 400 / 50 * 3  # power law
+
+
+def test_in_memory_adapters_fit_the_engine_format():
+    config = ModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    peft_config, tensors = make_adapter(1, config, [8, 16], seed=0)
+    assert peft_config["target_modules"] == ["q_proj", "v_proj"] and peft_config["r"] == 16
+    key = "base_model.model.model.layers.1.self_attn.v_proj"
+    assert tensors[f"{key}.lora_A.weight"].shape == (16, 64)
+    assert tensors[f"{key}.lora_B.weight"].shape == (32, 16)
+    assert make_adapter(0, config, [8, 16], 0)[0]["target_modules"][-1] == "o_proj"
