@@ -70,10 +70,18 @@ def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
 
 
 def _round_to_codebook(scaled: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest codebook value for each element of `scaled` (values in [-1, 1]).
-    A value exactly on a midpoint goes to the lower code, as torch.bucketize does in bnb."""
+    """Index (uint8) of the nearest codebook value for each element of `scaled` (in [-1, 1]).
+    A value exactly on a midpoint goes to the lower code, as torch.bucketize does in bnb.
+
+    For the 16 NF4 values, counting the midpoints below each value (15 vectorized comparisons)
+    is ~5x faster on CPU than bucketize's per-element binary search; same result."""
     midpoints = (codebook[:-1] + codebook[1:]) / 2
-    return torch.bucketize(scaled, midpoints)
+    if midpoints.numel() > 15:
+        return torch.bucketize(scaled, midpoints).to(torch.uint8)
+    index = torch.zeros(scaled.shape, dtype=torch.uint8, device=scaled.device)
+    for midpoint in midpoints.tolist():
+        index += scaled > midpoint
+    return index
 
 
 def _check_block_size(block_size: int, field: str = "block_size") -> None:
@@ -102,7 +110,7 @@ def quantize_blockwise(values: torch.Tensor, codebook: torch.Tensor, block_size:
     if absmax is None:
         absmax = blocks.abs().amax(dim=1)
     scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=_TINY_ABSMAX)).unsqueeze(1), -1, 1)
-    return _round_to_codebook(scaled, codebook.to(values.device)).to(torch.uint8), absmax
+    return _round_to_codebook(scaled, codebook.to(values.device)), absmax
 
 
 def pack_nibbles(indices: torch.Tensor) -> torch.Tensor:
@@ -191,10 +199,13 @@ def _checked(weight: torch.Tensor, what: str) -> torch.Tensor:
         raise ConfigError(f"{what}: weight must be a floating-point tensor, got {weight.dtype}")
     if weight.numel() == 0:
         raise ConfigError(f"{what}: weight is empty (shape {tuple(weight.shape)})")
-    weight = weight.detach()
-    if not torch.isfinite(weight).all():
+    return weight.detach()
+
+
+def _check_finite(absmax: torch.Tensor, what: str) -> None:
+    # A block's absmax is inf/NaN exactly when the block holds one: one check on the small array.
+    if not torch.isfinite(absmax).all():
         raise ConfigError(f"{what}: weight holds inf or NaN values; NF4 cannot store them")
-    return weight
 
 
 def _with_scales(nf4: NF4Tensor, absmax: torch.Tensor, double_quant: bool) -> NF4Tensor:
@@ -220,6 +231,7 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = 64, double_quant: bool 
     with torch.no_grad():
         weight = _checked(weight, "quantize_nf4")
         indices, absmax = quantize_blockwise(weight, nf4_codebook(weight.device), block_size)
+        _check_finite(absmax, "quantize_nf4")
         nf4 = NF4Tensor(codes=pack_nibbles(indices), shape=weight.shape, dtype=weight.dtype,
                         block_size=block_size)
         return _with_scales(nf4, absmax, double_quant)
@@ -239,6 +251,7 @@ def requantize_nf4(nf4: NF4Tensor, weight: torch.Tensor) -> NF4Tensor:
         weight = _checked(weight, "requantize_nf4")
         scales = nf4.scales()
         new_absmax = _blocks(weight.reshape(-1).float(), nf4.block_size).abs().amax(dim=1)
+        _check_finite(new_absmax, "requantize_nf4")
         grown = new_absmax > scales
         result = NF4Tensor(codes=nf4.codes, shape=nf4.shape, dtype=nf4.dtype,
                            block_size=nf4.block_size)
