@@ -113,3 +113,30 @@ def test_merge_into_4bit_base_requantizes_with_warning(llama_dir, caplog):
     # error (~0.1 of the logits, test_linear4bit) is added on top.
     assert 0 < rel(merged, unmerged) < 1.5 * rel(unmerged, base)
     assert rel(merged, base) > 0  # some codes did move
+
+
+def test_gpt2_qlora_adapter_loads_into_peft_over_bnb_nf4(gpt2_dir, tmp_path):
+    """GPT-2's Conv1D layers become [out, in] Linear4bit; the adapter's A/B are the same tensors
+    PEFT keeps with fan_in_fan_out, so PEFT over the bnb-NF4 base gives our outputs."""
+    import bitsandbytes.functional as bnbF
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    model = quantize_model(load_model(gpt2_dir), double_quant=False)
+    torch.manual_seed(0)
+    lf.inject_lora(model, lf.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                        fan_in_fan_out=True, init_lora_weights=False))
+    lf.save_adapter(model, tmp_path / "qlora")
+    base = AutoModelForCausalLM.from_pretrained(gpt2_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for module in base.modules():
+            if type(module).__name__ == "Conv1D":  # weight [in, out]: quantize as [out, in]
+                packed, state = bnbF.quantize_4bit(module.weight.t().contiguous(), blocksize=64,
+                                                   quant_type="nf4")
+                module.weight.copy_(bnbF.dequantize_4bit(packed, state).t())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        oracle = peft.PeftModel.from_pretrained(base, tmp_path / "qlora").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(IDS[:, :12]), oracle(input_ids=IDS[:, :12]).logits,
+                                   rtol=0, atol=1e-5)
