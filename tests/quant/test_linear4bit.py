@@ -66,6 +66,16 @@ def test_state_dict_round_trip_through_meta_and_assign():
     assert torch.equal(empty(x), layer(x))
 
 
+def test_to_empty_from_meta_then_set_weight():
+    with torch.device("meta"):
+        layer = Linear4bit(64, 32, bias=False)
+    layer.to_empty(device="cpu")
+    assert layer.codes.device.type == "cpu" and layer.absmax_scale.dtype == torch.float32
+    weight = torch.randn(32, 64)
+    layer.set_weight(weight)
+    assert torch.equal(layer.weight, quantize_nf4(weight, 64).dequantize(torch.float32))
+
+
 def test_loading_a_float_weight_quantizes_it():
     torch.manual_seed(0)
     linear = nn.Linear(64, 32)

@@ -192,7 +192,9 @@ class Linear4bit(nn.Module):
         probe = fn(torch.empty(0, dtype=self.dtype, device=storage["codes"].device))
         self.dtype = probe.dtype
         for name, tensor in storage.items():
-            self._buffers[name] = tensor.to(probe.device)
+            # meta storage (model.to_empty) can only be re-created, not copied
+            moved = fn(tensor).to(tensor.dtype) if tensor.is_meta else tensor.to(probe.device)
+            self._buffers[name] = moved
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
