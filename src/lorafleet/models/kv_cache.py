@@ -30,7 +30,8 @@ class KVCache:
     @classmethod
     def for_model(cls, model: nn.Module, batch_size: int, max_len: int) -> "KVCache":
         config = model.config
-        param = next(model.parameters())
+        # the first floating-point parameter: a 4-bit model also holds uint8 storage
+        param = next(p for p in model.parameters() if p.is_floating_point())
         return cls(config.num_hidden_layers, batch_size, max_len, config.num_key_value_heads,
                    config.head_dim, param.dtype, param.device)
 
