@@ -1,9 +1,10 @@
-"""A frozen 4-bit linear layer (QLoRA's base) and the module swap that puts it in a model.
+"""A frozen 4-bit linear layer (QLoRA's base), and a 4-bit embedding table.
 
 `Linear4bit` keeps only the NF4 storage (codes + scales, as buffers so they follow `.to(device)`
-and land in `state_dict()`); every forward dequantizes straight to the input's dtype and runs one
-matmul. Nothing dequantized is cached or saved for backward (memory is the point): the backward
-dequantizes again, as bitsandbytes' `MatMul4Bit` does.
+and land in `state_dict()`); every forward decodes the weight chunk by chunk straight into the
+input's dtype and multiplies (`linear_nf4`). Nothing dequantized is cached or saved for
+backward (memory is the point): the backward dequantizes again, as bitsandbytes' `MatMul4Bit`
+does.
 """
 from __future__ import annotations
 

@@ -35,7 +35,8 @@ NF4_CODEBOOK = (
 )
 # QLoRA sec. 3: the second-level quantization uses blocks of 256 first-level scales.
 DOUBLE_QUANT_BLOCK = 256
-# bitsandbytes clamps an all-zero block's absmax to this before dividing (its stored absmax stays 0).
+# bitsandbytes clamps an all-zero block's absmax to this before dividing (the stored absmax
+# stays 0).
 _TINY_ABSMAX = 1e-38
 
 
@@ -318,7 +319,8 @@ def dequantize_nf4(nf4: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Te
     results may differ from the reference by an ulp."""
     dtype = dtype or nf4.dtype
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ConfigError(f"dequantize_nf4: dtype must be float32, bfloat16 or float16, got {dtype}")
+        raise ConfigError(f"dequantize_nf4: dtype must be float32, bfloat16 or float16, "
+                          f"got {dtype}")
     block = nf4.block_size
     scales = nf4.scales().to(dtype)
     out = torch.empty(scales.numel() * block, dtype=dtype, device=nf4.device)
