@@ -35,6 +35,9 @@ PAPER_ROWS = [
     ("QLoRA all-linear r=8 (NF4 base)", {"method": "qlora", "targets": "all-linear", "r": 8,
                                          "alpha": 16, "lr": 3e-3}),
 ]
+# LoRA paper sec. 7.2 compares two random seeds of the same configuration.
+SEED_ROW = ("LoRA q,v r=8 (seed 1)", {"method": "lora", "targets": "q,v", "r": 8, "alpha": 16,
+                                      "lr": 3e-3, "seed": 1})
 # LoRA paper Table 5: a fixed budget; one matrix at r=8, two at r=4, four at r=2.
 MATRIX_ROWS = [
     (f"W{t} r={r}", {"method": "lora", "targets": targets, "r": r, "alpha": 2 * r, "lr": 3e-3})
@@ -56,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="write all results as JSON")
     parser.add_argument("--paper", type=Path, default=None, help="write the markdown tables here "
                         "(e.g. docs/paper.md)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep data and every run's artifact here (default: a temp folder)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
 
 
@@ -92,9 +97,10 @@ def run_one(spec: dict) -> dict:
     work = Path(spec["work"])
     train_file = work / "e2e.train.jsonl"
     test = make_split("e2e", "test", spec["n_test"], seed=0)
-    tcfg = TrainConfig(model=spec["base"], data=str(train_file), out=str(work / "run"),
+    tcfg = TrainConfig(model=spec["base"], data=str(train_file), out=spec["out"],
                        steps=spec["steps"], batch_size=spec["batch_size"], warmup=10, bf16=True,
-                       max_len=128, seed=0, overwrite=True, device="cpu", **spec["overrides"])
+                       max_len=128, overwrite=True, device="cpu",
+                       **{"seed": 0, **spec["overrides"]})
     t0 = time.perf_counter()
     result = train(tcfg)
     train_s = time.perf_counter() - t0
@@ -116,7 +122,8 @@ def run_one(spec: dict) -> dict:
 
 def run_child(label: str, overrides: dict, common: dict) -> dict:
     """Run one row in a child process; returns its results plus its peak RSS."""
-    spec = {**common, "overrides": overrides}
+    slug = "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
+    spec = {**common, "overrides": overrides, "out": str(Path(common["work"]) / "runs" / slug)}
     out_file = Path(common["work"]) / "result.json"
     out_file.unlink(missing_ok=True)
     err_file = Path(common["work"]) / "stderr.txt"
@@ -130,7 +137,8 @@ def run_child(label: str, overrides: dict, common: dict) -> dict:
         lines = err_file.read_text().strip().splitlines()
         return {"label": label, "error": lines[-1] if lines else f"exit {proc.returncode}"}
     result = json.loads(out_file.read_text())
-    return {"label": label, **overrides, **result, "peak_rss_mb": usage.ru_maxrss / 1024}
+    return {"label": label, **overrides, **result, "peak_rss_mb": usage.ru_maxrss / 1024,
+            "artifact": str(Path(spec["out"]) / "adapter")}
 
 
 # ---------------------------------------------------------------- the tables
@@ -161,13 +169,15 @@ def run(args) -> int:
     if args.quick:
         args.steps, args.n_test, args.n_train, args.max_tokens = 5, 3, 64, 8
     base = str(args.base or default_base_model())
-    work = Path(tempfile.mkdtemp(prefix="lorafleet-bench-methods-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="lorafleet-bench-methods-"))
+    work.mkdir(parents=True, exist_ok=True)
     write_jsonl(work / "e2e.train.jsonl", make_split("e2e", "train", args.n_train, seed=0))
     common = {"base": base, "work": str(work), "steps": args.steps,
               "batch_size": args.batch_size, "n_test": args.n_test,
               "max_tokens": args.max_tokens}
     only = [s.strip() for s in args.only.split(",") if s.strip()]
-    tables = {"methods": PAPER_ROWS, "matrices": [] if args.skip_matrices else MATRIX_ROWS}
+    tables = {"methods": PAPER_ROWS, "matrices": [] if args.skip_matrices else MATRIX_ROWS,
+              "analysis": [SEED_ROW]}
     results: dict[str, list[dict]] = {}
     for table, rows in tables.items():
         for label, overrides in rows:
@@ -187,8 +197,10 @@ def run(args) -> int:
     if args.json:
         args.json.write_text(json.dumps({"command": command, "config": common, "results":
                                          results}, indent=1) + "\n")
+    analysis = None
     if args.paper:
-        write_paper_section(args.paper, results, common, command)
+        analysis = run_analyses(results, args.paper.parent / "figures")
+        write_paper_section(args.paper, results, common, command, analysis)
         print(f"wrote {args.paper}")
     return 0
 
@@ -196,7 +208,59 @@ def run(args) -> int:
 PAPER_BEGIN, PAPER_END = "<!-- bench methods: begin -->", "<!-- bench methods: end -->"
 
 
-def write_paper_section(path: Path, results: dict, common: dict, command: str) -> None:
+def _artifact(results: dict, label: str) -> Path | None:
+    for rows in results.values():
+        for r in rows:
+            if r["label"] == label and "error" not in r:
+                return Path(r["artifact"])
+    return None
+
+
+def run_analyses(results: dict, figures: Path) -> list[str]:
+    """The sec. 7 analyses on the trained adapters: phi(A_r=8, A_r=64) and phi across two seeds
+    (heat maps), and the amplification factor of r=8 vs r=64 (the paper's Table 7)."""
+    from lorafleet.analysis import plots
+    from lorafleet.analysis.report import (analyze_adapter, base_weights_for, compare_adapters,
+                                           load_lora_factors)
+    from lorafleet.demo.pipeline import default_base_model
+    from lorafleet.models import load_model
+
+    r8, r64 = _artifact(results, "LoRA q,v r=8"), _artifact(results, "LoRA q,v r=64")
+    seed1 = _artifact(results, SEED_ROW[0])
+    lines: list[str] = []
+    if not (r8 and r64 and seed1):
+        return lines
+    f8, f64, fs = load_lora_factors(r8), load_lora_factors(r64), load_lora_factors(seed1)
+    figures.mkdir(parents=True, exist_ok=True)
+    pairs = [("phi_r8_r64.png", "phi(A_r=8, A_r=64, i, j)", compare_adapters(f8, f64)),
+             ("phi_seed0_seed1.png", "phi(A_r=8 seed 0, A_r=8 seed 1, i, j)",
+              compare_adapters(f8, fs))]
+    lines += ["| pair | module | phi(1,1) | mean phi over i<=8, j<=8 | mean phi, all (i, j) |",
+              "|---|---|---:|---:|---:|"]
+    for png, title, pair in pairs:
+        plots.phi_heatmaps(pair.grids, figures / png, title=title)
+        for name, grid in pair.grids.items():
+            lines.append(f"| {title} | {name} | {grid[0, 0]:.3f} | {grid[:8, :8].mean():.3f} | "
+                         f"{grid.mean():.3f} |")
+    lines += ["", "Heat maps: " + ", ".join(f"![{t}](figures/{p})" for p, t, _ in pairs), ""]
+    model = load_model(default_base_model())
+    lines += ["| adapter | module | r | amplification ||dW|| / ||U^T W V^T|| | "
+              "||U^T W V^T|| | same for a random W | ||dW|| |", "|---|---|---:|---:|---:|---:|---:|"]
+    for label, factors in (("r=8", f8), ("r=64", f64)):
+        rows = analyze_adapter(factors, base_weights_for(model, factors))
+        for m in rows:
+            lines.append(f"| {label} | {m.module} | {m.rank} | {m.amplification:.2f} | "
+                         f"{m.weight_projection_norm:.3f} | {m.random_projection_norm:.3f} | "
+                         f"{m.delta_norm:.3f} |")
+        plots.spectra({m.module: m.singular_values for m in rows},
+                      figures / f"spectra_{label.replace('=', '')}.png",
+                      title=f"dW singular values, LoRA q,v {label}")
+    lines += ["", "Spectra: ![r=8](figures/spectra_r8.png) ![r=64](figures/spectra_r64.png)", ""]
+    return lines
+
+
+def write_paper_section(path: Path, results: dict, common: dict, command: str,
+                        analysis: list[str] | None = None) -> None:
     """Replace the generated block of `path` (between the markers) with fresh tables."""
     lines = [PAPER_BEGIN, "", f"Command: `{command.strip()}` (2-core CPU, no GPU; "
              f"{common['steps']} steps of {common['batch_size']} examples per row, BLEU on "
@@ -207,6 +271,9 @@ def write_paper_section(path: Path, results: dict, common: dict, command: str) -
     if results.get("matrices"):
         lines += ["**Which weight matrices** (LoRA paper Table 5, fixed budget: 1 matrix r=8, "
                   "2 matrices r=4, 4 matrices r=2):", "", *_table(results["matrices"]), ""]
+    if analysis:
+        lines += ["**Sec. 7 analyses** on the trained data-to-text adapters (q,v):", "",
+                  *analysis]
     lines.append(PAPER_END)
     block = "\n".join(lines)
     text = path.read_text() if path.is_file() else ""

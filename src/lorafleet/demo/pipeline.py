@@ -20,7 +20,7 @@ from typing import Callable
 
 from lorafleet.demo.tasks import TASKS, TaskExample, clean_output, get_task, make_split, score, \
     write_jsonl
-from lorafleet.errors import ConfigError, EngineError
+from lorafleet.errors import ConfigError, EngineError, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,9 @@ def train_adapters(cfg: DemoConfig, data: dict[str, tuple[Path, list]],
                 on_event({**event, "task": task})
 
         result = train(tcfg, callback=forward)
+        if result.interrupted:  # Ctrl-C / SIGTERM: the trainer saved a checkpoint and returned
+            raise TrainingError(f"training the {task!r} adapter was interrupted at step "
+                                f"{result.steps}; the demo stops here")
         adapters[task] = result.artifact
         if on_event:
             on_event({"type": "train_end", "task": task, "loss": result.loss,

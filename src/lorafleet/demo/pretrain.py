@@ -228,7 +228,9 @@ def pretrain(model, train_ids: torch.Tensor, val_ids: torch.Tensor, cfg: Pretrai
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-        if step % cfg.eval_every == 0:
+        last = step + 1 == cfg.max_steps or \
+            time.perf_counter() - start > cfg.time_budget_s
+        if step % cfg.eval_every == 0 or last:  # the final step is always logged
             model.eval()
             with torch.no_grad():
                 val = sum(loss_of(b).item() for b in val_batches) / len(val_batches)

@@ -130,7 +130,7 @@ WORDS = ["apple", "river", "stone", "cloud", "tiger", "bread", "music", "green",
 
 
 def reverse_example(rng: random.Random) -> TaskExample:
-    words = rng.sample(WORDS, rng.randint(3, 5))
+    words = rng.sample(WORDS, rng.randint(3, 4))
     target = " ".join(reversed(words))
     return TaskExample("Reverse: " + " ".join(words) + "\nReversed:", " " + target, (target,))
 
