@@ -323,7 +323,9 @@ def dequantize_nf4(nf4: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Te
                           f"got {dtype}")
     block = nf4.block_size
     scales = nf4.scales().to(dtype)
-    out = torch.empty(scales.numel() * block, dtype=dtype, device=nf4.device)
+    # zeros, not empty: the pages are faulted in by one parallel fill up front; first-touching
+    # them inside each chunk's gather made 2-thread runs 10-30x slower on a loaded CPU.
+    out = torch.zeros(scales.numel() * block, dtype=dtype, device=nf4.device)
     words = out.view(torch.int64)  # the table entries' view of the output
     per_word = 8 // dtype.itemsize
     for first in range(0, scales.numel(), DECODE_BLOCKS):
