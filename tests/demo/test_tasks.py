@@ -82,3 +82,21 @@ def test_write_jsonl(tmp_path):
     path = tasks.write_jsonl(tmp_path / "a" / "train.jsonl", examples)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert rows == [{"prompt": e.prompt, "completion": e.completion} for e in examples]
+
+
+def test_partial_match_hand_computed():
+    ref = '{"name": "Alice", "age": 30, "city": "Paris"}'
+    assert tasks.partial_match(' {"name": "Alice", "age": 31, "city": "Paris"}', ref) == \
+        pytest.approx(200 / 3)
+    assert tasks.partial_match("not json", ref) == 0.0
+    assert tasks.partial_match(" A B C\nmore", "A X C") == pytest.approx(200 / 3)
+    assert tasks.partial_match("A B C D", "A B") == pytest.approx(50.0)  # extra words cost
+    examples = tasks.make_split("upper", "test", 2)
+    assert tasks.partial_score("upper", [e.completion for e in examples], examples) == 100.0
+
+
+def test_upper_task():
+    import random
+    e = tasks.upper_example(random.Random(0))
+    words = e.prompt.split("\n")[0].removeprefix("Uppercase: ").split()
+    assert e.completion.split() == [w.upper() for w in words]

@@ -135,6 +135,14 @@ def reverse_example(rng: random.Random) -> TaskExample:
     return TaskExample("Reverse: " + " ".join(words) + "\nReversed:", " " + target, (target,))
 
 
+def upper_example(rng: random.Random) -> TaskExample:
+    """Monotonic copying with a per-word mapping: easier for a 5M model than reversing (which
+    needs attention to the word *before* the one just produced), so the default demo uses it."""
+    words = rng.sample(WORDS, rng.randint(3, 5))
+    target = " ".join(w.upper() for w in words)
+    return TaskExample("Uppercase: " + " ".join(words) + "\nUppercased:", " " + target, (target,))
+
+
 # ---------------------------------------------------------------- registry, splits, scoring
 
 @dataclass(frozen=True)
@@ -149,6 +157,7 @@ TASKS: dict[str, Task] = {
     "e2e": Task("e2e", "restaurant data-to-text (E2E style)", e2e_example, "bleu"),
     "json": Task("json", "sentence -> JSON object", json_example, "exact_match"),
     "reverse": Task("reverse", "reverse a list of words", reverse_example, "exact_match"),
+    "upper": Task("upper", "uppercase a list of words", upper_example, "exact_match"),
 }
 
 
@@ -223,6 +232,35 @@ def bleu(predictions: list[str], references: list[tuple[str, ...]]) -> float:
     # sacrebleu wants one stream per reference slot; pad short lists by repeating their first.
     streams = [[r[i] if i < len(r) else r[0] for r in references] for i in range(width)]
     return sacrebleu.corpus_bleu([clean_output(p) for p in predictions], streams).score
+
+
+def _json_fields(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def partial_match(prediction: str, reference: str) -> float:
+    """Partial credit (0-100) for one structured output: the share of the reference's JSON
+    fields with the right value, or for a word list the share of positions with the right word."""
+    prediction, reference = clean_output(prediction), reference.strip()
+    if reference.startswith("{"):
+        want, got = _json_fields(reference), _json_fields(prediction)
+        return 100.0 * sum(got.get(k) == v for k, v in want.items()) / max(1, len(want))
+    want, got = reference.split(), prediction.split()
+    return 100.0 * sum(a == b for a, b in zip(want, got)) / max(len(want), len(got), 1)
+
+
+def partial_score(task: str, predictions: list[str], examples: list[TaskExample]) -> float:
+    """Mean partial credit for the structured tasks; the task's own metric for e2e."""
+    if get_task(task).metric == "bleu":
+        return score(task, predictions, examples)
+    if not predictions:
+        return 0.0
+    return sum(partial_match(p, e.references[0])
+               for p, e in zip(predictions, examples)) / len(predictions)
 
 
 def score(task: str, predictions: list[str], examples: list[TaskExample]) -> float:
