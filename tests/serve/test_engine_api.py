@@ -3,6 +3,7 @@ asyncio interface, stats."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -128,3 +129,43 @@ def test_adapter_store_registers_a_folder_of_folders(small_fleet, tmp_path):
     engine.unregister_adapter("sql")
     store.remove("sql")
     assert store.names() == ["chat.v2"] and engine.adapters() == ["chat.v2"]
+
+
+def test_stream_cancelled_while_adding_still_aborts(engine, monkeypatch):
+    """A stream cancelled while its add_request waits in the worker thread (for the engine's
+    lock) must abort the request once it has been added, not before (an abort that comes
+    first finds nothing, and the request then runs on with no reader)."""
+    gate, aborts = threading.Event(), []
+    real_add, real_abort = engine.add_request, engine.abort
+
+    def slow_add(*args, **kwargs):
+        gate.wait(10)
+        real_add(*args, **kwargs)
+
+    def recorded_abort(request_id):
+        aborts.append(real_abort(request_id))
+        return aborts[-1]
+
+    monkeypatch.setattr(engine, "add_request", slow_add)
+    monkeypatch.setattr(engine, "abort", recorded_abort)
+
+    async def main():
+        async_engine = AsyncEngine(engine)
+
+        async def consume():
+            async for _ in async_engine.stream("late", [5, 6, 7], None,
+                                               SamplingParams(max_tokens=40, ignore_eos=True)):
+                pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await async_engine.shutdown(drain=True)
+
+    asyncio.run(main())
+    assert aborts == [True]                  # aborted once, after the request was in
+    assert engine.pool.used_by["kv"] == 0 and not engine.requests

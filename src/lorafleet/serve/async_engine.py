@@ -70,9 +70,14 @@ class AsyncEngine:
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), queue)
         finished = False
+        # The worker thread cannot be cancelled: if this stream is cancelled while it waits for
+        # the engine's lock, add_request still runs later. Shielding keeps a handle on it so the
+        # abort below runs only once the request is in (else it would abort nothing and the
+        # request would run to the end with no reader).
+        added = asyncio.ensure_future(asyncio.to_thread(
+            self.engine.add_request, request_id, prompt_ids, adapter, params))
         try:
-            await asyncio.to_thread(self.engine.add_request, request_id, prompt_ids, adapter,
-                                    params)
+            await asyncio.shield(added)
             self._wake.set()
             while not finished:
                 out = await queue.get()
@@ -81,7 +86,9 @@ class AsyncEngine:
         finally:
             self._streams.pop(request_id, None)
             if not finished:
-                await asyncio.to_thread(self.engine.abort, request_id)
+                await _settled(added)
+                if not added.cancelled() and added.exception() is None:
+                    await asyncio.to_thread(self.engine.abort, request_id)
 
     async def abort(self, request_id: str) -> bool:
         return await asyncio.to_thread(self.engine.abort, request_id)
@@ -102,3 +109,16 @@ class AsyncEngine:
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+
+async def _settled(future: asyncio.Future) -> None:
+    """Wait until `future` is done, even if the waiting task is cancelled again meanwhile
+    (the cancellation is re-raised once the future has settled)."""
+    cancelled = False
+    while not future.done():
+        try:
+            await asyncio.wait([future])
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError

@@ -65,7 +65,9 @@ class ModelRunner:
     def write_pages(self, page_ids: list[int], pages: torch.Tensor) -> None:
         """Copy host pages into the pool (adapter loads)."""
         index = torch.tensor(page_ids, device=self.device)
-        self.pages[index] = pages.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        # index_copy_ rather than `pages[index] = ...` (a slow generic index_put on CPU).
+        self.pages.index_copy_(0, index, pages.to(device=self.device, dtype=self.dtype,
+                                                  non_blocking=True))
 
     def attach(self, cache: AdapterCache) -> None:
         self._lora_builder = LoraBatchBuilder(self.pages, cache)
