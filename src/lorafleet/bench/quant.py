@@ -2,7 +2,7 @@
 in one run, measured round-robin so every contender sees the same machine load.
 
     lorafleet bench quant [--shapes 4096x4096,11008x4096] [--tokens 1,16] [--repeats 5]
-                          [--threads N] [--json out.json]
+                          [--threads 1] [--json out.json]
 
 For each weight [out, in] (random N(0, 0.02), bf16, block 64, double quantization on both sides):
 - quantize: bf16 weight -> NF4 (ours `quantize_nf4` / bnb `quantize_4bit(compress_statistics)`)
@@ -28,7 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated OUTxIN weight shapes")
     parser.add_argument("--tokens", default="1,16", help="comma-separated batch sizes (tokens)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    # 1 by default: on a shared, oversubscribed CPU every OpenMP parallel region waits for a
+    # scheduler slice (~12 ms measured for a 0.03 ms op at 2 threads on the dev box), so
+    # multi-thread timings there measure the scheduler, not the kernels. Pass 0 for torch's default.
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
     parser.add_argument("--json", "--out", dest="json", type=Path, default=None,
                         help="write the results here")
 
