@@ -15,6 +15,7 @@ import time
 import httpx
 import openai
 import pytest
+from conftest import ServerThread
 
 from lorafleet.cli import main as cli_main
 
@@ -109,8 +110,6 @@ def test_serve_cli_bad_arguments(llama_dir, capsys):
 
 
 def test_serve_quantized_nf4_matches_generate(llama_dir, capsys):
-    from conftest import ServerThread
-
     from lorafleet.cli import build_parser
     from lorafleet.cli.serve import build
     args = build_parser().parse_args(["serve", "--model", str(llama_dir), "--quantize", "nf4",

@@ -187,6 +187,7 @@ def _names_or_regex(name: str, value: Any) -> list[str] | str | None:
     if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
         if not value and name == "target_modules":
             raise ConfigError(f"{name}: an empty list matches no module")
-        return list(value)
+        # Sorted: PEFT stores names as a set, so their order carries no meaning.
+        return sorted(set(value))
     raise ConfigError(f"{name}: expected a list of module names, a regex string or "
                       f"\"{ALL_LINEAR}\", found {value!r}")
