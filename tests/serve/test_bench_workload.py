@@ -26,3 +26,15 @@ def test_in_memory_adapters_fit_the_engine_format():
     assert tensors[f"{key}.lora_A.weight"].shape == (16, 64)
     assert tensors[f"{key}.lora_B.weight"].shape == (32, 16)
     assert make_adapter(0, config, [8, 16], 0)[0]["target_modules"][-1] == "o_proj"
+
+
+def test_best_runs_keep_the_fastest_of_each_configuration():
+    from lorafleet.bench.serve import best_runs
+
+    runs = [{"system": "base-only", "adapters": 0, "tokens_per_s": 100.0},
+            {"system": "lorafleet", "adapters": 10, "tokens_per_s": 60.0},
+            {"system": "base-only", "adapters": 0, "tokens_per_s": 120.0},
+            {"system": "lorafleet", "adapters": 10, "tokens_per_s": 90.0}]
+    best = {(r["system"], r["adapters"]): r for r in best_runs(runs)}
+    assert best["base-only", 0]["tokens_per_s"] == 120.0
+    assert best["lorafleet", 10]["tokens_per_s"] == 90.0 and best["lorafleet", 10]["vs_base"] == 0.75

@@ -71,6 +71,13 @@ class PagedAttention:
             positions = torch.arange(max_len, device=device)[None, :].expand(len(seq_lens), -1)
             self.read_page, self.read_row = token_slots(table, positions, layout)
             self.read_page = self.read_page.transpose(0, 1).contiguous()   # [2L, B, max_len]
+            # When pages hold whole rows (H a multiple of kv_dim, the usual case) the pool is a
+            # flat [P * rows_per_page, kv_dim] table and the gather is one index_select per
+            # plane, several times faster on CPU than advanced indexing with (page, row).
+            self.read_slot = None
+            if kv.is_contiguous():
+                self.read_slot = (self.read_page * layout.rows_per_page
+                                  + self.read_row).view(self.read_page.shape[0], -1)
             self.mask = (positions < lens[:, None])[:, None, None, :]      # [B, 1, 1, max_len]
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -84,8 +91,16 @@ class PagedAttention:
             return torch.cat([causal_attention(q[:, s:e], k[:, s:e], v[:, s:e], scale)
                               for s, e in zip(self.starts[:-1], self.starts[1:])], dim=1)
         B, max_len = self.read_row.shape
-        keys = self.kv[self.read_page[k_plane], self.read_row].view(B, max_len, n_kv, head_dim)
-        values = self.kv[self.read_page[v_plane], self.read_row].view(B, max_len, n_kv, head_dim)
+        if self.read_slot is not None:
+            flat = self.kv.view(-1, self.kv.shape[-1])
+            keys = flat.index_select(0, self.read_slot[k_plane]).view(B, max_len, n_kv, head_dim)
+            values = flat.index_select(0, self.read_slot[v_plane]).view(B, max_len, n_kv,
+                                                                         head_dim)
+        else:   # the reference gather, also the path for rows that do not tile a page
+            keys = self.kv[self.read_page[k_plane], self.read_row].view(B, max_len, n_kv,
+                                                                        head_dim)
+            values = self.kv[self.read_page[v_plane], self.read_row].view(B, max_len, n_kv,
+                                                                          head_dim)
         return decode_attention(q[0], keys, values, self.mask, scale)[None]
 
 
