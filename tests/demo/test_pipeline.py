@@ -40,7 +40,7 @@ def test_config_validation(tmp_path):
 def test_prepare_data_writes_jsonl(tmp_path, llama_dir):
     cfg = pl.DemoConfig(work=tmp_path, base=llama_dir, n_train=10, n_test=3)
     data = pl.prepare_data(cfg)
-    assert set(data) == {"e2e", "json", "reverse"}
+    assert set(data) == {"e2e", "json", "upper"}
     for path, tests in data.values():
         assert len(path.read_text().splitlines()) == 10 and len(tests) == 3
 
@@ -55,5 +55,5 @@ def test_demo_quick_end_to_end(tmp_path, llama_dir, capsys):
     for step in ("1/5 data", "2/5 training", "3/5 serving", "4/5 requests", "5/5 merge"):
         assert step in out
     assert "merged == unmerged: True" in out
-    for task in ("e2e", "json", "reverse"):
+    for task in ("e2e", "json", "upper"):
         assert (tmp_path / "runs" / task / "adapter" / "adapter_model.safetensors").is_file()

@@ -24,6 +24,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tests", type=int, default=None, help="held-out prompts per task")
     p.add_argument("--tasks", default="e2e,json,upper",
                    help="comma-separated, from e2e, json, upper, reverse")
+    p.add_argument("--show", type=int, default=3,
+                   help="table rows per task and model (scores use every held-out prompt)")
     p.add_argument("--lr", type=float, default=None, help="adapter learning rate")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank r")
     p.add_argument("--quick", action="store_true",
@@ -119,9 +121,13 @@ def run(args) -> int:
     header = f"{'task':8s} {'model':8s} {'score':>6s} {'partial':>7s}  {'prompt':34s} output"
     print(header)
     print("-" * 140)
+    shown: dict = {}
     for task in data:
         for row in rows:
             if row.task != task:
+                continue
+            shown[task, row.model] = shown.get((task, row.model), 0) + 1
+            if shown[task, row.model] > args.show:
                 continue
             example = examples[row.prompt]
             print(f"{task:8s} {row.model:8s} {pl.row_score(row, example):6.1f} "
@@ -130,8 +136,9 @@ def run(args) -> int:
         print()
     scores = pl.score_rows(rows, data)
     partial = pl.score_rows(rows, data, metric=pl.partial_score)
-    print("task scores on held-out prompts: BLEU for e2e; exact match % (and partial credit: % of "
-          "JSON fields / word positions right) for the others")
+    print(f"(first {args.show} of {cfg.n_test} prompts per task and model shown)\n")
+    print(f"task scores on {cfg.n_test} held-out prompts per task: BLEU for e2e; exact match % "
+          "(and partial credit: % of JSON fields / word positions right) for the others")
     print(f"  {'task':8s} " + " ".join(f"{m:>14s}" for m in models))
     wins = []
     for task, by_model in scores.items():

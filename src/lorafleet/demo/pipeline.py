@@ -39,7 +39,7 @@ class DemoConfig:
     base: Path = field(default_factory=default_base_model)
     tasks: tuple[str, ...] = ("e2e", "json", "upper")
     n_train: int = 3000
-    n_test: int = 6             # held-out prompts per task sent to every model
+    n_test: int = 10            # held-out prompts per task sent to every model
     steps: int = 200            # optimizer steps per adapter
     batch_size: int = 16
     # Measured on the embedded model: 3e-3 for 100 steps learned the output format but not the

@@ -143,6 +143,14 @@ def upper_example(rng: random.Random) -> TaskExample:
     return TaskExample("Uppercase: " + " ".join(words) + "\nUppercased:", " " + target, (target,))
 
 
+def join_example(rng: random.Random) -> TaskExample:
+    """A list of words -> an English list ("a, b and c"): in-order copying, the pattern a small
+    model's induction heads already do, plus the punctuation rule."""
+    words = rng.sample(WORDS, rng.randint(3, 5))
+    target = ", ".join(words[:-1]) + " and " + words[-1]
+    return TaskExample("Join: " + " ".join(words) + "\nJoined:", " " + target, (target,))
+
+
 # ---------------------------------------------------------------- registry, splits, scoring
 
 @dataclass(frozen=True)
@@ -158,6 +166,7 @@ TASKS: dict[str, Task] = {
     "json": Task("json", "sentence -> JSON object", json_example, "exact_match"),
     "reverse": Task("reverse", "reverse a list of words", reverse_example, "exact_match"),
     "upper": Task("upper", "uppercase a list of words", upper_example, "exact_match"),
+    "join": Task("join", "a list of words -> an English list", join_example, "exact_match"),
 }
 
 
