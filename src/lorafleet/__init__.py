@@ -9,9 +9,16 @@
 
 The names below are imported on first use, so `import lorafleet` stays light (no torch).
 """
+from pathlib import Path
+
 __version__ = "0.1.0"
 
+# The small Llama (Shakespeare + Milton) that ships inside the package: `make demo`'s base model.
+EMBEDDED_BASE = Path(__file__).resolve().parent / "assets" / "base-model"
+
 _API = {
+    "load_model": "lorafleet.models.loader",
+    "load_tokenizer": "lorafleet.models.tokenizer",
     "LoraConfig": "lorafleet.lora.config",
     "inject_lora": "lorafleet.lora.inject",
     "count_parameters": "lorafleet.lora.inject",
