@@ -213,18 +213,33 @@ def test_memory_report_counts_stored_bytes(llama_dir):
     assert report.total_bytes < full
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1100, 256), (40, 100)])  # chunked rows / ragged rows
-def test_chunked_linear_matches_reference(dtype, shape, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 6, 40])  # few-token path (scales after the matmul) / plain
+@pytest.mark.parametrize("shape,block", [((1100, 256), 64), ((300, 384), 128), ((40, 100), 64)])
+def test_chunked_linear_matches_reference(dtype, tokens, shape, block, monkeypatch):
     from lorafleet.quant import linear4bit
 
     monkeypatch.setattr(linear4bit, "CHUNK_BYTES", 64 * 1024)  # force several chunks
+    monkeypatch.setattr(linear4bit, "FEW_TOKENS_CHUNK_BYTES", 96 * 1024)  # and a ragged last one
+    calls = []
+    few_tokens = linear4bit._linear_nf4_few_tokens
+    monkeypatch.setattr(linear4bit, "_linear_nf4_few_tokens",
+                        lambda *a: calls.append(1) or few_tokens(*a))
     torch.manual_seed(0)
-    nf4 = quantize_nf4(torch.randn(shape) * 0.05, 64)
-    x = torch.randn(2, 3, shape[1]).to(dtype)
+    nf4 = quantize_nf4(torch.randn(shape) * 0.05, block)
+    x = torch.randn(tokens, shape[1]).to(dtype)
     bias = torch.randn(shape[0])
     got = linear4bit.linear_nf4(x, nf4, bias)
     expected = linear4bit.linear_nf4_reference(x, nf4, bias)
-    assert got.shape == expected.shape == (2, 3, shape[0]) and got.dtype == dtype
-    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    assert got.shape == expected.shape == (tokens, shape[0]) and got.dtype == dtype
+    # the path taken: few tokens in bf16/fp32 on whole-block rows that need several chunks
+    assert bool(calls) == (tokens <= linear4bit.FEW_TOKENS and dtype != torch.float16
+                           and shape[1] % block == 0 and shape[0] * shape[1] * dtype.itemsize
+                           > linear4bit.CHUNK_BYTES)
+    tol = {torch.float32: dict(rtol=0, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
+           torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}[dtype]
     torch.testing.assert_close(got, expected, **tol)
+    if dtype != torch.float32:  # as close to the exact (fp32) product as the reference is
+        exact = linear4bit.linear_nf4_reference(x.float(), nf4, bias)
+        err, ref_err = (got.float() - exact).norm(), (expected.float() - exact).norm()
+        assert err <= 1.5 * ref_err + 1e-6, (err, ref_err)

@@ -17,8 +17,8 @@ from torch import nn
 
 from lorafleet.errors import ConfigError
 
-from .nf4 import (DOUBLE_QUANT_BLOCK, NF4Tensor, _check_block_size, decode_nf4, dequantize_nf4,
-                  dequantize_nf4_reference, quantize_nf4, requantize_nf4)
+from .nf4 import (DOUBLE_QUANT_BLOCK, NF4Tensor, _byte_pair_table, _check_block_size, decode_nf4,
+                  dequantize_nf4, dequantize_nf4_reference, quantize_nf4, requantize_nf4)
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,15 @@ _STORAGE = ("codes", "absmax", "absmax_codes", "absmax_scale", "absmax_offset")
 # the 2-core EPYC dev box: 256-512 rows), and small enough that the buffers are reused instead
 # of fresh pages being faulted in for a whole-matrix temporary on every call.
 CHUNK_BYTES = 2 << 20
+# Up to this many tokens (decode), `linear_nf4` applies the block scales after the matmul, to
+# per-block partial sums (tokens * out * in / 64 multiplies) instead of to the decoded weight
+# (out * in): the bf16 scale multiply was the largest single cost of a 1-token forward. Past ~32
+# tokens the partial sums outnumber a quarter of the weight and the plain path wins again.
+FEW_TOKENS = 16
+# Rows per step of the few-token path: 4 MB of decoded bf16 weight (512 rows of 4096) measured
+# best of 128..1024 rows on the dev box; larger tiles give the per-block batched matmul longer
+# rows to stream.
+FEW_TOKENS_CHUNK_BYTES = 4 << 20
 
 
 def linear_nf4(x: torch.Tensor, nf4: NF4Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -43,6 +52,13 @@ def linear_nf4(x: torch.Tensor, nf4: NF4Tensor, bias: torch.Tensor | None = None
     if in_features % nf4.block_size or rows >= out_features:  # ragged rows / small layer
         return F.linear(x, dequantize_nf4(nf4, dtype), None if bias is None else bias.to(dtype))
     x2d = x.reshape(-1, in_features)
+    # not fp16: the unscaled partial sums are ~1/absmax (~20x) larger than the output and could
+    # overflow its range on outlier activations; bf16 and fp32 have fp32's range
+    if x2d.shape[0] <= FEW_TOKENS and dtype in (torch.bfloat16, torch.float32):
+        y = _linear_nf4_few_tokens(x2d, nf4)
+        if bias is not None:
+            y += bias.to(dtype)
+        return y.view(*x.shape[:-1], out_features)
     y_t = torch.empty(out_features, x2d.shape[0], dtype=dtype, device=x.device)  # [out, tokens]
     codes = nf4.codes[: out_features * in_features // 2].view(out_features, -1)
     scales = nf4.scales().to(dtype).view(out_features, -1)
@@ -56,6 +72,45 @@ def linear_nf4(x: torch.Tensor, nf4: NF4Tensor, bias: torch.Tensor | None = None
     if bias is not None:
         y_t += bias.to(dtype).unsqueeze(1)
     return y_t.t().contiguous().view(*x.shape[:-1], out_features)
+
+
+def _linear_nf4_few_tokens(x2d: torch.Tensor, nf4: NF4Tensor) -> torch.Tensor:
+    """x [T, in] @ W^T for few tokens T, scaling after the matmul:
+
+        y[t, o] = sum_b s[o, b] * z[b, o, t],   z[b, o, t] = sum_k cb[code[o, b, k]] * x[t, b, k]
+
+    z is one batched matmul per chunk of rows (batch = block b) over the UNSCALED decoded codes,
+    so the 64x-smaller scale multiply runs on z (in fp32) instead of on the weight. Each block's
+    partial sum z is rounded to x's dtype once (bf16: rel. 2^-9, the same size as the rounding
+    of the output itself)."""
+    out_features, in_features = nf4.shape
+    tokens, dtype, block = x2d.shape[0], x2d.dtype, nf4.block_size
+    n_blocks = in_features // block
+    per_index = 4 if dtype.itemsize == 2 else 2  # values one table entry holds
+    table = _byte_pair_table(dtype, x2d.device)
+    # codes of row o, block b as table indices: [out, n_blocks, block / per_index]
+    words = nf4.codes[: out_features * in_features // 2]
+    words = (words.view(torch.uint16) if per_index == 4 else words).view(out_features, n_blocks, -1)
+    scales = nf4.scales().view(out_features, n_blocks)  # fp32
+    x_blocks = x2d.view(tokens, n_blocks, block).permute(1, 2, 0).contiguous()  # [nb, block, T]
+    rows = max(1, min(out_features, FEW_TOKENS_CHUNK_BYTES // (in_features * dtype.itemsize)))
+    # flat buffers, reused by every chunk (a shorter last chunk views a prefix of each)
+    index = torch.empty(n_blocks * rows * block // per_index, dtype=torch.int32, device=x2d.device)
+    decoded = torch.empty(index.numel(), dtype=torch.int64, device=x2d.device)
+    partial = torch.empty(n_blocks * rows * tokens, dtype=dtype, device=x2d.device)
+    y = torch.empty(out_features, 1, tokens, dtype=torch.float32, device=x2d.device)
+    for start in range(0, out_features, rows):
+        n = min(rows, out_features - start)
+        # block-major copy of the indices (the int32 conversion copies anyway), so each block's
+        # tile [n, block] is contiguous for the batched matmul
+        idx = index[: n_blocks * n * block // per_index]
+        idx.view(n_blocks, n, -1).copy_(words[start:start + n].transpose(0, 1))
+        w = torch.index_select(table, 0, idx, out=decoded[: idx.numel()])
+        z = torch.bmm(w.view(dtype).view(n_blocks, n, block), x_blocks,
+                      out=partial[: n_blocks * n * tokens].view(n_blocks, n, tokens))
+        torch.bmm(scales[start:start + n].unsqueeze(1), z.permute(1, 0, 2).float(),
+                  out=y[start:start + n])
+    return y.view(out_features, tokens).t().to(dtype)
 
 
 def linear_nf4_reference(x: torch.Tensor, nf4: NF4Tensor,
