@@ -88,7 +88,10 @@ def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, lla
     ckpt = load_checkpoint(latest_checkpoint(out))
     assert ckpt.step == 2 and all(torch.isfinite(t).all() for t in ckpt.trainable.values())
 
+    # a resumed run is another process: the crashed one's temp folder must not outlive it
+    monkeypatch.setattr(checkpoint_mod.os, "getpid", lambda: 1)
     resumed = train(config(llama_dir, data, out, save_every=2, resume=True), tokenizer=tok)
+    monkeypatch.undo()
     assert resumed.steps == 4
     assert_same_adapter(full, resumed)
     assert load_checkpoint(latest_checkpoint(out)).step == 4
