@@ -19,9 +19,8 @@ from lorafleet.api.server import ServerConfig, create_app
 
 def pool_idle(stats) -> bool:
     """No sequence left and no KV page held."""
-    flat = stats if isinstance(stats, dict) else vars(stats)
-    return flat.get("running", 0) == 0 and flat.get("pages_kv", 0) == 0 \
-        and flat.get("queue_depth", 0) == 0
+    # Keys indexed directly: a renamed stats key must fail here, not read as 0 ("idle").
+    return stats["running"] == 0 and stats["pages_kv"] == 0 and stats["queue_depth"] == 0
 
 
 def wait_until(predicate, timeout=15.0):

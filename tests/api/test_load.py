@@ -35,11 +35,10 @@ def offline_reference(llama_dir, tokenizer, adapters, items):
 
 
 def pool_all_free(stats: dict) -> bool:
-    return (stats.get("running", 0) == 0 and stats.get("queue_depth", 0) == 0
-            and stats.get("pages_kv", stats.get("pool_pages_kv", 0)) == 0
-            and stats.get("adapters_in_use", 0) == 0
-            and stats.get("pages_free", 0) + stats.get("pages_adapter", 0)
-            == stats.get("pages_total", 0))
+    # Keys indexed directly: a renamed stats key must fail here, not read as 0 ("free").
+    return (stats["running"] == 0 and stats["queue_depth"] == 0 and stats["pages_kv"] == 0
+            and stats["adapters_in_use"] == 0
+            and stats["pages_free"] + stats["pages_adapter"] == stats["pages_total"])
 
 
 async def one_request(client, model, prompt, hang_up_after):

@@ -3,35 +3,12 @@ from pathlib import Path
 
 import pytest
 
+from lorafleet.models import load_tokenizer
+
 WORDS = ["one", "two", "three", "fox", "dog", "the", "quick", "lazy", "name", "food"]
 
 
-class HFTokenizer:
-    """A stand-in with the lorafleet Tokenizer interface over transformers' tokenizer (the
-    oracle for chat templates); used only where lorafleet.models.load_tokenizer is missing."""
-
-    def __init__(self, path):
-        from transformers import AutoTokenizer
-        self.tok = AutoTokenizer.from_pretrained(str(path))
-        self.eos_token_id = self.tok.eos_token_id
-        self.bos_token_id = self.tok.bos_token_id
-
-    def encode(self, text):
-        return self.tok.encode(text, add_special_tokens=False)
-
-    def decode(self, ids):
-        return self.tok.decode(ids)
-
-    def apply_chat_template(self, messages, add_generation_prompt=True):
-        return self.tok.apply_chat_template(messages, tokenize=False,
-                                            add_generation_prompt=add_generation_prompt)
-
-
 def get_tokenizer(path):
-    try:
-        from lorafleet.models import load_tokenizer
-    except ImportError:
-        return HFTokenizer(path)
     return load_tokenizer(path)
 
 

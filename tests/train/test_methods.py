@@ -1,5 +1,3 @@
-import importlib
-
 import pytest
 import torch
 
@@ -11,22 +9,10 @@ from lorafleet.train.methods import MethodConfig, apply_method, resolve_targets
 from conftest import get_tokenizer
 
 
-def has(module, name):
-    """lora/qlora come from the LORA and QUANT stages; skip only while those are absent."""
-    try:
-        return hasattr(importlib.import_module(module), name)
-    except ImportError:
-        return False
-
-
-LORA = [] if has("lorafleet.lora", "inject_lora") else [pytest.mark.skip("no inject_lora yet")]
-QUANT = [] if has("lorafleet.quant", "quantize_model") else [pytest.mark.skip("no quant yet")]
-
 # (method, lr): large learning rates so a few steps on a random model visibly lower the loss.
-METHOD_LR = [pytest.param("lora", 1e-2, marks=LORA),
-             pytest.param("qlora", 1e-2, marks=LORA + QUANT),
-             ("full", 3e-3), ("adapter", 1e-2), ("prefix", 3e-1), ("prompt", 3e-2),
-             ("bitfit", 1e-1)]
+# lora/qlora import lorafleet.lora and lorafleet.quant: a missing stage fails, never skips.
+METHOD_LR = [("lora", 1e-2), ("qlora", 1e-2), ("full", 3e-3), ("adapter", 1e-2),
+             ("prefix", 3e-1), ("prompt", 3e-2), ("bitfit", 1e-1)]
 
 
 @pytest.mark.parametrize("method, lr", METHOD_LR)
