@@ -115,7 +115,7 @@ def test_merge_into_4bit_base_requantizes_with_warning(llama_dir, caplog):
     assert rel(merged, base) > 0  # some codes did move
 
 
-def test_gpt2_qlora_adapter_loads_into_peft_over_bnb_nf4(gpt2_dir, tmp_path):
+def test_gpt2_qlora_adapter_loads_into_peft_over_bnb_nf4(gpt2_dir, tmp_path, caplog):
     """GPT-2's Conv1D layers become [out, in] Linear4bit; the adapter's A/B are the same tensors
     PEFT keeps with fan_in_fan_out, so PEFT over the bnb-NF4 base gives our outputs."""
     import bitsandbytes.functional as bnbF
@@ -124,8 +124,11 @@ def test_gpt2_qlora_adapter_loads_into_peft_over_bnb_nf4(gpt2_dir, tmp_path):
 
     model = quantize_model(load_model(gpt2_dir), double_quant=False)
     torch.manual_seed(0)
-    lf.inject_lora(model, lf.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
-                                        fan_in_fan_out=True, init_lora_weights=False))
+    with caplog.at_level(logging.WARNING, logger="lorafleet"):
+        lf.inject_lora(model, lf.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                            fan_in_fan_out=True, init_lora_weights=False))
+    # GPT-2's PEFT config says fan_in_fan_out and the 4-bit layers came from Conv1D: no warning
+    assert "fan_in_fan_out" not in caplog.text
     lf.save_adapter(model, tmp_path / "qlora")
     base = AutoModelForCausalLM.from_pretrained(gpt2_dir, dtype=torch.float32).eval()
     with torch.no_grad():

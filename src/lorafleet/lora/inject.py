@@ -189,7 +189,10 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         else:
             raise TargetError(f"{target.name}: {type(module).__name__} cannot take LoRA "
                               "(supported: Linear, Conv1D, linear-like 4-bit layers, Embedding)")
-        if isinstance(layer, LoraLinear) and layer.fan_in_fan_out != config.fan_in_fan_out:
+        # A 4-bit layer that replaced a GPT-2 Conv1D stores [out, in] but marks itself
+        # fan_in_fan_out (its checkpoint is [in, out], as the config says): nothing to warn about.
+        if (isinstance(layer, LoraLinear) and layer.fan_in_fan_out != config.fan_in_fan_out
+                and getattr(layer.base_layer, "fan_in_fan_out", None) != config.fan_in_fan_out):
             log.warning("%s: fan_in_fan_out=%s in the config but the layer stores its weight "
                         "%s; using the layer's layout", target.name, config.fan_in_fan_out,
                         "[in, out]" if layer.fan_in_fan_out else "[out, in]")
