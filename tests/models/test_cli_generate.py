@@ -8,23 +8,27 @@ import torch
 from lorafleet.cli import main
 from lorafleet.models import load_tokenizer
 
+from conftest import CHECKPOINTS
+
 
 def run_json(capsys, *argv):
     assert main(["generate", *argv, "--json"]) == 0
     return json.loads(capsys.readouterr().out)
 
 
-def test_generate_greedy_matches_transformers(llama_dir, capsys):
+@pytest.mark.parametrize("name", list(CHECKPOINTS))
+def test_generate_greedy_matches_transformers(checkpoints, capsys, name):
     from transformers import AutoModelForCausalLM
-    ref = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
-    tok = load_tokenizer(llama_dir)
-    out = run_json(capsys, "--model", str(llama_dir), "--prompt", "the quick brown",
+    model_dir = checkpoints(name)[0]
+    ref = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = load_tokenizer(model_dir)
+    out = run_json(capsys, "--model", str(model_dir), "--prompt", "the quick brown",
                    "--max-tokens", "10", "--ignore-eos")
     prompt = torch.tensor([tok.encode("the quick brown")])
     expected = ref.generate(prompt, max_new_tokens=10, do_sample=False, min_new_tokens=10)
     assert out["token_ids"] == expected[0, prompt.shape[1]:].tolist()
     assert out["text"] == tok.decode(out["token_ids"])
-    assert main(["generate", "--model", str(llama_dir), "--prompt", "to be",
+    assert main(["generate", "--model", str(model_dir), "--prompt", "to be",
                  "--max-tokens", "3", "--ignore-eos"]) == 0
     assert capsys.readouterr().out.strip() != ""
 

@@ -14,7 +14,8 @@ def hf_greedy(ref, prompt, n):
     return out[:out.index(eos)] if eos in out else out
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "llama3_rope_tied", "qwen2", "mistral", "gpt2"])
+@pytest.mark.parametrize("name", ["llama_gqa", "llama3_rope_tied", "llama_sharded", "qwen2",
+                                  "mistral", "gpt2"])
 def test_greedy_matches_transformers(checkpoints, name):
     path, ref = checkpoints(name)
     model = load_model(path)

@@ -10,9 +10,13 @@ from lorafleet.models import generate, load_model
 
 peft = pytest.importorskip("peft")
 
+ALL_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS = {
-    "llama_gqa": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "v_proj"],
+    "llama_gqa": ALL_LLAMA,
+    "llama3_rope_tied": ALL_LLAMA,           # Llama-3 RoPE scaling, tied embeddings, biases
+    "llama_sharded": ["q_proj", "o_proj", "down_proj"],  # weights from several shards
+    "mistral": ["k_proj", "v_proj", "gate_proj"],
+    "qwen2": ["q_proj", "v_proj"],           # qkv bias under the adapter
     "gpt2": ["c_attn", "c_proj", "c_fc"],
 }
 
