@@ -236,7 +236,11 @@ def run_analyses(results: dict, figures: Path) -> list[str]:
     pairs = [("phi_r8_r64.png", "phi(A_r=8, A_r=64, i, j)", compare_adapters(f8, f64)),
              ("phi_seed0_seed1.png", "phi(A_r=8 seed 0, A_r=8 seed 1, i, j)",
               compare_adapters(f8, fs))]
-    lines += ["| pair | module | phi(1,1) | mean phi over i<=8, j<=8 | mean phi, all (i, j) |",
+    # Two random subspaces of dimension i and j in R^d: E[phi] = max(i, j) / d.
+    d = f8[next(iter(f8))].lora_a.shape[1]
+    lines += [f"Random-subspace baseline: E[phi(i, j)] = max(i, j) / d with d = {d}, so "
+              f"phi(1, 1) = {1 / d:.3f} and phi(8, 64) = {64 / d:.3f} by chance.", "",
+              "| pair | module | phi(1,1) | mean phi over i<=8, j<=8 | mean phi, all (i, j) |",
               "|---|---|---:|---:|---:|"]
     for png, title, pair in pairs:
         plots.phi_heatmaps(pair.grids, figures / png, title=title)
@@ -245,8 +249,8 @@ def run_analyses(results: dict, figures: Path) -> list[str]:
                          f"{grid.mean():.3f} |")
     lines += ["", "Heat maps: " + ", ".join(f"![{t}](figures/{p})" for p, t, _ in pairs), ""]
     model = load_model(default_base_model())
-    lines += ["| adapter | module | r | amplification ||dW|| / ||U^T W V^T|| | "
-              "||U^T W V^T|| | same for a random W | ||dW|| |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines += ["| adapter | module | r | amplification ‖dW‖ / ‖UᵀWVᵀ‖ | ‖UᵀWVᵀ‖ | "
+              "same for a random W | ‖dW‖ |", "|---|---|---:|---:|---:|---:|---:|"]
     for label, factors in (("r=8", f8), ("r=64", f64)):
         rows = analyze_adapter(factors, base_weights_for(model, factors))
         for m in rows:
