@@ -51,20 +51,32 @@ def test_gpt2_both_directions(gpt2_dir, tmp_path, ids, config):
     torch.testing.assert_close(logits(again, ids), expected, atol=ATOL, rtol=0)
 
 
-def _two_peft_adapters(base_dir, tmp_path):
+# family -> (adapter "a" targets, adapter "b" targets): b overlaps a and adds an embedding.
+TWO_ADAPTERS = {
+    "llama": (["q_proj", "v_proj"], ["k_proj", "gate_proj", "v_proj", "embed_tokens"]),
+    "gpt2": (["c_attn"], ["c_attn", "c_fc", "wte"]),
+}
+
+
+def _two_peft_adapters(base_dir, tmp_path, family):
     import peft
 
-    oracle = peft_random(base_dir, "a", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    targets_a, targets_b = TWO_ADAPTERS[family]
+    gpt2 = family == "gpt2"
+    oracle = peft_random(base_dir, "a", r=4, lora_alpha=8, target_modules=targets_a,
+                         fan_in_fan_out=gpt2)
     torch.manual_seed(5)
     oracle.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=4, use_rslora=True, init_lora_weights=False,
-                                            target_modules=["k_proj", "gate_proj", "v_proj", "embed_tokens"]))
+                                            target_modules=targets_b, fan_in_fan_out=gpt2))
     oracle.save_pretrained(tmp_path / "peft")  # non-"default" adapters go to peft/<name>/
     return oracle.eval()
 
 
-def test_mixed_batch_matches_peft_adapter_names(llama_dir, tmp_path, ids):
-    oracle = _two_peft_adapters(llama_dir, tmp_path)
-    model = hf_model(llama_dir)
+@pytest.mark.parametrize("family", list(TWO_ADAPTERS))
+def test_mixed_batch_matches_peft_adapter_names(request, tmp_path, ids, family):
+    base_dir = request.getfixturevalue(f"{family}_dir")
+    oracle = _two_peft_adapters(base_dir, tmp_path, family)
+    model = hf_model(base_dir)
     for name in ("a", "b"):
         lf.load_adapter(model, tmp_path / "peft" / name, adapter_name=name)
     rows = ["b", None, "a"]
@@ -72,8 +84,9 @@ def test_mixed_batch_matches_peft_adapter_names(llama_dir, tmp_path, ids):
     with lf.row_adapters(model, rows):
         got = logits(model, ids)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
-    torch.testing.assert_close(got[1], logits(hf_model(llama_dir), ids)[1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(got[1], logits(hf_model(base_dir), ids)[1], atol=ATOL, rtol=0)
     assert not torch.allclose(got[0], got[2], atol=1e-3)  # rows really differ
+    assert not torch.allclose(got[0], got[1], atol=1e-3)
     lf.set_adapter(model, "b")
     oracle.set_adapter("b")
     torch.testing.assert_close(logits(model, ids), logits(oracle, ids), atol=ATOL, rtol=0)
