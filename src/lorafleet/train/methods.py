@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import lorafleet
 from lorafleet.errors import ConfigError, TargetError
 
 METHOD_FILE = "method.json"
@@ -268,13 +269,6 @@ def apply_method(model: nn.Module, cfg: MethodConfig, state: dict | None = None)
     return trained
 
 
-def peft_io():
-    """The PEFT-folder reader/writer (lorafleet.adapters.peft_format, which needs only torch and
-    safetensors: see docs/architecture.md)."""
-    from lorafleet.adapters import peft_format
-    return peft_format
-
-
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
@@ -284,7 +278,9 @@ def save_trained(model: nn.Module, cfg: MethodConfig, state: dict, path: str | P
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if cfg.method in ("lora", "qlora"):
-        peft_io().save_adapter(model, path)
+        # Through the public API, not lorafleet.adapters: train sits left of adapters in the
+        # pipeline (STYLE.md rule 1), and the top level is what users call too.
+        lorafleet.save_adapter(model, path)
     else:
         tensors = {k: v.contiguous().clone() for k, v in trainable_state(model).items()}
         save_file(tensors, str(path / TRAINABLE_FILE))
@@ -304,7 +300,7 @@ def load_trained(model: nn.Module, path: str | Path) -> nn.Module:
         if cfg.method == "qlora":
             from lorafleet.quant import quantize_model
             quantize_model(model, skip=OUTPUT_HEADS)
-        peft_io().load_adapter(model, path, "default")
+        lorafleet.load_adapter(model, path, adapter_name="default")
         return model
     trained = apply_method(model, cfg, state)
     tensors = load_file(str(path / TRAINABLE_FILE))
