@@ -30,8 +30,8 @@ _API = {
     "unmerge": "lorafleet.lora.merge",
     "unload": "lorafleet.lora.merge",
     "merge_checkpoint": "lorafleet.lora.merge",
-    "load_adapter": "lorafleet.adapters.peft_format",
-    "save_adapter": "lorafleet.adapters.peft_format",
+    "load_adapter": "lorafleet.lora.peft_format",
+    "save_adapter": "lorafleet.lora.peft_format",
 }
 __all__ = sorted(_API)
 

@@ -44,7 +44,7 @@ def _pattern_value(pattern: dict, module: str, default):
 
 def load_lora_factors(adapter_dir: str | Path) -> dict[str, LoraFactors]:
     """{module name (as in the base model): LoraFactors} from a PEFT adapter folder."""
-    from lorafleet.adapters.peft_format import read_adapter
+    from lorafleet.lora.peft_format import read_adapter
 
     config, tensors = read_adapter(adapter_dir)
     config = config if isinstance(config, dict) else vars(config)

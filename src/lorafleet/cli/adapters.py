@@ -21,7 +21,7 @@ def _size(n: int) -> str:
 
 
 def run_inspect(args) -> int:
-    from lorafleet.adapters.peft_format import inspect_adapter
+    from lorafleet.lora.peft_format import inspect_adapter
 
     info = inspect_adapter(args.path)
     if args.json:

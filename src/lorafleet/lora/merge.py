@@ -121,7 +121,7 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from lorafleet.adapters.peft_format import read_adapter
+    from lorafleet.lora.peft_format import read_adapter
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if isinstance(dtype, str):

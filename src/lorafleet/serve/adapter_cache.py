@@ -40,7 +40,7 @@ def read_peft_folder(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config.json as a dict, tensors) of a PEFT folder. Uses the adapters stage's
     reader when it is there; safetensors only, never pickles."""
     try:
-        from lorafleet.adapters.peft_format import read_adapter
+        from lorafleet.lora.peft_format import read_adapter
     except ImportError:
         read_adapter = None
     if read_adapter is not None:
