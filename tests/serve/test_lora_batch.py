@@ -1,4 +1,4 @@
-"""The LoRA working set (lora_batch.py): through a random sequence of batches (adapters joining,
+"""The step's LoRA batch (lora_batch.py): through a random sequence of batches (adapters joining,
 leaving, evicted and reloaded, re-registered), every module's stacked rows of every adapter in the
 batch equal that adapter's A and B^T read straight from its pool pages (the reference gather),
 and segments cover exactly the rows whose adapter targets the module."""
@@ -26,7 +26,7 @@ def make_adapter(name, seed, rank, modules):
     return build_host_adapter(name, config, tensors, TARGETS, H, 64, torch.float32)
 
 
-def test_working_set_matches_the_pool_through_joins_leaves_and_reloads():
+def test_stacks_match_the_pool_through_joins_leaves_and_reloads():
     rng = random.Random(0)
     pool = PagePool(2000)
     pages = torch.zeros(2000, H)
@@ -74,7 +74,7 @@ def test_working_set_matches_the_pool_through_joins_leaves_and_reloads():
         if step % 7 == 6:                   # evict everything: reloads land on other pages
             cache.reclaim(pool.num_pages)
             pool.check()
-    assert builder.gathers < 60             # batches that add no adapter gather nothing
+    assert 0 < builder.gathers <= 60        # at most one gather per new adapter set
 
 
 def test_reference_gather_reads_the_adapter_weights():
