@@ -11,6 +11,7 @@ from lorafleet.errors import ConfigError
 from lorafleet.models import load_model
 from quant_helpers import bnb_nf4_transformers
 
+from lorafleet.quant.linear4bit import linear_nf4, linear_nf4_reference
 from lorafleet.quant.nf4 import unpack_nibbles
 from lorafleet.quant import (Embedding4bit, Linear4bit, dequantize_nf4, load_quantized_model,
                              memory_report, quantize_model, quantize_nf4)
@@ -24,7 +25,7 @@ def make_layer(in_features=128, out_features=96, bias=True, seed=0, **kwargs):
 @pytest.mark.parametrize("bias", [True, False])
 def test_forward_equals_linear_over_dequantized_weight(bias):
     layer = make_layer(bias=bias)
-    x = torch.randn(3, 5, 128)
+    x = torch.randn(3, 7, 128)  # 21 tokens: the torch path (the C kernel takes <= 16), exact
     w = dequantize_nf4(layer.nf4, torch.float32)
     torch.testing.assert_close(layer(x), F.linear(x, w, layer.bias), rtol=0, atol=0)
     assert torch.equal(layer.weight, w)
@@ -219,6 +220,9 @@ def test_memory_report_counts_stored_bytes(llama_dir):
 def test_chunked_linear_matches_reference(dtype, tokens, shape, block, monkeypatch):
     from lorafleet.quant import linear4bit
 
+    from lorafleet.quant import kernel
+
+    monkeypatch.setattr(kernel, "KERNEL_MAX_TOKENS", 0)  # the torch paths (kernel: below)
     monkeypatch.setattr(linear4bit, "CHUNK_BYTES", 64 * 1024)  # force several chunks
     monkeypatch.setattr(linear4bit, "FEW_TOKENS_CHUNK_BYTES", 96 * 1024)  # and a ragged last one
     calls = []
@@ -243,3 +247,67 @@ def test_chunked_linear_matches_reference(dtype, tokens, shape, block, monkeypat
         exact = linear4bit.linear_nf4_reference(x.float(), nf4, bias)
         err, ref_err = (got.float() - exact).norm(), (expected.float() - exact).norm()
         assert err <= 1.5 * ref_err + 1e-6, (err, ref_err)
+
+
+@pytest.fixture(scope="module")
+def kernel_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def kernel(monkeypatch, kernel_cache):
+    """The fused C kernel module, built from source into a fresh cache (once per module)."""
+    from lorafleet.quant import kernel
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(kernel_cache))
+    kernel._load.cache_clear()
+    yield kernel
+    kernel._load.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,block", [((300, 384), 64), ((70, 512), 128), ((1, 64), 64)])
+def test_kernel_matches_reference(kernel, dtype, shape, block, kernel_cache):
+    if not kernel.kernel_available():  # the dev box (AVX-512, gcc) always has it
+        pytest.skip("no C compiler / AVX-512 here")
+    torch.manual_seed(0)
+    nf4 = quantize_nf4(torch.randn(shape) * 0.05, block)
+    bias = torch.randn(shape[0])
+    for tokens in (1, 4, 8, 16):  # groups of 3 tokens and their tails of 1 and 2
+        x = torch.randn(tokens, shape[1]).to(dtype)
+        got = kernel.nf4_kernel_linear(x, nf4)
+        assert got is not None and got.shape == (tokens, shape[0]) and got.dtype == torch.float32
+        exact = linear_nf4_reference(x.float(), nf4)  # fp32 dequantized weight, fp32 matmul
+        torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)
+        # the public path takes the kernel and rounds once to x's dtype
+        layer_out = linear_nf4(x, nf4, bias)
+        assert layer_out.dtype == dtype
+        torch.testing.assert_close(layer_out, (got + bias).to(dtype), rtol=0, atol=0)
+        reference = linear_nf4_reference(x, nf4, bias)
+        tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(layer_out, reference, **tol)
+    assert list(kernel_cache.glob("lorafleet/nf4_kernel_*.so"))  # built into the cache
+
+
+def test_kernel_falls_back_cleanly(kernel, tmp_path, monkeypatch, caplog):
+    torch.manual_seed(0)
+    nf4 = quantize_nf4(torch.randn(64, 128) * 0.05, 64)
+    x = torch.randn(2, 128)
+    expected = linear_nf4_reference(x, nf4)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "/bin/false")  # a compiler that fails
+    with caplog.at_level(logging.INFO, logger="lorafleet.quant"):
+        assert not kernel.kernel_available()
+    assert "NF4 kernel unavailable" in caplog.text
+    torch.testing.assert_close(linear_nf4(x, nf4), expected, rtol=0, atol=1e-5)  # torch path
+    kernel._load.cache_clear()
+    monkeypatch.setenv("LORAFLEET_NF4_KERNEL", "0")
+    assert not kernel.kernel_available()
+    monkeypatch.delenv("LORAFLEET_NF4_KERNEL")
+    monkeypatch.delenv("CC")
+    kernel._load.cache_clear()
+    if kernel.kernel_available():  # what it does not take: block 32, > 16 tokens, ragged rows
+        assert kernel.nf4_kernel_linear(x, quantize_nf4(torch.randn(64, 128), 32)) is None
+        assert kernel.nf4_kernel_linear(torch.randn(17, 128), nf4) is None
+        assert kernel.nf4_kernel_linear(torch.randn(1, 100), quantize_nf4(torch.randn(8, 100))) \
+            is None

@@ -17,6 +17,7 @@ from torch import nn
 
 from lorafleet.errors import ConfigError
 
+from .kernel import nf4_kernel_linear
 from .nf4 import (DOUBLE_QUANT_BLOCK, NF4Tensor, _byte_pair_table, _check_block_size, decode_nf4,
                   dequantize_nf4, dequantize_nf4_reference, quantize_nf4, requantize_nf4)
 
@@ -48,10 +49,15 @@ def linear_nf4(x: torch.Tensor, nf4: NF4Tensor, bias: torch.Tensor | None = None
     while it is still in cache; the full dequantized matrix never exists."""
     out_features, in_features = nf4.shape
     dtype = x.dtype
+    x2d = x.reshape(-1, in_features)
+    y = nf4_kernel_linear(x2d, nf4)  # decode (few tokens) with the fused C kernel, if built
+    if y is not None:
+        if bias is not None:
+            y += bias.float()
+        return y.to(dtype).view(*x.shape[:-1], out_features)
     rows = max(1, CHUNK_BYTES // (in_features * dtype.itemsize))
     if in_features % nf4.block_size or rows >= out_features:  # ragged rows / small layer
         return F.linear(x, dequantize_nf4(nf4, dtype), None if bias is None else bias.to(dtype))
-    x2d = x.reshape(-1, in_features)
     # not fp16: the unscaled partial sums are ~1/absmax (~20x) larger than the output and could
     # overflow its range on outlier activations; bf16 and fp32 have fp32's range
     if x2d.shape[0] <= FEW_TOKENS and dtype in (torch.bfloat16, torch.float32):
