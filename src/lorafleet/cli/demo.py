@@ -26,6 +26,9 @@ def add_parser(subparsers) -> None:
                    help="comma-separated, from e2e, json, upper, reverse")
     p.add_argument("--show", type=int, default=3,
                    help="table rows per task and model (scores use every held-out prompt)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads for training and merging (0: torch's default); 1 is "
+                        "faster on a machine busy with other jobs")
     p.add_argument("--lr", type=float, default=None, help="adapter learning rate")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank r")
     p.add_argument("--quick", action="store_true",
@@ -54,6 +57,9 @@ def run(args) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     from lorafleet.demo.tasks import TASKS
 
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     options = {"work": args.work, "tasks": tuple(t.strip() for t in args.tasks.split(","))}
     if args.base is not None:
         options["base"] = args.base
