@@ -7,7 +7,8 @@ in one run, measured round-robin so every contender sees the same machine load.
 For each weight [out, in] (random N(0, 0.02), bf16, block 64, double quantization on both sides):
 - quantize: bf16 weight -> NF4 (ours `quantize_nf4` / bnb `quantize_4bit(compress_statistics)`)
 - dequantize: NF4 -> bf16 matrix (ours `dequantize_nf4` / bnb `dequantize_4bit`)
-- linear: y = x W^T for x [tokens, in] in bf16: our `Linear4bit` (chunked decode + matmul); bnb
+- linear: y = x W^T for x [tokens, in] in bf16: our `Linear4bit` (the fused C kernel up to 16
+  tokens, else chunked decode + matmul) and `ours_torch` (its torch-only path, the fallback); bnb
   `Linear4bit` in training mode (dequantize, then F.linear) and in eval mode (bnb repacks the
   weight for its fused AVX512-BF16 4-bit GEMM kernel, when the CPU has one); `nn.Linear` in bf16.
 Times are wall-clock milliseconds, best of --repeats (median in the JSON); ratio = other / ours
@@ -62,6 +63,17 @@ def _bnb_linear(weight, training: bool):
     return layer.train(training)
 
 
+def _without_kernel(layer, x):
+    """Our forward on the torch path only (what runs where the C kernel cannot be built)."""
+    from lorafleet.quant import kernel
+
+    saved, kernel.KERNEL_MAX_TOKENS = kernel.KERNEL_MAX_TOKENS, 0
+    try:
+        return layer(x)
+    finally:
+        kernel.KERNEL_MAX_TOKENS = saved
+
+
 def measure_shape(out_features: int, in_features: int, tokens: list[int], repeats: int) -> dict:
     import bitsandbytes.functional as bnbF
     import torch
@@ -99,13 +111,16 @@ def measure_shape(out_features: int, in_features: int, tokens: list[int], repeat
             x = torch.randn(t, in_features, dtype=torch.bfloat16)
             bnb_eval(x)  # first eval call repacks the weight for the fused kernel
             result[f"linear_{t}"] = _time_round_robin({
-                "ours": lambda: ours(x), "bnb_dequant": lambda: bnb_train(x),
+                "ours": lambda: ours(x), "ours_torch": lambda: _without_kernel(ours, x),
+                "bnb_dequant": lambda: bnb_train(x),
                 "bnb_fused": lambda: bnb_eval(x), "bf16": lambda: bf16(x),
             }, repeats)
             reference = bf16(x).float()
             result[f"linear_{t}"]["rel_error_vs_bf16"] = {
                 name: ((fn(x).float() - reference).norm() / reference.norm()).item()
-                for name, fn in (("ours", ours), ("bnb_dequant", bnb_train),
+                for name, fn in (("ours", ours),
+                                 ("ours_torch", lambda x: _without_kernel(ours, x)),
+                                 ("bnb_dequant", bnb_train),
                                  ("bnb_fused", bnb_eval))}
     return result
 
@@ -131,13 +146,16 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     shapes = [tuple(int(n) for n in s.lower().split("x")) for s in args.shapes.split(",")]
     tokens = [int(t) for t in args.tokens.split(",")]
+    from lorafleet.quant.kernel import kernel_available
+
     results = {"threads": torch.get_num_threads(), "repeats": args.repeats, "block_size": 64,
-               "double_quant": True, "shapes": []}
+               "double_quant": True, "nf4_kernel": kernel_available(), "shapes": []}
     for out_features, in_features in shapes:
         result = measure_shape(out_features, in_features, tokens, args.repeats)
         results["shapes"].append(result)
         print(f"\nW [{out_features} x {in_features}] bf16, NF4 block 64 + double quant; "
-              f"{results['threads']} threads; best of {args.repeats}")
+              f"{results['threads']} threads; best of {args.repeats}; fused NF4 kernel "
+              f"{'built' if results['nf4_kernel'] else 'unavailable (torch path)'}")
         size = result["bytes_per_param"]
         print(f"stored bytes/param: ours {size['ours']:.4f} ({8 * size['ours']:.3f} bits), "
               f"bnb {size['bnb']:.4f}, bf16 {size['bf16']:.1f}")
