@@ -4,9 +4,10 @@ Plain torch ops cannot decode NF4 without writing the decoded weight to memory f
 gather, then the matmul reads it back), which bounds a 1-token forward at ~2.5x a bf16 matmul.
 This kernel never materializes W: each 16 bytes of codes are widened to 32-bit lanes, the two
 nibbles looked up in the 16-entry codebook held in ONE AVX-512 register (`vpermps`), scaled,
-and multiplied into fp32 accumulators together with the matching even/odd inputs. It reads
-0.52 bytes per weight instead of 2 (bf16), so it beats a bf16 matmul at 1-4 tokens; past that
-the FMAs (fp32, 16 per instruction) bind and the torch path's bf16 matmul wins.
+and multiplied into fp32 accumulators together with the matching inputs. It reads 0.52 bytes
+per weight instead of 2 (bf16), so at 1 token it is ~2.5x faster than a bf16 nn.Linear, and it
+stays within ~1.5x of one up to 32 tokens (7-10x faster than the torch path at 1 token, ~2.5x at
+16). Past 32 tokens (prefill, training) the torch path's chunked decode + bf16 matmul is used.
 
 The C source is compiled with the system C compiler (`cc -O3 -march=native`, ~0.3 s) into a
 per-user cache and loaded with ctypes (no torch headers, no build step at install). Anything
@@ -15,8 +16,10 @@ missing (no compiler, no AVX-512, not x86-64 Linux, `LORAFLEET_NF4_KERNEL=0`) ma
 logged once.
 
 Numerics: each weight is cb[code] * scale in fp32 (exactly the reference's fp32 dequantized
-value), multiplied by x in fp32 and summed in fp32; the output is rounded to x's dtype once. So
-for bf16 it is closer to the exact product than the reference (which rounds W to bf16 first).
+value). fp32/fp16 inputs: multiplied by x in fp32, summed in fp32 (= the fp32 reference up to
+summation order). bf16 inputs (AVX512-BF16 CPUs): the weight is rounded to bf16 as the
+reference rounds it, and the products of the bf16 pairs are summed in fp32 (`vdpbf16ps`); the
+output is rounded to x's dtype once, as F.linear's is.
 """
 from __future__ import annotations
 
@@ -37,10 +40,15 @@ from .nf4 import NF4Tensor, nf4_codebook
 
 log = logging.getLogger(__name__)
 
-# Up to this many tokens the kernel is used (2-core EPYC dev box, 1 thread, 4096x4096: 1 token
-# 0.6 ms vs 5 ms for the torch path, 8 tokens 2.0 vs ~6, 16 tokens 3.8 vs ~6.6); by ~32 tokens
-# its fp32 FMAs (16 per instruction) cost as much as the torch path's decode + bf16 matmul.
-KERNEL_MAX_TOKENS = 16
+# Up to this many tokens the kernel is used (2-core EPYC dev box, 1 thread, 4096x4096, ms):
+#   tokens              1     4     8     16    32
+#   bf16 kernel         0.69  1.03  1.72  2.79  5.68
+#   fp32 kernel         0.64  1.37  2.16  4.06  7.93
+#   torch path          5.0   7.0   ~6.5  6.6   ~8
+#   bf16 nn.Linear      1.8   1.7   2.0   2.5   3.8
+# (the fp32 kernel serves fp32/fp16 inputs, and bf16 where the CPU lacks AVX512-BF16).
+KERNEL_MAX_TOKENS = 32
+FP32_KERNEL_MAX_TOKENS = 16
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -105,6 +113,65 @@ void nf4_linear(const uint8_t *codes, const float *scales, const float *cb, cons
         }
     }
 }
+#ifdef __AVX512BF16__
+/* bf16 inputs (AVX512-BF16): each 16 bytes of codes give 32 weights cb * s, rounded to bf16 (as
+ * the reference's dequantized weight is) and packed [16 high-nibble values, 16 low-nibble ones];
+ * x is packed the same way, so one vdpbf16ps does 32 multiply-adds into 16 fp32 lanes (twice the
+ * fp32 FMA's work, and half the x bytes). Up to 8 tokens per pass: decoding once per 8 tokens
+ * is what makes 8-32 tokens cheap. xp: [tokens, in/bs, bs/32, 2, 16] bf16. */
+static inline __attribute__((always_inline)) void rows_bf16(
+        const uint8_t *codes, const float *scales, const uint16_t *xp, float *y, long out,
+        long in, long bs, long t0, const long nt, __m512 book) {
+    const long nb = in / bs, half = bs / 2;
+    const __m512i low = _mm512_set1_epi32(15);
+    for (long o = 0; o < out; o++) {
+        const uint8_t *row = codes + o * (in / 2);
+        __m512 acc[8][2];
+        #pragma GCC unroll 8
+        for (long t = 0; t < nt; t++) { acc[t][0] = _mm512_setzero_ps(); acc[t][1] = _mm512_setzero_ps(); }
+        for (long b = 0; b < nb; b++) {
+            const __m512 s = _mm512_set1_ps(scales[o * nb + b]);
+            for (long j = 0; j < half; j += 32) {
+                const uint8_t *p = row + b * half + j;
+                __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+                __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16)));
+                __m512bh w0 = _mm512_cvtne2ps_pbh(
+                    _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v0, low), book), s),
+                    _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v0, 4), book), s));
+                __m512bh w1 = _mm512_cvtne2ps_pbh(
+                    _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v1, low), book), s),
+                    _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v1, 4), book), s));
+                #pragma GCC unroll 8
+                for (long t = 0; t < nt; t++) {
+                    const uint16_t *xb = xp + ((t0 + t) * nb + b) * bs + 2 * j;
+                    acc[t][0] = _mm512_dpbf16_ps(acc[t][0], w0, (__m512bh)_mm512_loadu_si512(xb));
+                    acc[t][1] = _mm512_dpbf16_ps(acc[t][1], w1, (__m512bh)_mm512_loadu_si512(xb + 32));
+                }
+            }
+        }
+        #pragma GCC unroll 8
+        for (long t = 0; t < nt; t++)
+            y[(t0 + t) * out + o] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+    }
+}
+
+void nf4_linear_bf16(const uint8_t *codes, const float *scales, const float *cb,
+                     const uint16_t *xp, float *y, long out, long in, long bs, long tokens) {
+    const __m512 book = _mm512_loadu_ps(cb);
+    for (long t0 = 0; t0 < tokens; t0 += 8) {
+        switch (tokens - t0 < 8 ? tokens - t0 : 8) {
+            case 1: rows_bf16(codes, scales, xp, y, out, in, bs, t0, 1, book); break;
+            case 2: rows_bf16(codes, scales, xp, y, out, in, bs, t0, 2, book); break;
+            case 3: rows_bf16(codes, scales, xp, y, out, in, bs, t0, 3, book); break;
+            case 4: rows_bf16(codes, scales, xp, y, out, in, bs, t0, 4, book); break;
+            case 5: rows_bf16(codes, scales, xp, y, out, in, bs, t0, 5, book); break;
+            case 6: rows_bf16(codes, scales, xp, y, out, in, bs, t0, 6, book); break;
+            case 7: rows_bf16(codes, scales, xp, y, out, in, bs, t0, 7, book); break;
+            default: rows_bf16(codes, scales, xp, y, out, in, bs, t0, 8, book); break;
+        }
+    }
+}
+#endif
 """
 
 _FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
@@ -148,6 +215,10 @@ def _load() -> ctypes.CDLL | None:
         return None
     lib.nf4_linear.restype = None
     lib.nf4_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 4
+    lib.has_bf16 = hasattr(lib, "nf4_linear_bf16")  # compiled only where the CPU has AVX512-BF16
+    if lib.has_bf16:
+        lib.nf4_linear_bf16.restype = None
+        lib.nf4_linear_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 4
     return lib
 
 
@@ -176,13 +247,18 @@ def nf4_kernel_linear(x2d: torch.Tensor, nf4: NF4Tensor) -> torch.Tensor | None:
     lib = _load()
     if lib is None:
         return None
-    n_blocks, half = in_features // nf4.block_size, nf4.block_size // 2
-    # [T, nb, 2, bs/2]: each block's even elements, then its odd ones (high / low nibbles)
-    xs = x2d.float().view(tokens, n_blocks, half, 2).transpose(-1, -2).contiguous()
+    bf16 = x2d.dtype == torch.bfloat16 and lib.has_bf16
+    if not bf16 and tokens > FP32_KERNEL_MAX_TOKENS:
+        return None
+    n_blocks = in_features // nf4.block_size
+    if bf16:  # [T, nb, bs/32, 2, 16]: per 16 bytes of codes, 16 high-nibble x then 16 low-nibble
+        xs = x2d.view(tokens, n_blocks, -1, 16, 2).transpose(-1, -2).contiguous()
+    else:  # [T, nb, 2, bs/2]: each block's even elements, then its odd ones, in fp32
+        xs = x2d.float().view(tokens, n_blocks, -1, 2).transpose(-1, -2).contiguous()
     codes = nf4.codes.contiguous()
     scales = nf4.scales().float().contiguous()
-    codebook = nf4_codebook()
     y = torch.empty(tokens, out_features, dtype=torch.float32)
-    lib.nf4_linear(codes.data_ptr(), scales.data_ptr(), codebook.data_ptr(), xs.data_ptr(),
-                   y.data_ptr(), out_features, in_features, nf4.block_size, tokens)
+    kernel = lib.nf4_linear_bf16 if bf16 else lib.nf4_linear
+    kernel(codes.data_ptr(), scales.data_ptr(), nf4_codebook().data_ptr(), xs.data_ptr(),
+           y.data_ptr(), out_features, in_features, nf4.block_size, tokens)
     return y
