@@ -91,7 +91,7 @@ def greedy_complete(model, tokenizer, prompt: str, max_tokens: int) -> str:
 def run_one(spec: dict) -> dict:
     import torch
 
-    from lorafleet.demo.tasks import make_split, score, write_jsonl
+    from lorafleet.demo.tasks import make_split, score
     from lorafleet.models import load_tokenizer
     from lorafleet.train.trainer import TrainConfig, train
 

@@ -265,4 +265,5 @@ def merge_and_compare(cfg: DemoConfig, adapter: Path, examples: list[TaskExample
 
 __all__ = ["DemoConfig", "Row", "MergeCheck", "default_base_model", "prepare_data",
            "train_adapters", "free_port", "start_server", "stop_server", "query_all",
-           "score_rows", "row_score", "row_partial", "partial_score", "merge_and_compare", "clean_output", "TASKS", "BASE_NAME"]
+           "score_rows", "row_score", "row_partial", "partial_score", "merge_and_compare",
+           "clean_output", "TASKS", "BASE_NAME"]
