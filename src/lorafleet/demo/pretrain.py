@@ -160,13 +160,20 @@ def hf_config(cfg: PretrainConfig, tok) -> dict:
 
 
 def build_model(config: dict):
-    """A freshly initialised Llama with the given config.json contents (transformers'
-    LlamaForCausalLM: its state dict is the Hugging Face layout byte for byte)."""
-    import transformers as tf
+    """A freshly initialised Llama (lorafleet's own) for the given config.json contents, with
+    weights drawn as transformers initialises a Llama (normal(0, initializer_range), zero
+    biases, unit norms); its state dict is the Hugging Face layout name for name."""
+    from lorafleet.models.config import ModelConfig
+    from lorafleet.models.loader import build_model as build
 
-    keys = {k: v for k, v in config.items() if k not in ("architectures", "model_type",
-                                                         "rope_parameters", "torch_dtype")}
-    return tf.LlamaForCausalLM(tf.LlamaConfig(**keys))
+    model = build(ModelConfig.from_dict(config), device="cpu")
+    std = config.get("initializer_range", 0.02)
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            torch.nn.init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                torch.nn.init.zeros_(module.bias)
+    return model
 
 
 def token_stream(docs: list[str], tok) -> torch.Tensor:
@@ -208,7 +215,7 @@ def pretrain(model, train_ids: torch.Tensor, val_ids: torch.Tensor, cfg: Pretrai
 
     def loss_of(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
-            logits = model(x[:, :-1]).logits.float()  # [B, T, vocab]
+            logits = model(x[:, :-1]).float()  # [B, T, vocab]
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
                                                  x[:, 1:].reshape(-1))
 
@@ -252,7 +259,7 @@ def sample(model, tok, prompt: str, max_new_tokens: int = 60, temperature: float
     ids = torch.tensor([[tok.token_to_id(BOS)] + tok.encode(prompt).ids])
     eos = tok.token_to_id(EOS)
     for _ in range(max_new_tokens):
-        logits = model(ids[:, -model.config.max_position_embeddings:]).logits[0, -1]
+        logits = model(ids[:, -model.config.max_position_embeddings:])[0, -1]
         nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)
         if nxt.item() == eos:
             break
