@@ -266,12 +266,13 @@ def kernel(monkeypatch, kernel_cache):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape,block", [((300, 384), 64), ((70, 512), 128), ((1, 64), 64)])
-def test_kernel_matches_reference(kernel, dtype, shape, block, kernel_cache):
+@pytest.mark.parametrize("shape,block,double_quant", [((300, 384), 64, True),
+                                                      ((70, 512), 128, False), ((1, 64), 64, True)])
+def test_kernel_matches_reference(kernel, dtype, shape, block, double_quant, kernel_cache):
     if not kernel.kernel_available():  # the dev box (AVX-512, gcc) always has it
         pytest.skip("no C compiler / AVX-512 here")
     torch.manual_seed(0)
-    nf4 = quantize_nf4(torch.randn(shape) * 0.05, block)
+    nf4 = quantize_nf4(torch.randn(shape) * 0.05, block, double_quant)
     bias = torch.randn(shape[0])
     bf16_kernel = dtype == torch.bfloat16 and kernel._load().has_bf16
     for tokens in (1, 4, 11, 16, 32):  # groups of 8 (bf16) or 3 tokens and their tails

@@ -36,7 +36,9 @@ from pathlib import Path
 
 import torch
 
-from .nf4 import NF4Tensor, nf4_codebook
+from .nf4 import DOUBLE_QUANT_BLOCK, NF4Tensor, dynamic_map, nf4_codebook
+
+assert DOUBLE_QUANT_BLOCK == 256  # the C source's `i / 256`
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,17 @@ _SOURCE = r"""
  * codes: [out, in/2] bytes, element 2j in the high nibble of byte j (bitsandbytes order).
  * xs: x split per block into its even and odd elements, [tokens, in/bs, 2, bs/2] fp32, so the
  * high nibbles of 16 bytes meet 16 even x and the low nibbles 16 odd x: no lane shuffles. */
+/* Block scale i: stored fp32 (absmax), or double-quantized: dmap[code] * scale + offset, in that
+ * fp32 order (built with -ffp-contract=off: the same bits as NF4Tensor.scales()). */
+typedef struct { const float *absmax; const uint8_t *codes; const float *scale; float offset;
+                 const float *dmap; } scales_t;
+
+static inline float block_scale(const scales_t *sc, long i) {
+    return sc->absmax ? sc->absmax[i] : sc->dmap[sc->codes[i]] * sc->scale[i / 256] + sc->offset;
+}
+
 static inline __attribute__((always_inline)) void rows_nt(
-        const uint8_t *codes, const float *scales, const float *xs, float *y, long out,
+        const uint8_t *codes, const scales_t *scales, const float *xs, float *y, long out,
         long in, long bs, long t0, const long nt, __m512 book) {
     const long nb = in / bs, half = bs / 2;
     const __m512i low = _mm512_set1_epi32(15);
@@ -73,7 +84,7 @@ static inline __attribute__((always_inline)) void rows_nt(
         for (long t = 0; t < nt; t++)
             for (int a = 0; a < 4; a++) acc[t][a] = _mm512_setzero_ps();
         for (long b = 0; b < nb; b++) {
-            const __m512 s = _mm512_set1_ps(scales[o * nb + b]);
+            const __m512 s = _mm512_set1_ps(block_scale(scales, o * nb + b));
             for (long j = 0; j < half; j += 32) {
                 const uint8_t *p = row + b * half + j;
                 __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
@@ -102,8 +113,10 @@ static inline __attribute__((always_inline)) void rows_nt(
 /* bs a multiple of 64; tokens are taken three at a time: the codes are decoded once per group,
  * and three tokens' 12 accumulators + the decoded values fit in the 32 registers (groups of 2
  * and 4 measured 10-35% slower at 3..16 tokens). */
-void nf4_linear(const uint8_t *codes, const float *scales, const float *cb, const float *xs,
-                float *y, long out, long in, long bs, long tokens) {
+void nf4_linear(const uint8_t *codes, const float *absmax, const uint8_t *scodes,
+                const float *sscale, float soffset, const float *dmap, const float *cb,
+                const float *xs, float *y, long out, long in, long bs, long tokens) {
+    const scales_t sc = {absmax, scodes, sscale, soffset, dmap}, *scales = &sc;
     const __m512 book = _mm512_loadu_ps(cb);
     for (long t0 = 0; t0 < tokens; t0 += 3) {
         switch (tokens - t0 < 3 ? tokens - t0 : 3) {
@@ -120,7 +133,7 @@ void nf4_linear(const uint8_t *codes, const float *scales, const float *cb, cons
  * fp32 FMA's work, and half the x bytes). Up to 8 tokens per pass: decoding once per 8 tokens
  * is what makes 8-32 tokens cheap. xp: [tokens, in/bs, bs/32, 2, 16] bf16. */
 static inline __attribute__((always_inline)) void rows_bf16(
-        const uint8_t *codes, const float *scales, const uint16_t *xp, float *y, long out,
+        const uint8_t *codes, const scales_t *scales, const uint16_t *xp, float *y, long out,
         long in, long bs, long t0, const long nt, __m512 book) {
     const long nb = in / bs, half = bs / 2;
     const __m512i low = _mm512_set1_epi32(15);
@@ -130,7 +143,7 @@ static inline __attribute__((always_inline)) void rows_bf16(
         #pragma GCC unroll 8
         for (long t = 0; t < nt; t++) { acc[t][0] = _mm512_setzero_ps(); acc[t][1] = _mm512_setzero_ps(); }
         for (long b = 0; b < nb; b++) {
-            const __m512 s = _mm512_set1_ps(scales[o * nb + b]);
+            const __m512 s = _mm512_set1_ps(block_scale(scales, o * nb + b));
             for (long j = 0; j < half; j += 32) {
                 const uint8_t *p = row + b * half + j;
                 __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
@@ -155,8 +168,10 @@ static inline __attribute__((always_inline)) void rows_bf16(
     }
 }
 
-void nf4_linear_bf16(const uint8_t *codes, const float *scales, const float *cb,
+void nf4_linear_bf16(const uint8_t *codes, const float *absmax, const uint8_t *scodes,
+                     const float *sscale, float soffset, const float *dmap, const float *cb,
                      const uint16_t *xp, float *y, long out, long in, long bs, long tokens) {
+    const scales_t sc = {absmax, scodes, sscale, soffset, dmap}, *scales = &sc;
     const __m512 book = _mm512_loadu_ps(cb);
     for (long t0 = 0; t0 < tokens; t0 += 8) {
         switch (tokens - t0 < 8 ? tokens - t0 : 8) {
@@ -174,7 +189,7 @@ void nf4_linear_bf16(const uint8_t *codes, const float *scales, const float *cb,
 #endif
 """
 
-_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC")
 
 
 def _cache_dir() -> Path:
@@ -213,12 +228,11 @@ def _load() -> ctypes.CDLL | None:
         log.info("NF4 kernel unavailable (%s %s); using the torch path", error,
                  detail.decode(errors="replace")[-300:])
         return None
-    lib.nf4_linear.restype = None
-    lib.nf4_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 4
     lib.has_bf16 = hasattr(lib, "nf4_linear_bf16")  # compiled only where the CPU has AVX512-BF16
-    if lib.has_bf16:
-        lib.nf4_linear_bf16.restype = None
-        lib.nf4_linear_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 4
+    for fn in [lib.nf4_linear] + ([lib.nf4_linear_bf16] if lib.has_bf16 else []):
+        fn.restype = None
+        fn.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 4
+                       + [ctypes.c_long] * 4)
     return lib
 
 
@@ -255,10 +269,18 @@ def nf4_kernel_linear(x2d: torch.Tensor, nf4: NF4Tensor) -> torch.Tensor | None:
         xs = x2d.view(tokens, n_blocks, -1, 16, 2).transpose(-1, -2).contiguous()
     else:  # [T, nb, 2, bs/2]: each block's even elements, then its odd ones, in fp32
         xs = x2d.float().view(tokens, n_blocks, -1, 2).transpose(-1, -2).contiguous()
-    codes = nf4.codes.contiguous()
-    scales = nf4.scales().float().contiguous()
+    # the scales are decoded inside the kernel, block by block (a torch pass over all of them
+    # took 0.2 ms of a 0.7 ms 1-token forward)
+    # (the tensors stay referenced by `stored` until the call returns)
+    stored = {n: t.float().contiguous() if n == "absmax" else t.contiguous()
+              for n, t in nf4.stored_tensors().items()}
+    if nf4.double_quant:  # the C side hard-codes DOUBLE_QUANT_BLOCK (256) scales per scale
+        scales = (None, stored["absmax_codes"].data_ptr(), stored["absmax_scale"].data_ptr(),
+                  float(stored["absmax_offset"]), dynamic_map().data_ptr())
+    else:
+        scales = (stored["absmax"].data_ptr(), None, None, 0.0, None)
     y = torch.empty(tokens, out_features, dtype=torch.float32)
     kernel = lib.nf4_linear_bf16 if bf16 else lib.nf4_linear
-    kernel(codes.data_ptr(), scales.data_ptr(), nf4_codebook().data_ptr(), xs.data_ptr(),
+    kernel(stored["codes"].data_ptr(), *scales, nf4_codebook().data_ptr(), xs.data_ptr(),
            y.data_ptr(), out_features, in_features, nf4.block_size, tokens)
     return y
