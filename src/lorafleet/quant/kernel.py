@@ -13,7 +13,7 @@ The C source is compiled with the system C compiler (`cc -O3 -march=native`, ~0.
 per-user cache and loaded with ctypes (no torch headers, no build step at install). Anything
 missing (no compiler, no AVX-512, not x86-64 Linux, `LORAFLEET_NF4_KERNEL=0`) makes
 `nf4_kernel_linear` return None and the caller falls back to the torch path; the reason is
-logged once.
+logged once. The kernel runs on one thread (ctypes releases the GIL during the call).
 
 Numerics: each weight is cb[code] * scale in fp32 (exactly the reference's fp32 dequantized
 value). fp32/fp16 inputs: multiplied by x in fp32, summed in fp32 (= the fp32 reference up to
@@ -247,6 +247,7 @@ def _cpu_flags() -> str:
 
 
 def kernel_available() -> bool:
+    """Whether the fused kernel is built (or can be) and loaded on this machine."""
     return _load() is not None
 
 
