@@ -92,3 +92,65 @@ def gpt2_fleet(tmp_path_factory):
 def small_fleet(tmp_path_factory):
     """A Llama with four adapters (ranks 1, 2, 4, 8): for the quick tests."""
     return _build(tmp_path_factory, "llama", LLAMA_TARGETS, num_adapters=4)
+
+
+# ---- the pool returns to all-free after every test (issue 6) --------------------------------
+# Every PagePool and Engine made during the session is tracked (module-scoped engines too, which
+# are built before a test's own fixtures run); after each test the ones it made (held strongly
+# until then: a test's local engine is gone when it returns) and every older live one are checked.
+
+_NEW: list = []            # made since the last check
+_POOLS: "weakref.WeakSet" = None
+_ENGINES: "weakref.WeakSet" = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _track_pools_and_engines():
+    global _POOLS, _ENGINES
+    import weakref
+
+    from lorafleet.serve import engine as engine_module
+    from lorafleet.serve import pool as pool_module
+
+    _POOLS, _ENGINES = weakref.WeakSet(), weakref.WeakSet()
+    pool_init, engine_init = pool_module.PagePool.__init__, engine_module.Engine.__init__
+
+    def tracked_pool_init(self, *args, **kwargs):
+        pool_init(self, *args, **kwargs)
+        _NEW.append(self)
+
+    def tracked_engine_init(self, *args, **kwargs):
+        engine_init(self, *args, **kwargs)
+        _NEW.append(self)
+
+    pool_module.PagePool.__init__ = tracked_pool_init
+    engine_module.Engine.__init__ = tracked_engine_init
+    yield
+    pool_module.PagePool.__init__, engine_module.Engine.__init__ = pool_init, engine_init
+
+
+def assert_engine_drains_to_all_free(engine) -> None:
+    """No request left, accounting holds, and once unreferenced adapters are evicted every page
+    of the pool is free (nothing leaked: KV of finished/aborted requests, adapter pages)."""
+    assert not engine.has_work(), f"test left requests in the engine: {list(engine.requests)}"
+    pool = engine.pool
+    pool.check()
+    assert pool.used_by["kv"] == 0, pool.stats()
+    assert not engine.cache.refcount, f"adapters still referenced: {engine.cache.refcount}"
+    engine.cache.reclaim(pool.num_pages)
+    pool.check()
+    assert not engine.cache.resident and pool.num_free == pool.num_pages, pool.stats()
+
+
+@pytest.fixture(autouse=True)
+def _pool_all_free_after_test():
+    from lorafleet.serve.engine import Engine
+
+    yield
+    for obj in _NEW:
+        (_ENGINES if isinstance(obj, Engine) else _POOLS).add(obj)
+    _NEW.clear()
+    for pool in list(_POOLS):
+        pool.check()
+    for engine in list(_ENGINES):
+        assert_engine_drains_to_all_free(engine)

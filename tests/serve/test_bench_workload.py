@@ -2,7 +2,7 @@
 tests: `lorafleet bench serve`)."""
 from collections import Counter
 
-from lorafleet.bench.serve import make_adapter, make_requests
+from lorafleet.bench.workloads import make_adapter, make_requests
 from lorafleet.models import ModelConfig
 
 

@@ -169,3 +169,32 @@ def test_stream_cancelled_while_adding_still_aborts(engine, monkeypatch):
     asyncio.run(main())
     assert aborts == [True]                  # aborted once, after the request was in
     assert engine.pool.used_by["kv"] == 0 and not engine.requests
+
+
+def test_queued_requests_adapters_are_prefetched(small_fleet):
+    """With one request running at a time, the adapter of the request queued behind it is
+    loaded during the step (a prefetch: resident, unreferenced), so its admission is a hit."""
+    base_dir, _, adapters = small_fleet
+    engine = Engine(base_dir, config=EngineConfig(num_pages=1024, block_tokens=4,
+                                                  max_num_seqs=1))
+    for name in ("a00", "a01", "a02"):
+        engine.register_adapter(name, adapters[name])
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    for i, name in enumerate(("a00", "a01", "a02")):
+        engine.add_request(f"r{i}", [5 + i, 6, 7], name, params)
+    engine.step()
+    cache = engine.cache
+    assert list(cache.resident) == ["a00", "a01"] and cache.prefetches == 1
+    assert cache.refcount == {"a00": 1} and cache.misses == 1
+    outputs = {}
+    while engine.has_work():
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+    # Only r0's adapter was loaded on admission; the other two were prefetched, then hit.
+    assert cache.prefetches == 2 and cache.misses == 1 and cache.hits == 2
+    # The prefetched adapters give the same tokens as an engine that loads them on admission.
+    fresh = Engine(base_dir, config=EngineConfig(num_pages=1024, block_tokens=4))
+    for name in ("a01", "a02"):
+        fresh.register_adapter(name, adapters[name])
+    for i, name in ((1, "a01"), (2, "a02")):
+        assert fresh.generate([[5 + i, 6, 7]], [name], params)[0].token_ids == outputs[f"r{i}"]
