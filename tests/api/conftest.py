@@ -135,5 +135,5 @@ def http(server):
 @pytest.fixture(scope="session")
 def reference(llama_dir, adapter_root):
     """reference(prompt_ids, adapter, max_tokens) -> greedy token ids."""
-    from reference import GreedyOracle
+    from .reference import GreedyOracle
     return GreedyOracle(llama_dir, {n: adapter_root / n for n in ADAPTER_NAMES + ["gamma"]})

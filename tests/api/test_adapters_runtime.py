@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import ServerThread, build_engine
+from .conftest import ServerThread, build_engine
 from safetensors.torch import load_file, save_file
 
 from lorafleet.api.server import ServerConfig, create_app

@@ -15,7 +15,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import ServerThread
+from .conftest import ServerThread
 
 from lorafleet.cli import main as cli_main
 

@@ -10,8 +10,8 @@ import time
 
 import httpx
 import pytest
-from conftest import ServerThread, build_engine, make_adapters
-from test_adapters_runtime import wait_until
+from .conftest import ServerThread, build_engine, make_adapters
+from .test_adapters_runtime import wait_until
 
 from lorafleet.api.server import ServerConfig, create_app
 

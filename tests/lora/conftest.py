@@ -7,7 +7,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from lora_helpers import hf_model, ids_for, peft_random  # noqa: E402,F401
+from .lora_helpers import hf_model, ids_for, peft_random  # noqa: E402,F401
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 import torch
-from lora_helpers import hf_model, ids_for, logits
+from .lora_helpers import hf_model, ids_for, logits
 
 DOC = Path(__file__).parents[2] / "docs" / "adapters.md"
 

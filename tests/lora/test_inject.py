@@ -1,7 +1,7 @@
 """Target selection (PEFT's rules, checked against PEFT), freezing, parameter counts."""
 import pytest
 import torch
-from lora_helpers import hf_model, peft_random
+from .lora_helpers import hf_model, peft_random
 from torch import nn
 
 import lorafleet as lf

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from hf_fixtures import make_checkpoint
-from lora_helpers import hf_model, logits, peft_random
+from .lora_helpers import hf_model, logits, peft_random
 from safetensors.torch import load_file
 
 from lorafleet.cli import main

@@ -4,7 +4,7 @@ import warnings
 
 import peft
 import torch
-from lora_helpers import hf_model, ids_for, logits, peft_random
+from .lora_helpers import hf_model, ids_for, logits, peft_random
 
 import lorafleet as lf
 from lorafleet.models import load_model

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from lora_helpers import hf_model, logits, peft_random
+from .lora_helpers import hf_model, logits, peft_random
 from safetensors.torch import load_file, save_file
 
 import lorafleet as lf

@@ -1,7 +1,7 @@
 """Same outputs as PEFT (fp32, 1e-5) on small random transformers models, both file directions."""
 import pytest
 import torch
-from lora_helpers import hf_model, logits, peft_random
+from .lora_helpers import hf_model, logits, peft_random
 
 import lorafleet as lf
 

@@ -8,7 +8,7 @@ import torch
 from lorafleet.cli import main
 from lorafleet.models import load_tokenizer
 
-from conftest import CHECKPOINTS
+from .conftest import CHECKPOINTS
 
 
 def run_json(capsys, *argv):

@@ -9,7 +9,7 @@ from torch import nn
 
 from lorafleet.errors import ConfigError
 from lorafleet.models import load_model
-from quant_helpers import bnb_nf4_transformers
+from .quant_helpers import bnb_nf4_transformers
 
 from lorafleet.quant.linear4bit import linear_nf4, linear_nf4_reference
 from lorafleet.quant.nf4 import unpack_nibbles

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quant_helpers import bnb_nf4_transformers
+from .quant_helpers import bnb_nf4_transformers
 
 import lorafleet as lf
 from lorafleet.lora import lora_layers

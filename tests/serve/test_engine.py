@@ -10,7 +10,7 @@ import pytest
 from lorafleet.errors import AdapterError, RequestError, ShapeError
 from lorafleet.serve.engine import Engine, EngineConfig, SamplingParams
 
-from conftest import merged_oracle, oracle_greedy
+from .conftest import merged_oracle, oracle_greedy
 
 # Building 2 x 22 PEFT adapters and their merged oracles takes ~40 s on the 2-core machine.
 pytestmark = pytest.mark.slow

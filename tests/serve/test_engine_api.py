@@ -10,7 +10,7 @@ import torch
 
 from lorafleet.serve import AsyncEngine, Engine, EngineConfig, SamplingParams
 
-from conftest import merged_oracle
+from .conftest import merged_oracle
 
 
 @pytest.fixture(scope="module")

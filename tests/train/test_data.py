@@ -7,7 +7,7 @@ from lorafleet.errors import ConfigError, DataError
 from lorafleet.train.data import (IGNORE_INDEX, DataConfig, Sampler, collate, load_dataset,
                                   tokenize_record)
 
-from conftest import toy_records, write_jsonl
+from .conftest import toy_records, write_jsonl
 
 
 def test_prompt_completion_masks_the_prompt(tokenizer):

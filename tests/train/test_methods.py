@@ -6,7 +6,7 @@ from lorafleet.models import load_model
 from lorafleet.train import TrainConfig, load_trained, train
 from lorafleet.train.methods import MethodConfig, apply_method, resolve_targets
 
-from conftest import get_tokenizer
+from .conftest import get_tokenizer
 
 
 # (method, lr): large learning rates so a few steps on a random model visibly lower the loss.

@@ -13,7 +13,7 @@ from lorafleet.train import TrainConfig, train
 from lorafleet.train.checkpoint import latest_checkpoint, load_checkpoint
 from lorafleet.train.data import Sampler
 
-from conftest import get_tokenizer, toy_records, write_jsonl
+from .conftest import get_tokenizer, toy_records, write_jsonl
 
 
 def config(llama_dir, data, out, **kw):

@@ -15,7 +15,7 @@ from lorafleet.train import TrainConfig, train
 from lorafleet.train.checkpoint import latest_checkpoint, load_checkpoint
 from lorafleet.train.trainer import learning_rate
 
-from conftest import get_tokenizer, toy_records, write_jsonl
+from .conftest import get_tokenizer, toy_records, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 
