@@ -207,12 +207,14 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig | None = None) 
                 cards.append(ModelCard(id=name, root=name, parent=config.model_name))
         return ModelList(data=cards).model_dump()
 
+    def require_admin(request: Request, verb: str) -> None:
+        if not authorize(request).is_admin:
+            raise ApiError(403, f"only keys granted \"*\" may {verb} adapters",
+                           type_="permission_error", code="not_admin")
+
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request):
-        grant = authorize(request)
-        if not grant.is_admin:
-            raise ApiError(403, "only keys granted \"*\" may load adapters",
-                           type_="permission_error", code="not_admin")
+        require_admin(request, "load")
         body = await parse_body(request, LoadLoraRequest)
         if config.adapter_dir is None:
             raise ApiError(403, "run-time adapter loading is disabled: start the server with "
@@ -248,10 +250,7 @@ def create_app(engine: Any, tokenizer: Any, config: ServerConfig | None = None) 
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: Request):
-        grant = authorize(request)
-        if not grant.is_admin:
-            raise ApiError(403, "only keys granted \"*\" may unload adapters",
-                           type_="permission_error", code="not_admin")
+        require_admin(request, "unload")
         body = await parse_body(request, UnloadLoraRequest)
         name = body.lora_name
         if name not in engine.adapters():
