@@ -1,13 +1,17 @@
 """The step's LoRA batch (lora_batch.py): through a random sequence of batches (adapters joining,
-leaving, evicted and reloaded, re-registered), every module's stacked rows of every adapter in the
+leaving, evicted and reloaded, re-registered), every module's weights of every adapter in the
 batch equal that adapter's A and B^T read straight from its pool pages (the reference gather),
-and segments cover exactly the rows whose adapter targets the module."""
+and segments cover exactly the rows whose adapter targets the module. Both forms: stacks
+gathered for the torch paths, and page tables for the paged kernels (whose output must then
+equal the paged reference)."""
 import random
 
+import pytest
 import torch
 
 from lorafleet.serve.adapter_cache import AdapterCache, build_host_adapter
-from lorafleet.serve.lora_batch import LoraBatchBuilder, gather_module_reference
+from lorafleet.serve.lora_batch import LoraBatchBuilder, gather_module_reference, paged_kernel
+from lorafleet.serve.lora_ops import lora_delta_paged_reference, paged_weights
 from lorafleet.serve.pool import PagePool
 
 H = 16
@@ -26,7 +30,21 @@ def make_adapter(name, seed, rank, modules):
     return build_host_adapter(name, config, tensors, TARGETS, H, 64, torch.float32)
 
 
-def test_stacks_match_the_pool_through_joins_leaves_and_reloads():
+def segments_of(lora, pages) -> list[tuple]:
+    """(row_start, row_end, rank, scaling, A, B^T) of each segment of one module's batch."""
+    if pages is not None:                       # paged: read through the page table
+        return [(*(int(v) for v in lora.seg_rows[s]), int(lora.seg_rank[s]),
+                 paged_weights(pages, lora, s)[2], *paged_weights(pages, lora, s)[:2])
+                for s in range(lora.seg_rank.shape[0])]
+    return [(seg.row_start, seg.row_end, seg.rank, seg.scaling,
+             lora.a[seg.rank_start:seg.rank_start + seg.rank],
+             lora.bt[seg.rank_start:seg.rank_start + seg.rank]) for seg in lora.segments]
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["gathered", "paged"])
+def test_weights_match_the_pool_through_joins_leaves_and_reloads(paged):
+    if paged and paged_kernel(torch.zeros(1, H)) is None:
+        pytest.skip("no paged kernel on this machine (no C compiler)")
     rng = random.Random(0)
     pool = PagePool(2000)
     pages = torch.zeros(2000, H)
@@ -39,7 +57,8 @@ def test_stacks_match_the_pool_through_joins_leaves_and_reloads():
     for i, name in enumerate(names):
         mods = [["q"], ["q", "k"], ["k", "wide"], ["q", "k", "wide"]][i % 4]
         cache.register(make_adapter(name, i, [2, 4, 8][i % 3], mods))
-    builder = LoraBatchBuilder(pages, cache)
+    builder = LoraBatchBuilder(pages, cache, kernel="auto" if paged else None)
+    assert (builder.kernel is not None) == paged
     for step in range(60):
         if step == 30:                      # re-register a0 with new weights, same name
             cache.unregister("a0")
@@ -60,21 +79,31 @@ def test_stacks_match_the_pool_through_joins_leaves_and_reloads():
             if not users:
                 assert lora is None
                 continue
-            assert len(lora.segments) == len(users)
-            for seg in lora.segments:
-                name = next(n for n in users if row_of[n] == (seg.row_start, seg.row_end))
+            segments = segments_of(lora, pages if paged else None)
+            assert len(segments) == len(users)
+            for row_start, row_end, rank, scaling, got_a, got_bt in segments:
+                name = next(n for n in users if row_of[n] == (row_start, row_end))
                 s = cache.host[name].modules[module]
                 a, bt = gather_module_reference(pages, cache.resident[name], s)
-                rows = slice(seg.rank_start, seg.rank_start + seg.rank)
-                assert seg.rank == s.rank and seg.scaling == s.scaling
-                torch.testing.assert_close(lora.a[rows], a, rtol=0, atol=0)
-                torch.testing.assert_close(lora.bt[rows], bt, rtol=0, atol=0)
+                assert rank == s.rank and scaling == pytest.approx(s.scaling)
+                torch.testing.assert_close(got_a, a, rtol=0, atol=0)
+                torch.testing.assert_close(got_bt, bt, rtol=0, atol=0)
+            if paged:   # and the kernel computes what the weights say
+                fan_in, fan_out = TARGETS[module]
+                x, y = torch.randn(row, fan_in), torch.randn(row, fan_out)
+                expected = y.clone()
+                lora_delta_paged_reference(expected, x, pages, lora)
+                batch.kernel(y, x, pages, lora)
+                torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
         for name in chosen:
             cache.unpin(name)
         if step % 7 == 6:                   # evict everything: reloads land on other pages
             cache.reclaim(pool.num_pages)
             pool.check()
-    assert 0 < builder.gathers <= 60        # at most one gather per new adapter set
+    if paged:
+        assert builder.gathers == 0         # weights are read in place, never copied
+    else:
+        assert 0 < builder.gathers <= 60    # at most one gather per new adapter set
 
 
 def test_reference_gather_reads_the_adapter_weights():

@@ -24,17 +24,12 @@ output is rounded to x's dtype once, as F.linear's is.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from functools import lru_cache
-from pathlib import Path
 
 import torch
+
+from lorafleet.native import build_library
 
 from .nf4 import DOUBLE_QUANT_BLOCK, NF4Tensor, dynamic_map, nf4_codebook
 
@@ -192,41 +187,12 @@ void nf4_linear_bf16(const uint8_t *codes, const float *absmax, const uint8_t *s
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC")
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "lorafleet"
-
-
 @lru_cache(maxsize=None)
 def _load() -> ctypes.CDLL | None:
     """Compile (once per source/flags/machine, cached on disk) and load the kernel, or None."""
-    if os.environ.get("LORAFLEET_NF4_KERNEL", "1") == "0":
-        return None
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        log.info("NF4 kernel: needs x86-64 Linux; using the torch path")
-        return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        log.info("NF4 kernel: no C compiler found; using the torch path")
-        return None
-    # -march=native: the key includes the host CPU, so a cache shared across machines is safe
-    key = hashlib.sha256("\0".join((_SOURCE, compiler, *_FLAGS, _cpu_flags())).encode()
-                         ).hexdigest()[:16]
-    path = _cache_dir() / f"nf4_kernel_{key}.so"
-    try:
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                src, lib = Path(tmp) / "nf4_kernel.c", Path(tmp) / "nf4_kernel.so"
-                src.write_text(_SOURCE)
-                subprocess.run([compiler, *_FLAGS, str(src), "-o", str(lib)], check=True,
-                               capture_output=True, timeout=120)
-                os.replace(lib, path)  # atomic: concurrent builders never see half a file
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", b"") or b""
-        log.info("NF4 kernel unavailable (%s %s); using the torch path", error,
-                 detail.decode(errors="replace")[-300:])
+    lib = build_library("nf4_kernel", "NF4 kernel", _SOURCE, _FLAGS, "LORAFLEET_NF4_KERNEL",
+                        log)
+    if lib is None:
         return None
     lib.has_bf16 = hasattr(lib, "nf4_linear_bf16")  # compiled only where the CPU has AVX512-BF16
     for fn in [lib.nf4_linear] + ([lib.nf4_linear_bf16] if lib.has_bf16 else []):
@@ -234,16 +200,6 @@ def _load() -> ctypes.CDLL | None:
         fn.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 4
                        + [ctypes.c_long] * 4)
     return lib
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
 
 
 def kernel_available() -> bool:

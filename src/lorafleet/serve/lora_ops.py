@@ -64,6 +64,56 @@ class ModuleLora:
     mask: torch.Tensor | None = None   # [T, sum_r] scaled selection; set means "use dense"
 
 
+@dataclass
+class PagedModuleLora:
+    """One target module's share of a step's adapters, read from the pool pages in place (the
+    kernels' input: S-LoRA's MBGMM/MBGMV, Punica's SGMV, no gathered copy of the weights).
+
+    Segment s covers rows `seg_rows[s, 0] <= t < seg_rows[s, 1]` with rank `seg_rank[s]` and
+    scaling `seg_scale[s]`. Row k of its A (`[r, in]`) is pages
+    `page_ids[seg_a[s] + k * a_pages_per_row + j]` for j < a_pages_per_row, concatenated and
+    cut to `in_features`; row k of its B^T (`[r, out]`) likewise from `seg_b[s]`. Rows in no
+    segment (base-model rows) get no delta. Index tensors are int32 on the pool's device."""
+    in_features: int
+    out_features: int
+    a_pages_per_row: int
+    b_pages_per_row: int
+    seg_rows: torch.Tensor     # int32 [S, 2]
+    seg_rank: torch.Tensor     # int32 [S]
+    seg_scale: torch.Tensor    # float32 [S]
+    seg_a: torch.Tensor        # int32 [S]  offset of the segment's A page ids in page_ids
+    seg_b: torch.Tensor        # int32 [S]
+    page_ids: torch.Tensor     # int32 [K]
+    max_rank: int              # largest seg_rank (grid sizing)
+    max_rows: int              # longest segment
+
+
+def paged_weights(pages: torch.Tensor, module: PagedModuleLora, segment: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A [r, in], B^T [r, out], scaling) of one segment, read from its pages: the definition."""
+    rank = int(module.seg_rank[segment])
+    page_ids = module.page_ids.long()
+
+    def rows(offset: int, pages_per_row: int, dim: int) -> torch.Tensor:
+        ids = page_ids[offset:offset + rank * pages_per_row]
+        return pages[ids].view(rank, -1)[:, :dim]
+
+    return (rows(int(module.seg_a[segment]), module.a_pages_per_row, module.in_features),
+            rows(int(module.seg_b[segment]), module.b_pages_per_row, module.out_features),
+            float(module.seg_scale[segment]))
+
+
+def lora_delta_paged_reference(y: torch.Tensor, x: torch.Tensor, pages: torch.Tensor,
+                               module: PagedModuleLora) -> None:
+    """y [T, out] += each segment's low-rank product, weights read through the page table;
+    computed in float32, added once (the kernels' numerics)."""
+    for s in range(module.seg_rank.shape[0]):
+        a, bt, scaling = paged_weights(pages, module, s)
+        start, end = (int(v) for v in module.seg_rows[s])
+        delta = (x[start:end].float() @ a.float().t()) @ bt.float()
+        y[start:end] = (y[start:end].float() + scaling * delta).to(y.dtype)
+
+
 def lora_shrink(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """x [T, in], a [r, in] -> [T, r]."""
     return x @ a.t()
@@ -156,6 +206,13 @@ class BatchedLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
         y = self.base_layer(x)
         module = None if lora is None else lora.modules.get(self.name)
-        if module is not None:
-            add_lora(y.view(-1, self.out_features), x.reshape(-1, self.in_features), module)
+        if module is None:
+            return y
+        y2d, x2d = y.view(-1, self.out_features), x.reshape(-1, self.in_features)
+        if not isinstance(module, PagedModuleLora):
+            add_lora(y2d, x2d, module)
+        elif x2d.dtype == lora.pages.dtype:
+            lora.kernel(y2d, x2d, lora.pages, module)
+        else:   # e.g. a 4-bit base computing in another dtype than the pool's: the slow twin
+            lora_delta_paged_reference(y2d, x2d, lora.pages, module)
         return y
