@@ -1,8 +1,11 @@
 """The engine against the oracle: every request of a mixed batch (many adapters of mixed ranks
 and target sets, base-model rows included) gets exactly the greedy tokens that transformers
-produces for that request alone with its adapter merged (peft merge_and_unload)."""
+produces for that request alone with its adapter merged (peft merge_and_unload), with chunked
+prefill (steps mixing decode rows and prompt chunks) and without (all-prefill or all-decode
+steps)."""
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -16,6 +19,10 @@ from .conftest import merged_oracle, oracle_greedy
 pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 5
+# Scheduling modes: chunked prefill with a budget small enough that prompts are cut and decode
+# rows share steps with chunks (26 requests of 2-12 tokens), and the all-or-nothing steps.
+MODES = {"chunked": dict(enable_chunked_prefill=True, max_num_batched_tokens=20),
+         "whole": dict(enable_chunked_prefill=False)}
 
 
 def _workload(adapter_names, num_base=4, seed=0):
@@ -64,15 +71,22 @@ def _engine(base_dir, adapters, **config):
     return engine
 
 
-def test_mixed_batch_matches_merged_oracle(fleet_with_oracle):
+@pytest.mark.parametrize("mode", MODES)
+def test_mixed_batch_matches_merged_oracle(fleet_with_oracle, mode):
     base_dir, adapters, workload, expected = fleet_with_oracle
-    engine = _engine(base_dir, adapters, num_pages=8192, block_tokens=4)
+    engine = _engine(base_dir, adapters, num_pages=8192, block_tokens=4, **MODES[mode])
+    engine.step_log = []
     tokens, finished = _run(engine, workload)
     assert tokens == expected
     assert all(out.finish_reason == "length" for out in finished.values())
     stats = engine.stats()
     assert stats["pages_free"] == stats["pages_total"] - stats["pages_adapter"]
     assert stats["pages_kv"] == 0 and stats["running"] == 0 and stats["queue_depth"] == 0
+    if mode == "chunked":
+        assert any(r.num_decode_seqs and r.num_prefill_tokens for r in engine.step_log)
+        assert max(r.num_tokens for r in engine.step_log) <= 20
+    else:
+        assert all(r.num_decode_seqs == 0 or r.num_prefill_tokens == 0 for r in engine.step_log)
     # The adapters matter: serving the same prompts on the bare base changes most outputs.
     engine_base = _engine(base_dir, {}, num_pages=8192, block_tokens=4)
     base_tokens, _ = _run(engine_base, [(rid, p, None) for rid, p, _ in workload])
@@ -80,13 +94,15 @@ def test_mixed_batch_matches_merged_oracle(fleet_with_oracle):
     assert changed >= len(adapters) * 3 // 4
 
 
-def test_tiny_pool_evicts_and_preempts_same_tokens(fleet_with_oracle):
+@pytest.mark.parametrize("mode", MODES)
+def test_tiny_pool_evicts_and_preempts_same_tokens(fleet_with_oracle, mode):
     base_dir, adapters, workload, expected = fleet_with_oracle
     # Size the pool to the largest single request (+25%): the minimum add_request allows.
     engine = _engine(base_dir, adapters, num_pages=8192, block_tokens=4)
     need = max(engine.kv.layout.pages_for_tokens(len(p) + MAX_TOKENS)
                + (engine.cache.host[n].num_pages if n else 0) for _, p, n in workload)
-    engine = _engine(base_dir, adapters, num_pages=need + need // 4, block_tokens=4)
+    engine = _engine(base_dir, adapters, num_pages=need + need // 4, block_tokens=4,
+                     **MODES[mode])
     tokens, _ = _run(engine, workload)
     assert tokens == expected
     stats = engine.stats()
@@ -95,12 +111,64 @@ def test_tiny_pool_evicts_and_preempts_same_tokens(fleet_with_oracle):
     assert engine.pool.num_free == engine.pool.num_pages
 
 
-def test_adapter_cap_per_step_same_tokens(fleet_with_oracle):
+@pytest.mark.parametrize("mode", MODES)
+def test_adapter_cap_per_step_same_tokens(fleet_with_oracle, mode):
     base_dir, adapters, workload, expected = fleet_with_oracle
     engine = _engine(base_dir, adapters, num_pages=8192, block_tokens=4,
-                     max_adapters_per_step=3, max_num_seqs=8)
+                     max_adapters_per_step=3, max_num_seqs=8, **MODES[mode])
     tokens, _ = _run(engine, workload[:12])
     assert tokens == {rid: expected[rid] for rid, _, _ in workload[:12]}
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_long_prompts_are_chunked_beside_decode_rows(small_fleet, chunked):
+    """Prompts up to 4x max_num_batched_tokens arrive while other requests decode: with chunked
+    prefill each prompt runs over several steps that also carry the decode rows, the decoding
+    requests get a token on every step (no stall), and every output equals the oracle's."""
+    base_dir, base_model, adapter_paths = small_fleet
+    budget, max_tokens = 16, 8
+    rng = random.Random(3)
+    names = [None, *adapter_paths]
+    early = [(f"e{i}", [rng.randrange(4, 380) for _ in range(rng.randint(3, 9))], name)
+             for i, name in enumerate(names[:3])]
+    late = [(f"l{i}", [rng.randrange(4, 380) for _ in range(rng.randint(20, 4 * budget))], name)
+            for i, name in enumerate(names)]
+    merged = {name: merged_oracle(base_model, path) for name, path in adapter_paths.items()}
+    expected = {rid: oracle_greedy(base_model if name is None else merged[name], prompt,
+                                   max_tokens) for rid, prompt, name in early + late}
+    engine = _engine(base_dir, adapter_paths, num_pages=4096, block_tokens=4,
+                     max_num_batched_tokens=budget, enable_chunked_prefill=chunked)
+    engine.step_log = []
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    for rid, prompt, name in early:
+        engine.add_request(rid, prompt, name, params)
+    tokens, token_steps = {}, {}
+    step = 0
+    while engine.has_work():
+        if step == 2:                            # the early ones are decoding by now
+            for rid, prompt, name in late:
+                engine.add_request(rid, prompt, name, params)
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            token_steps.setdefault(out.request_id, []).extend([step] * len(out.new_token_ids))
+        engine.pool.check()
+        step += 1
+    assert tokens == expected
+    log = engine.step_log
+    # A late prompt's first token comes no earlier than its last chunk can have run.
+    for rid, prompt, _ in late:
+        chunks = math.ceil(len(prompt) / budget) if chunked else 1
+        assert token_steps[rid][0] >= 2 + chunks - 1
+    stalls = sum(b - a - 1 for steps in token_steps.values() for a, b in zip(steps, steps[1:]))
+    if chunked:
+        assert all(r.num_tokens <= budget for r in log)
+        assert any(r.num_decode_seqs and r.num_prefill_tokens for r in log)
+        assert sum(r.num_prefill_tokens for r in log) == sum(len(p) for _, p, _ in early + late)
+        assert stalls == 0
+        assert max(token_steps[f"l{i}"][0] for i in range(len(late))) >= 2 + 4
+    else:
+        assert all(r.num_decode_seqs == 0 or r.num_prefill_tokens == 0 for r in log)
+        assert stalls > 0          # the decode rows waited for the prefill steps
 
 
 def test_abort_frees_pages_at_once(llama_fleet):

@@ -1,8 +1,11 @@
-"""The scheduler alone (plain Python): admission by pages and budget, preemption by recompute,
-adapter cap, early abort. A small fake adapter cache stands in for the real one."""
+"""The scheduler alone (plain Python): admission by pages and budget, chunked prefill beside
+decode rows, preemption by recompute, adapter cap, early abort. A small fake adapter cache
+stands in for the real one; `run` plays the engine's part after each step."""
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from lorafleet.serve import kv_cache, pool, scheduler, sequence
 from lorafleet.serve.kv_cache import KVCacheManager, KVLayout
@@ -74,6 +77,23 @@ def seq(rid, n, adapter=None, t=0.0):
     return Sequence(rid, list(range(n)), adapter, None, t, max_tokens=100)
 
 
+def run(batch, token=7):
+    """What the engine does with a step: the scheduled tokens are computed; a sequence that
+    reached its end samples one (appended)."""
+    for s, n in zip(batch.seqs, batch.num_new_tokens):
+        s.num_computed_tokens += n
+        assert s.num_computed_tokens <= s.num_tokens
+        if s.num_computed_tokens == s.num_tokens:
+            s.output_ids.append(token)
+    return batch
+
+
+def plan(batch):
+    """{request id: tokens this step}, and which are decode rows."""
+    return ({s.request_id: n for s, n in zip(batch.seqs, batch.num_new_tokens)},
+            [s.request_id for s in batch.seqs[:batch.num_decode]])
+
+
 # Import the plain-Python modules in a fresh interpreter where `import torch` fails (None in
 # sys.modules makes any import of it raise), with the packages' __init__ (which import the torch
 # engine) bypassed: catches `from torch import ...`, aliases and imports through other modules.
@@ -107,42 +127,115 @@ def test_plain_python_no_torch():
 
 
 def test_prefill_then_decode_and_token_budget():
-    sched, pool_, _ = make(max_num_batched_tokens=10)
+    """enable_chunked_prefill=False: a step is all prefill (whole prompts within the budget)
+    or all decode."""
+    sched, pool_, _ = make(max_num_batched_tokens=10, enable_chunked_prefill=False)
     for i, n in enumerate([6, 4, 3]):
         sched.add(seq(f"s{i}", n))
-    batch = sched.schedule()
-    assert batch.is_prefill and [s.request_id for s in batch.seqs] == ["s0", "s1"]
-    batch = sched.schedule()
-    assert batch.is_prefill and [s.request_id for s in batch.seqs] == ["s2"]
-    for s in sched.running:
-        s.output_ids.append(1)
-    batch = sched.schedule()
-    assert not batch.is_prefill and len(batch.seqs) == 3
+    batch = run(sched.schedule())
+    assert batch.is_prefill and plan(batch) == ({"s0": 6, "s1": 4}, [])
+    batch = run(sched.schedule())
+    assert batch.is_prefill and plan(batch) == ({"s2": 3}, [])
+    batch = run(sched.schedule())
+    assert not batch.is_prefill and plan(batch) == ({"s0": 1, "s1": 1, "s2": 1},
+                                                    ["s0", "s1", "s2"])
     pool_.check()
 
 
-def test_out_of_pages_preempts_newest_and_recomputes():
-    sched, pool_, _ = make(num_pages=16)     # 4 blocks of 2 tokens
+def test_chunked_prefill_beside_decode_rows():
+    """Decode rows first (one token each), then the partly prefilled prompt continues, then
+    waiting prompts, within max_num_batched_tokens; a long prompt takes several steps."""
+    sched, pool_, _ = make(num_pages=128, max_num_batched_tokens=10)
+    for i, n in enumerate([6, 25, 3]):
+        sched.add(seq(f"s{i}", n))
+    assert plan(run(sched.schedule())) == ({"s0": 6, "s1": 4}, [])
+    # s0 decodes; s1 continues (9 = budget - one decode row); s2 waits behind it (FCFS).
+    assert plan(run(sched.schedule())) == ({"s0": 1, "s1": 9}, ["s0"])
+    batch = run(sched.schedule())
+    assert plan(batch) == ({"s0": 1, "s1": 9}, ["s0"])
+    assert batch.is_prefill and batch.num_prefill_tokens == 9
+    s1 = sched.running[1]
+    assert s1.num_computed_tokens == 22 and not s1.output_ids   # no token before the last chunk
+    # s1's last 3 prompt tokens, then s2 is admitted with the rest of the budget.
+    assert plan(run(sched.schedule())) == ({"s0": 1, "s1": 3, "s2": 3}, ["s0"])
+    assert s1.output_ids == [7]
+    batch = run(sched.schedule())
+    assert plan(batch) == ({"s0": 1, "s1": 1, "s2": 1}, ["s0", "s1", "s2"])
+    assert not batch.is_prefill and batch.num_prefill_tokens == 0
+    # A chunked prompt had the pages for all its tokens from admission.
+    assert sched.kv.num_tokens_held("s1") >= 26
+    pool_.check()
+
+
+def test_a_one_token_last_chunk_is_still_prefill():
+    sched, _, _ = make(num_pages=128, max_num_batched_tokens=10)
+    sched.add(seq("s", 11))
+    assert plan(run(sched.schedule())) == ({"s": 10}, [])
+    batch = run(sched.schedule())
+    assert plan(batch) == ({"s": 1}, []) and batch.num_prefill_tokens == 1
+    assert batch.seqs[0].output_ids == [7]
+    assert plan(run(sched.schedule())) == ({"s": 1}, ["s"])
+
+
+def test_decode_rows_are_never_cut_by_the_budget():
+    sched, _, _ = make(num_pages=128, max_num_batched_tokens=3, max_num_seqs=8)
+    for i in range(4):
+        sched.add(seq(f"s{i}", 1))
+    assert plan(run(sched.schedule()))[0] == {"s0": 1, "s1": 1, "s2": 1}
+    sched.add(seq("late", 4))
+    # Three decode rows fill the budget; s3 and the late prompt wait, decode goes on.
+    assert plan(run(sched.schedule())) == ({"s0": 1, "s1": 1, "s2": 1}, ["s0", "s1", "s2"])
+    for s in list(sched.running):
+        sched.finish(s, "length")
+    assert plan(run(sched.schedule()))[0] == {"s3": 1, "late": 2}
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_out_of_pages_preempts_newest_and_recomputes(chunked):
+    sched, pool_, _ = make(num_pages=16, enable_chunked_prefill=chunked)   # 4 blocks of 2 tokens
     sched.add(seq("old", 2))
     sched.add(seq("new", 2))
-    assert len(sched.schedule().seqs) == 2   # 8 pages used
-    for _ in range(3):
-        for s in sched.running:
-            s.output_ids.append(7)
-        batch = sched.schedule()
+    assert len(run(sched.schedule()).seqs) == 2   # 8 pages used, one token sampled each
+    for _ in range(3):                       # 3, 4, then 5 tokens each: 3 blocks needed
+        batch = run(sched.schedule())
         pool_.check()
-    assert [s.request_id for s in batch.seqs] == ["old"]
+    assert [s.request_id for s in batch.seqs] == ["old"] and batch.num_preempted == 1
     preempted = sched.waiting[0]
     assert preempted.request_id == "new" and preempted.status is SeqStatus.WAITING
     assert preempted.num_preemptions == 1 and "new" not in sched.kv
+    assert preempted.num_computed_tokens == 0 and preempted.output_ids == [7, 7, 7]
     sched.finish(sched.running[0], "length")
     batch = sched.schedule()                 # recompute: prompt + output so far
-    assert batch.is_prefill and batch.seqs[0].request_id == "new"
+    assert plan(batch) == ({"new": 5}, [])
     assert sched.kv.num_tokens_held("new") >= preempted.num_tokens
+    run(batch)
+    assert preempted.output_ids == [7, 7, 7, 7]
 
 
-def test_adapter_cap_and_eviction_of_unused_adapters():
-    sched, pool_, _ = make(num_pages=40, max_adapters_per_step=2)
+def test_preemption_drops_a_partly_prefilled_prompt_first():
+    """Decode rows need pages: the newest running sequence, here a prompt half prefilled, gives
+    back its pages and starts over later."""
+    sched, pool_, _ = make(num_pages=24, max_num_batched_tokens=4)   # 6 blocks of 2 tokens
+    sched.add(seq("old", 3))
+    sched.add(seq("long", 8))
+    assert plan(run(sched.schedule())) == ({"old": 3, "long": 1}, [])
+    assert plan(run(sched.schedule())) == ({"old": 1, "long": 3}, ["old"])
+    long = sched.running[1]
+    assert long.num_computed_tokens == 4
+    # old now needs a third block (5 tokens); long holds the other 4 blocks: it is preempted,
+    # and cannot come back while old holds 3 blocks.
+    batch = run(sched.schedule())
+    assert plan(batch) == ({"old": 1}, ["old"]) and batch.num_preempted == 1
+    assert list(sched.waiting) == [long] and long.num_computed_tokens == 0
+    assert "long" not in sched.kv
+    pool_.check()
+    sched.finish(sched.running[0], "length")
+    assert plan(run(sched.schedule())) == ({"long": 4}, [])     # starts over
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_adapter_cap_and_eviction_of_unused_adapters(chunked):
+    sched, pool_, _ = make(num_pages=40, max_adapters_per_step=2, enable_chunked_prefill=chunked)
     for i, name in enumerate(["x", "y", "z", "x"]):
         sched.add(seq(f"s{i}", 2, name))
     batch = sched.schedule()
@@ -155,8 +248,9 @@ def test_adapter_cap_and_eviction_of_unused_adapters():
     pool_.check()
 
 
-def test_early_abort_of_queued_requests_past_deadline():
-    sched, _, clock = make(num_pages=4, first_token_deadline_s=1.0)
+@pytest.mark.parametrize("chunked", [True, False])
+def test_early_abort_of_queued_requests_past_deadline(chunked):
+    sched, _, clock = make(num_pages=4, first_token_deadline_s=1.0, enable_chunked_prefill=chunked)
     sched.add(seq("a", 2))
     sched.add(seq("b", 2))          # 4 pages hold one request: b and c wait
     sched.add(seq("c", 2, t=0.5))
@@ -168,8 +262,9 @@ def test_early_abort_of_queued_requests_past_deadline():
     assert [s.request_id for s in sched.waiting] == ["c"]
 
 
-def test_abort_from_any_queue_frees_pages():
-    sched, pool_, _ = make()
+@pytest.mark.parametrize("chunked", [True, False])
+def test_abort_from_any_queue_frees_pages(chunked):
+    sched, pool_, _ = make(enable_chunked_prefill=chunked)
     sched.add(seq("a", 3, "x"))
     sched.add(seq("b", 3))
     sched.schedule()
@@ -182,8 +277,10 @@ def test_abort_from_any_queue_frees_pages():
     pool_.check()
 
 
-def test_queued_adapters_are_prefetched_before_admission():
-    sched, pool_, _ = make(num_pages=40, adapters=PrefetchingAdapters, max_num_seqs=1)
+@pytest.mark.parametrize("chunked", [True, False])
+def test_queued_adapters_are_prefetched_before_admission(chunked):
+    sched, pool_, _ = make(num_pages=40, adapters=PrefetchingAdapters, max_num_seqs=1,
+                           enable_chunked_prefill=chunked)
     for i, name in enumerate(["x", "y", "z"]):
         sched.add(seq(f"s{i}", 2, name))
     batch = sched.schedule()

@@ -60,23 +60,28 @@ class EngineConfig:
     num_pages: int = 8192              # pool size in pages of hidden_size numbers each
     block_tokens: int = 16             # KV tokens added per allocation (kv_cache.py)
     max_num_seqs: int = 64             # running batch size cap
-    max_num_batched_tokens: int = 2048 # prefill token budget per step
+    max_num_batched_tokens: int = 2048 # tokens per step: decode rows + prefill chunks
     max_lora_rank: int = 64
     max_adapters_per_step: int | None = None
     first_token_deadline_s: float | None = None
     max_model_len: int | None = None   # default: the model's max_position_embeddings
     dtype: str | torch.dtype = torch.float32
     device: str = "cpu"
+    # Steps mix decode rows with prefill chunks, long prompts over several steps (scheduler.py);
+    # False: a step is all prefill or all decode.
+    enable_chunked_prefill: bool = True
 
 
 @dataclass
 class StepRecord:
-    is_prefill: bool
+    is_prefill: bool         # the step has prefill tokens (False: decode rows only)
     num_seqs: int
     num_tokens: int          # tokens run through the model
     context_tokens: int      # KV tokens attended to (sum of sequence lengths)
     adapters: list[str]      # distinct adapters in the batch
     seconds: float           # forward + sampling + postprocessing
+    num_prefill_tokens: int = 0
+    num_decode_seqs: int = 0
 
 
 @dataclass
@@ -123,7 +128,8 @@ class Engine:
         self.runner.attach(self.cache)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                            config.max_adapters_per_step, config.first_token_deadline_s),
+                            config.max_adapters_per_step, config.first_token_deadline_s,
+                            config.enable_chunked_prefill),
             self.kv, self.cache)
         eos = getattr(tokenizer, "eos_token_ids", None) or model.config.eos_token_id
         self.eos_ids = set([eos] if isinstance(eos, int) else eos or [])
@@ -237,22 +243,29 @@ class Engine:
                 outputs.append(self._final(seq))
             if batch.seqs:
                 started = time.perf_counter()
-                seqs, logits = self.runner.run(batch.seqs, batch.is_prefill, self.kv)
-                tokens = self._sample(seqs, logits)
-                logprobs = None
-                if any(s.params.logprobs for s in seqs):
-                    logprobs = token_logprobs(logits, tokens).tolist()
-                for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
-                    outputs.append(self._postprocess(seq, token, logprobs and logprobs[i]))
+                seqs, logits = self.runner.run(batch.seqs, batch.num_new_tokens, self.kv)
+                for seq, n in zip(batch.seqs, batch.num_new_tokens):
+                    seq.num_computed_tokens += n
+                if seqs:      # else only middle chunks of long prompts ran: nothing to sample
+                    tokens = self._sample(seqs, logits)
+                    logprobs = None
+                    if any(s.params.logprobs for s in seqs):
+                        logprobs = token_logprobs(logits, tokens).tolist()
+                    for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+                        outputs.append(self._postprocess(seq, token, logprobs and logprobs[i]))
                 self.num_steps += 1
                 if self.step_log is not None:
-                    self.step_log.append(StepRecord(
-                        batch.is_prefill, len(seqs),
-                        sum(s.num_tokens for s in seqs) if batch.is_prefill else len(seqs),
-                        sum(s.num_tokens for s in seqs), sorted({s.adapter for s in seqs
-                                                                  if s.adapter}),
-                        time.perf_counter() - started))
+                    self.step_log.append(self._record(batch, time.perf_counter() - started))
             return outputs
+
+    @staticmethod
+    def _record(batch, seconds: float) -> StepRecord:
+        """After the step: each sequence's num_computed_tokens is its context length."""
+        return StepRecord(
+            batch.is_prefill, len(batch.seqs), sum(batch.num_new_tokens),
+            sum(s.num_computed_tokens for s in batch.seqs),
+            sorted({s.adapter for s in batch.seqs if s.adapter}), seconds,
+            batch.num_prefill_tokens, batch.num_decode)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         if all(s.params.temperature == 0 for s in seqs):

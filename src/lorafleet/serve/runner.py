@@ -4,9 +4,12 @@ It owns the pool tensor (`pages [num_pages, H]`, the contents of pool.py's pages
 adapter weights) and the model, whose every projection it swaps for a `BatchedLoraLinear` shell
 (module names unchanged, so PEFT keys still match). One `run` is one forward pass:
 
-    tokens of all scheduled sequences flattened into B=1, T=sum of new tokens
-    positions, page tables -> PagedAttention;  adapter per row -> LoraBatch
-    model(input_ids, ForwardBatch(positions, attention, lora), logits_indices=last tokens)
+    new tokens of all scheduled sequences (decode rows, prompt chunks) flattened: B=1, T=sum
+    positions, query/context lengths, page tables -> PagedAttention;  adapter per row -> LoraBatch
+    model(input_ids, ForwardBatch(positions, attention, lora), logits_indices=sampling rows)
+
+Logits are computed only for the sequences whose last token runs this step (a decode row, or
+the last chunk of a prompt): the others have nothing to sample yet.
 
 Sequences are reordered so that those sharing an adapter are adjacent: each adapter's rows form
 one segment for the batched LoRA operators.
@@ -73,32 +76,36 @@ class ModelRunner:
         self._lora_builder = LoraBatchBuilder(self.pages, cache)
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool,
+    def run(self, seqs: list[Sequence], num_new_tokens: list[int],
             kv: KVCacheManager) -> tuple[list[Sequence], torch.Tensor]:
-        """One forward pass. Returns the sequences in the order used and their next-token logits
-        [len(seqs), vocab] (float32)."""
-        seqs = sorted(seqs, key=lambda s: (s.adapter is not None, s.adapter or ""))
-        lens = [s.num_tokens for s in seqs]
-        if is_prefill:
-            ids = [t for s in seqs for t in s.token_ids]
-            positions = [p for n in lens for p in range(n)]
-            rows = lens
-        else:
-            ids = [s.token_ids[-1] for s in seqs]
-            positions = [n - 1 for n in lens]
-            rows = [1] * len(seqs)
-        last = torch.tensor(lens if is_prefill else rows, device=self.device).cumsum(0) - 1
-        attention = PagedAttention(self.kv, self.layout, lens, is_prefill,
-                                   [kv.page_ids(s.request_id) for s in seqs])
+        """One forward pass: seqs[i] runs num_new_tokens[i] tokens from its num_computed_tokens
+        on (its pages already hold them). Returns the sequences that sample this step, in the
+        order used, and their next-token logits [len(those), vocab] (float32)."""
+        order = sorted(range(len(seqs)),
+                       key=lambda i: (seqs[i].adapter is not None, seqs[i].adapter or ""))
+        ids, positions, query_lens, context_lens, page_tables = [], [], [], [], []
         runs: list[tuple[str | None, int]] = []
-        for seq, n in zip(seqs, rows):
+        sampling, logits_indices = [], []
+        for i in order:
+            seq, n = seqs[i], num_new_tokens[i]
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            ids += seq.token_slice(start, end)
+            positions += range(start, end)
+            query_lens.append(n)
+            context_lens.append(end)
+            page_tables.append(kv.page_ids(seq.request_id))
             if runs and runs[-1][0] == seq.adapter:
                 runs[-1] = (seq.adapter, runs[-1][1] + n)
             else:
                 runs.append((seq.adapter, n))
+            if end == seq.num_tokens:
+                sampling.append(seq)
+                logits_indices.append(len(ids) - 1)
+        attention = PagedAttention(self.kv, self.layout, query_lens, context_lens, page_tables)
         lora = self._lora_builder.build(runs) if self._lora_builder else None
         batch = ForwardBatch(positions=torch.tensor([positions], device=self.device),
                              attention=attention, lora=lora)
         input_ids = torch.tensor([ids], device=self.device)
-        logits = self.model(input_ids, batch, logits_indices=last)   # [1, N, V]
-        return seqs, logits[0].float()
+        logits = self.model(input_ids, batch, logits_indices=torch.tensor(
+            logits_indices, dtype=torch.long, device=self.device))        # [1, N, V]
+        return sampling, logits[0].float()

@@ -1,25 +1,38 @@
-"""Continuous (iteration-level) batching, as nano-vllm's scheduler: every step either admits
-waiting requests for prefill or runs one decode token for every running request.
+"""Continuous (iteration-level) batching, as nano-vllm's scheduler, with chunked prefill
+(Sarathi-Serve; vLLM's `enable_chunked_prefill`): every step runs one token for every decoding
+request and fills the rest of a token budget with prefill chunks, so decode never waits behind a
+long prompt.
 
-Plain Python, no torch: it moves `Sequence`s between queues and asks the KV cache manager and the
-adapter cache for pages. Policies:
+Plain Python, no torch: it moves `Sequence`s between queues, asks the KV cache manager and the
+adapter cache for pages, and says how many tokens each sequence runs this step. A step
+(`enable_chunked_prefill`, the default):
 
-- first come, first served: the head of the queue blocks those behind it (no starvation);
-- admission by free pages (KV for the whole current sequence + the adapter's pages when it is
-  not resident) and by a token budget per step;
-- optional cap on distinct adapters in the running batch (each distinct adapter costs one more
-  low-rank product per target module per step);
-- out of pages while decoding: first evict adapters no running request uses, then preempt the
-  most recently admitted request (free its KV, requeue it at the front; its prompt and output so
-  far are recomputed later). Never an error: `Engine.add_request` refuses any request that could
-  not fit the pool alone, so the oldest running request can always proceed;
-- S-LoRA's early abort: a request still waiting for its first token past its deadline is dropped.
+1. decode rows: every running sequence past its prefill, one token each (the one it sampled
+   last step); out of pages, first evict adapters no running request uses, then preempt the
+   most recently admitted request (free its KV, requeue it at the front; its prompt and output
+   so far are recomputed later). Never an error: `Engine.add_request` refuses any request that
+   could not fit the pool alone, so the oldest running request can always proceed;
+2. prefill chunks, while `max_num_batched_tokens` (decode rows count one each) has room: first
+   the running sequences whose prompt is partly computed (oldest first), then waiting requests
+   first come, first served (the head of the queue blocks those behind it: no starvation).
+   Admission needs free pages for the KV of the whole current sequence (so a chunked prompt
+   never waits for pages half way, and two half-prefilled prompts cannot deadlock) plus the
+   adapter's pages when it is not resident, and respects the optional cap on distinct adapters
+   in the running batch (each distinct adapter costs one more low-rank product per target
+   module per step). A sequence samples its first token on the step its last chunk runs.
+
+With `enable_chunked_prefill=False` a step is either all prefill (whole prompts, admitted while
+the budget holds; the first one whatever its length) or, when nothing is admitted, all decode.
+
+S-LoRA's early abort: a request still waiting for its first token past its deadline is dropped.
 """
 from __future__ import annotations
 
 import time
 from collections import deque
 from dataclasses import dataclass, field
+
+from lorafleet.errors import ConfigError
 
 from .kv_cache import KVCacheManager
 from .sequence import Sequence, SeqStatus
@@ -31,14 +44,32 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_adapters_per_step: int | None = None
     first_token_deadline_s: float | None = None
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
 class ScheduledBatch:
+    """`seqs[i]` runs `num_new_tokens[i]` tokens from its `num_computed_tokens` on. The first
+    `num_decode` are decode rows (one token each), the others prefill chunks."""
     seqs: list[Sequence]
-    is_prefill: bool
+    num_new_tokens: list[int]
+    num_decode: int
     aborted: list[Sequence] = field(default_factory=list)   # early-aborted (deadline)
     num_preempted: int = 0
+
+    @property
+    def is_prefill(self) -> bool:
+        """The step has prefill tokens (with chunked prefill, possibly beside decode rows)."""
+        return self.num_decode < len(self.seqs)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(self.num_new_tokens[self.num_decode:])
 
 
 class Scheduler:
@@ -59,15 +90,37 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         aborted = self._early_abort()
-        admitted = self._admit()
-        if admitted:
-            batch = ScheduledBatch(admitted, is_prefill=True, aborted=aborted)
+        preempted_before = self.num_preemptions
+        if self.config.enable_chunked_prefill:
+            batch = self._schedule_mixed()
         else:
-            preempted_before = self.num_preemptions
-            batch = ScheduledBatch(self._decode(), is_prefill=False, aborted=aborted)
-            batch.num_preempted = self.num_preemptions - preempted_before
+            batch = self._schedule_prefill_or_decode()
+        batch.aborted = aborted
+        batch.num_preempted = self.num_preemptions - preempted_before
         self._prefetch()
         return batch
+
+    def _schedule_mixed(self) -> ScheduledBatch:
+        decode = [s for s in self._grow_running() if not s.is_prefilling]
+        budget = self.config.max_num_batched_tokens - len(decode)
+        chunks = []
+        for seq in self.running:               # partly prefilled prompts continue first
+            if budget <= 0:
+                break
+            if seq.is_prefilling:
+                chunks.append((seq, min(seq.num_pending_tokens, budget)))
+                budget -= chunks[-1][1]
+        if budget > 0:
+            chunks += self._admit(budget, chunked=True)
+        return ScheduledBatch(decode + [seq for seq, _ in chunks],
+                              [1] * len(decode) + [n for _, n in chunks], len(decode))
+
+    def _schedule_prefill_or_decode(self) -> ScheduledBatch:
+        admitted = self._admit(self.config.max_num_batched_tokens, chunked=False)
+        if admitted:
+            return ScheduledBatch([seq for seq, _ in admitted], [n for _, n in admitted], 0)
+        decode = self._grow_running()
+        return ScheduledBatch(decode, [1] * len(decode), len(decode))
 
     def _early_abort(self) -> list[Sequence]:
         deadline = self.config.first_token_deadline_s
@@ -81,15 +134,17 @@ class Scheduler:
                 aborted.append(seq)
         return aborted
 
-    def _admit(self) -> list[Sequence]:
-        admitted, budget = [], 0
+    def _admit(self, budget: int, chunked: bool) -> list[tuple[Sequence, int]]:
+        """Move waiting requests to running while `budget` tokens remain. Returns (sequence,
+        tokens it runs this step): a chunk of at most the budget when `chunked`, else the
+        whole sequence (the first one of a step whatever its length: add_request bounds it)."""
+        admitted = []
         running_adapters = {s.adapter for s in self.running if s.adapter is not None}
         cap = self.config.max_adapters_per_step
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             num_tokens = seq.num_tokens
-            # The first request of a step is admitted whatever its length (add_request bounds it).
-            if admitted and budget + num_tokens > self.config.max_num_batched_tokens:
+            if not chunked and admitted and num_tokens > budget:
                 break
             new_adapter = seq.adapter is not None and seq.adapter not in running_adapters
             if new_adapter and cap is not None and len(running_adapters) >= cap:
@@ -104,15 +159,21 @@ class Scheduler:
             self.kv.grow(seq.request_id, num_tokens)
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
+            seq.num_prefill_tokens = num_tokens
             self.running.append(seq)
-            admitted.append(seq)
-            budget += num_tokens
+            num_new = min(num_tokens, budget) if chunked else num_tokens
+            admitted.append((seq, num_new))
+            budget -= num_new
             if seq.adapter is not None:
                 running_adapters.add(seq.adapter)
         return admitted
 
-    def _decode(self) -> list[Sequence]:
-        queue, scheduled = deque(self.running), []
+    def _grow_running(self) -> list[Sequence]:
+        """Give every running sequence the pages for all its tokens (a decode row needs room
+        for the token it runs; a partly prefilled prompt has its pages from admission),
+        preempting the most recently admitted ones while the pool is short. Returns those
+        kept, oldest first (also the new `running`)."""
+        queue, kept = deque(self.running), []
         while queue:
             seq = queue.popleft()
             need = self.kv.pages_needed(seq.request_id, seq.num_tokens)
@@ -125,9 +186,9 @@ class Scheduler:
                     break
             if seq is not None:
                 self.kv.grow(seq.request_id, seq.num_tokens)
-                scheduled.append(seq)
-        self.running = scheduled
-        return scheduled
+                kept.append(seq)
+        self.running = kept
+        return kept
 
     def _make_room(self, num_pages: int) -> bool:
         pool = self.kv.pool
@@ -149,6 +210,7 @@ class Scheduler:
         self.kv.free(seq.request_id)
         self._unpin(seq)
         seq.status = SeqStatus.WAITING
+        seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)

@@ -1,5 +1,11 @@
 """One request's state as it moves through the engine: waiting -> running -> finished (and back
-to waiting when preempted). Plain Python, shared by the scheduler and the engine."""
+to waiting when preempted). Plain Python, shared by the scheduler and the engine.
+
+Progress is one number, `num_computed_tokens`: how many of `token_ids` have their K/V in the
+sequence's pages. A step runs some of the others (`num_pending_tokens`: the prompt, a chunk of
+it, or the one token sampled last step) and samples only when it reaches the end. Admission
+sets `num_prefill_tokens` (the length then): below it the sequence is prefilling, past it
+decoding."""
 from __future__ import annotations
 
 import enum
@@ -29,6 +35,8 @@ class Sequence:
     finish_reason: str | None = None
     error: str | None = None
     num_preemptions: int = 0
+    num_computed_tokens: int = 0     # tokens whose K/V are in the pages (0 again when preempted)
+    num_prefill_tokens: int = 0      # its length when last admitted: what its prefill computes
     # Streaming state owned by the engine: text handed out so far, generator for sampling.
     text: str = ""
     sent_text_len: int = 0
@@ -42,6 +50,25 @@ class Sequence:
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens not yet run through the model: the whole sequence when (re)admitted, the rest
+        of a chunked prompt, or 1 when decoding (the token sampled on the previous step)."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        """Admitted, and its prompt (plus output so far, after a preemption) not all computed:
+        it runs prompt chunks, not decode rows (even when one token of it is left)."""
+        return self.num_computed_tokens < self.num_prefill_tokens
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """token_ids[start:end] without building the whole list (a decode row reads one)."""
+        num_prompt = len(self.prompt_ids)
+        if start >= num_prompt:
+            return self.output_ids[start - num_prompt:end - num_prompt]
+        return self.prompt_ids[start:end] + self.output_ids[:max(0, end - num_prompt)]
 
     @property
     def is_finished(self) -> bool:
