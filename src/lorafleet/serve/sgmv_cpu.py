@@ -36,82 +36,193 @@ _SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512F__) && !defined(SGMV_PORTABLE)
+#define SGMV_AVX512 1
+#include <immintrin.h>
+#endif
 
-#define RB 4      /* rows per block: each weight vector is loaded once per RB rows */
+#define RB 4          /* rows per block: each weight vector is loaded once per RB rows */
+#define KB 4          /* rank rows per shrink block: RB x KB accumulators in registers */
+#define VL 16         /* floats per vector */
+
+static inline long round_up(long n, long m) { return (n + m - 1) / m * m; }
 
 static inline float from_bf16(uint16_t v) {
     uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f;
 }
-static inline uint16_t to_bf16(float f) {
+static inline uint16_t to_bf16(float f) {        /* round to nearest even, as torch does */
     uint32_t u; memcpy(&u, &f, 4);
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);   /* quiet NaN */
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-/* One element type T for pages/x/y, loaded with LOAD and stored with STORE. */
-#define SGMV(NAME, T, LOAD, STORE)                                                              \
-void NAME(const T *pages, long H, const T *x, long ldx, T *y, long ldy, long in, long out,     \
-          long nseg, const int32_t *seg_rows, const int32_t *seg_rank, const float *seg_scale, \
-          const int32_t *seg_a, const int32_t *seg_b, const int32_t *page_ids,                 \
-          long a_ppr, long b_ppr, long max_rank) {                                             \
-    float *xf = malloc(sizeof(float) * RB * in);          /* the block's rows, in fp32 */       \
-    float *acc = malloc(sizeof(float) * RB * out);        /* its delta, before scaling */       \
-    float *w = malloc(sizeof(float) * (in > out ? in : out));   /* one weight row, fp32 */      \
-    float *h = malloc(sizeof(float) * RB * max_rank);                                           \
-    for (long s = 0; s < nseg; s++) {                                                           \
-        const long r = seg_rank[s];                                                             \
-        const float scale = seg_scale[s];                                                       \
-        const int32_t *a_ids = page_ids + seg_a[s], *b_ids = page_ids + seg_b[s];               \
-        for (long t0 = seg_rows[2 * s]; t0 < seg_rows[2 * s + 1]; t0 += RB) {                   \
-            const long nt = seg_rows[2 * s + 1] - t0 < RB ? seg_rows[2 * s + 1] - t0 : RB;      \
-            for (long t = 0; t < nt; t++)                                                       \
-                for (long i = 0; i < in; i++) xf[t * in + i] = LOAD(x[(t0 + t) * ldx + i]);     \
-            /* shrink: h[t, k] = x[t] . A[k] */                                                 \
-            for (long k = 0; k < r; k++) {                                                      \
-                for (long j = 0, i0 = 0; i0 < in; j++, i0 += H) {                               \
-                    const T *src = pages + (long)a_ids[k * a_ppr + j] * H;                      \
-                    const long n = in - i0 < H ? in - i0 : H;                                   \
-                    for (long i = 0; i < n; i++) w[i0 + i] = LOAD(src[i]);                      \
-                }                                                                               \
-                for (long t = 0; t < nt; t++) {                                                 \
-                    float lanes[16] = {0};                                                      \
-                    const float *xt = xf + t * in;                                              \
-                    long i = 0;                                                                 \
-                    for (; i + 16 <= in; i += 16)                                               \
-                        for (int l = 0; l < 16; l++) lanes[l] += xt[i + l] * w[i + l];          \
-                    float sum = 0;                                                              \
-                    for (; i < in; i++) sum += xt[i] * w[i];                                    \
-                    for (int l = 0; l < 16; l++) sum += lanes[l];                               \
-                    h[t * max_rank + k] = sum;                                                  \
-                }                                                                               \
-            }                                                                                   \
-            /* expand: acc[t] = sum_k h[t, k] * Bt[k] */                                        \
-            memset(acc, 0, sizeof(float) * nt * out);                                           \
-            for (long k = 0; k < r; k++) {                                                      \
-                for (long j = 0, o0 = 0; o0 < out; j++, o0 += H) {                              \
-                    const T *src = pages + (long)b_ids[k * b_ppr + j] * H;                      \
-                    const long n = out - o0 < H ? out - o0 : H;                                 \
-                    for (long o = 0; o < n; o++) w[o0 + o] = LOAD(src[o]);                      \
-                }                                                                               \
-                for (long t = 0; t < nt; t++) {                                                 \
-                    const float ht = h[t * max_rank + k];                                       \
-                    float *at = acc + t * out;                                                  \
-                    for (long o = 0; o < out; o++) at[o] += ht * w[o];                          \
-                }                                                                               \
-            }                                                                                   \
-            for (long t = 0; t < nt; t++) {                                                     \
-                T *yt = y + (t0 + t) * ldy;                                                     \
-                const float *at = acc + t * out;                                                \
-                for (long o = 0; o < out; o++) yt[o] = STORE(LOAD(yt[o]) + scale * at[o]);      \
-            }                                                                                   \
-        }                                                                                       \
-    }                                                                                           \
-    free(xf); free(acc); free(w); free(h);                                                      \
+/* dst[0:n] = src[0:n] in fp32 (src fp32 or bf16) */
+static void load_row(const void *src, float *dst, long n, int bf16) {
+    if (!bf16) { memcpy(dst, src, sizeof(float) * n); return; }
+    const uint16_t *s = src;
+    long i = 0;
+#ifdef SGMV_AVX512
+    for (; i + VL <= n; i += VL) {
+        __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(s + i)));
+        _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+    }
+#endif
+    for (; i < n; i++) dst[i] = from_bf16(s[i]);
 }
 
-#define ID(v) (v)
-SGMV(sgmv_f32, float, ID, ID)
-SGMV(sgmv_bf16, uint16_t, from_bf16, to_bf16)
+/* y[0:n] = round(y + scale * acc), y fp32 or bf16 */
+static void update_row(void *y, const float *acc, float scale, long n, int bf16) {
+    long i = 0;
+    if (!bf16) {
+        float *yf = y;
+        for (; i < n; i++) yf[i] = yf[i] + scale * acc[i];
+        return;
+    }
+    uint16_t *yb = y;
+#ifdef SGMV_AVX512
+    const __m512 vs = _mm512_set1_ps(scale);
+    const __m512i bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
+    for (; i + VL <= n; i += VL) {
+        __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(yb + i)));
+        __m512 f = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
+                                 _mm512_mul_ps(vs, _mm512_loadu_ps(acc + i)));
+        __m512i u = _mm512_castps_si512(f);
+        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(bias, lsb)), 16);
+        __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+        r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+        _mm256_storeu_si256((__m256i *)(yb + i), _mm512_cvtepi32_epi16(r));
+    }
+#endif
+    for (; i < n; i++) yb[i] = to_bf16(from_bf16(yb[i]) + scale * acc[i]);
+}
+
+/* h[t * r4 + k] = xf[t] . a[k] for t < NT, k < r4; rows padded to inp (a multiple of VL).
+ * NT is a constant at each call site (see block()), so the loops over t unroll. */
+static inline __attribute__((always_inline)) void shrink_block(
+        const float *xf, const float *a, float *h, long r4, long inp, const int NT) {
+    for (long k = 0; k < r4; k += KB) {
+#ifdef SGMV_AVX512
+        __m512 c[RB][KB];
+        for (int t = 0; t < NT; t++)
+            for (int q = 0; q < KB; q++) c[t][q] = _mm512_setzero_ps();
+        for (long i = 0; i < inp; i += VL) {
+            __m512 av[KB], xv[RB];
+            for (int q = 0; q < KB; q++) av[q] = _mm512_loadu_ps(a + (k + q) * inp + i);
+            for (int t = 0; t < NT; t++) xv[t] = _mm512_loadu_ps(xf + t * inp + i);
+            for (int t = 0; t < NT; t++)
+                for (int q = 0; q < KB; q++) c[t][q] = _mm512_fmadd_ps(xv[t], av[q], c[t][q]);
+        }
+        for (int t = 0; t < NT; t++)
+            for (int q = 0; q < KB; q++) h[t * r4 + k + q] = _mm512_reduce_add_ps(c[t][q]);
+#else
+        for (int t = 0; t < NT; t++)
+            for (int q = 0; q < KB; q++) {
+                float lanes[VL] = {0}, sum = 0;
+                for (long i = 0; i < inp; i += VL)
+                    for (int l = 0; l < VL; l++)
+                        lanes[l] += xf[t * inp + i + l] * a[(k + q) * inp + i + l];
+                for (int l = 0; l < VL; l++) sum += lanes[l];
+                h[t * r4 + k + q] = sum;
+            }
+#endif
+    }
+}
+
+/* acc[t * outp + o] = sum_k h[t * r4 + k] * b[k * outp + o] for t < NT */
+static inline __attribute__((always_inline)) void expand_block(
+        const float *h, const float *b, float *acc, long r, long r4, long outp, const int NT) {
+    for (long o = 0; o < outp; o += VL) {
+#ifdef SGMV_AVX512
+        __m512 c[RB];
+        for (int t = 0; t < NT; t++) c[t] = _mm512_setzero_ps();
+        for (long k = 0; k < r; k++) {
+            __m512 w = _mm512_loadu_ps(b + k * outp + o);
+            for (int t = 0; t < NT; t++)
+                c[t] = _mm512_fmadd_ps(_mm512_set1_ps(h[t * r4 + k]), w, c[t]);
+        }
+        for (int t = 0; t < NT; t++) _mm512_storeu_ps(acc + t * outp + o, c[t]);
+#else
+        for (int t = 0; t < NT; t++) {
+            float c[VL] = {0};
+            for (long k = 0; k < r; k++)
+                for (int l = 0; l < VL; l++) c[l] += h[t * r4 + k] * b[k * outp + o + l];
+            memcpy(acc + t * outp + o, c, sizeof c);
+        }
+#endif
+    }
+}
+
+/* one block of NT rows: shrink then expand, NT a constant */
+static inline __attribute__((always_inline)) void block(
+        const float *xf, const float *a, const float *b, float *h, float *acc, long r,
+        long r4, long inp, long outp, const int NT) {
+    shrink_block(xf, a, h, r4, inp, NT);
+    expand_block(h, b, acc, r, r4, outp, NT);
+}
+
+/* Copy `rank` rows of `dim` numbers, each spread over `ppr` pages, into buf [r4, dimp] fp32,
+ * zero-padded to r4 rows and dimp columns. */
+static void gather_rows(const char *pages, long page_bytes, long H, const int32_t *ids,
+                        long rank, long ppr, long dim, float *buf, long r4, long dimp,
+                        int bf16) {
+    for (long k = 0; k < rank; k++) {
+        for (long j = 0, d0 = 0; d0 < dim; j++, d0 += H)
+            load_row(pages + (long)ids[k * ppr + j] * page_bytes, buf + k * dimp + d0,
+                     dim - d0 < H ? dim - d0 : H, bf16);
+        memset(buf + k * dimp + dim, 0, sizeof(float) * (dimp - dim));
+    }
+    memset(buf + rank * dimp, 0, sizeof(float) * (r4 - rank) * dimp);
+}
+
+/* y [T, out] += per segment s: scale_s * (x[rows_s] @ A_s^T) @ B_s^T, A_s and B_s^T read from
+ * pool pages through page_ids (PagedModuleLora). Element type fp32 (bf16 = 0) or bf16. */
+static void sgmv(const void *pages_, long H, const void *x_, long ldx, void *y_, long ldy,
+                 long in, long out, long nseg, const int32_t *seg_rows,
+                 const int32_t *seg_rank, const float *seg_scale, const int32_t *seg_a,
+                 const int32_t *seg_b, const int32_t *page_ids, long a_ppr, long b_ppr,
+                 long max_rank, int bf16) {
+    const long es = bf16 ? 2 : 4, inp = round_up(in, VL), outp = round_up(out, VL);
+    const long r4max = round_up(max_rank, KB);
+    const char *pages = pages_, *x = x_;
+    char *y = y_;
+    float *a = malloc(sizeof(float) * r4max * inp), *b = malloc(sizeof(float) * r4max * outp);
+    float *xf = malloc(sizeof(float) * RB * inp), *acc = malloc(sizeof(float) * RB * outp);
+    float *h = malloc(sizeof(float) * RB * r4max);
+    for (long s = 0; s < nseg; s++) {
+        const long r = seg_rank[s], r4 = round_up(r, KB);
+        gather_rows(pages, H * es, H, page_ids + seg_a[s], r, a_ppr, in, a, r4, inp, bf16);
+        gather_rows(pages, H * es, H, page_ids + seg_b[s], r, b_ppr, out, b, r4, outp, bf16);
+        const long end = seg_rows[2 * s + 1];
+        for (long t0 = seg_rows[2 * s]; t0 < end; t0 += RB) {
+            const long nt = end - t0 < RB ? end - t0 : RB;
+            for (long t = 0; t < nt; t++) {
+                load_row(x + (t0 + t) * ldx * es, xf + t * inp, in, bf16);
+                memset(xf + t * inp + in, 0, sizeof(float) * (inp - in));
+            }
+            switch (nt) {          /* decode segments are mostly 1-2 rows: no padded rows */
+                case 1: block(xf, a, b, h, acc, r, r4, inp, outp, 1); break;
+                case 2: block(xf, a, b, h, acc, r, r4, inp, outp, 2); break;
+                case 3: block(xf, a, b, h, acc, r, r4, inp, outp, 3); break;
+                default: block(xf, a, b, h, acc, r, r4, inp, outp, RB); break;
+            }
+            for (long t = 0; t < nt; t++)
+                update_row(y + (t0 + t) * ldy * es, acc + t * outp, seg_scale[s], out, bf16);
+        }
+    }
+    free(a); free(b); free(xf); free(acc); free(h);
+}
+
+#define ENTRY(NAME, BF16)                                                                      \
+void NAME(const void *pages, long H, const void *x, long ldx, void *y, long ldy, long in,     \
+          long out, long nseg, const int32_t *seg_rows, const int32_t *seg_rank,             \
+          const float *seg_scale, const int32_t *seg_a, const int32_t *seg_b,                \
+          const int32_t *page_ids, long a_ppr, long b_ppr, long max_rank) {                  \
+    sgmv(pages, H, x, ldx, y, ldy, in, out, nseg, seg_rows, seg_rank, seg_scale, seg_a,      \
+         seg_b, page_ids, a_ppr, b_ppr, max_rank, BF16);                                     \
+}
+ENTRY(sgmv_f32, 0)
+ENTRY(sgmv_bf16, 1)
 """
 
 _FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-shared", "-fPIC")
