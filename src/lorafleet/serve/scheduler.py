@@ -159,7 +159,7 @@ class Scheduler:
             self.kv.grow(seq.request_id, num_tokens)
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
-            seq.num_prefill_tokens = num_tokens
+            seq.prefill_end = num_tokens
             self.running.append(seq)
             num_new = min(num_tokens, budget) if chunked else num_tokens
             admitted.append((seq, num_new))

@@ -4,7 +4,7 @@ to waiting when preempted). Plain Python, shared by the scheduler and the engine
 Progress is one number, `num_computed_tokens`: how many of `token_ids` have their K/V in the
 sequence's pages. A step runs some of the others (`num_pending_tokens`: the prompt, a chunk of
 it, or the one token sampled last step) and samples only when it reaches the end. Admission
-sets `num_prefill_tokens` (the length then): below it the sequence is prefilling, past it
+sets `prefill_end` (the length then): below it the sequence is prefilling, past it
 decoding."""
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class Sequence:
     error: str | None = None
     num_preemptions: int = 0
     num_computed_tokens: int = 0     # tokens whose K/V are in the pages (0 again when preempted)
-    num_prefill_tokens: int = 0      # its length when last admitted: what its prefill computes
+    prefill_end: int = 0             # its length when last admitted: what its prefill computes
     # Streaming state owned by the engine: text handed out so far, generator for sampling.
     text: str = ""
     sent_text_len: int = 0
@@ -61,7 +61,7 @@ class Sequence:
     def is_prefilling(self) -> bool:
         """Admitted, and its prompt (plus output so far, after a preemption) not all computed:
         it runs prompt chunks, not decode rows (even when one token of it is left)."""
-        return self.num_computed_tokens < self.num_prefill_tokens
+        return self.num_computed_tokens < self.prefill_end
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """token_ids[start:end] without building the whole list (a decode row reads one)."""
