@@ -70,9 +70,9 @@ def test_kernel_equals_paged_reference(layout, dtype):
     sgmv_cpu(got, x, pages, module)
     if dtype == torch.float32:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
-    else:   # the same fp32 sum in another order, then one bf16 rounding: at most one ulp apart
-        assert ((got.float() - expected.float()).abs()
-                <= expected.float().abs() * 2**-7 + 1e-6).all()
+    else:   # the fp32 sums in another order, then one bf16 rounding each: one ulp apart, or
+        # a few fp32 ulps of the operands where y and the delta cancel
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2**-7, atol=1e-4)
     covered = torch.zeros(y.shape[0], dtype=torch.bool)
     for start, end in module.seg_rows.tolist():
         covered[start:end] = True

@@ -39,6 +39,9 @@ _SOURCE = r"""
 #if defined(__AVX512F__) && !defined(SGMV_PORTABLE)
 #define SGMV_AVX512 1
 #include <immintrin.h>
+#ifdef __AVX512BF16__
+#define SGMV_BF16DOT 1  /* bf16 shrink straight from the pages: vdpbf16ps, 32 products/op */
+#endif
 #endif
 
 #define RB 4          /* rows per block: each weight vector is loaded once per RB rows */
@@ -132,7 +135,25 @@ static inline __attribute__((always_inline)) void shrink_block(
 /* acc[t * outp + o] = sum_k h[t * r4 + k] * b[k * outp + o] for t < NT */
 static inline __attribute__((always_inline)) void expand_block(
         const float *h, const float *b, float *acc, long r, long r4, long outp, const int NT) {
-    for (long o = 0; o < outp; o += VL) {
+    long o = 0;
+#ifdef SGMV_AVX512
+    for (; o + 4 * VL <= outp; o += 4 * VL) {   /* 4 vectors of B^T per rank row: 4*NT FMAs */
+        __m512 c[RB][4];
+        for (int t = 0; t < NT; t++)
+            for (int u = 0; u < 4; u++) c[t][u] = _mm512_setzero_ps();
+        for (long k = 0; k < r; k++) {
+            __m512 w[4];
+            for (int u = 0; u < 4; u++) w[u] = _mm512_loadu_ps(b + k * outp + o + u * VL);
+            for (int t = 0; t < NT; t++) {
+                const __m512 ht = _mm512_set1_ps(h[t * r4 + k]);
+                for (int u = 0; u < 4; u++) c[t][u] = _mm512_fmadd_ps(ht, w[u], c[t][u]);
+            }
+        }
+        for (int t = 0; t < NT; t++)
+            for (int u = 0; u < 4; u++) _mm512_storeu_ps(acc + t * outp + o + u * VL, c[t][u]);
+    }
+#endif
+    for (; o < outp; o += VL) {
 #ifdef SGMV_AVX512
         __m512 c[RB];
         for (int t = 0; t < NT; t++) c[t] = _mm512_setzero_ps();
@@ -153,13 +174,37 @@ static inline __attribute__((always_inline)) void expand_block(
     }
 }
 
-/* one block of NT rows: shrink then expand, NT a constant */
-static inline __attribute__((always_inline)) void block(
-        const float *xf, const float *a, const float *b, float *h, float *acc, long r,
-        long r4, long inp, long outp, const int NT) {
-    shrink_block(xf, a, h, r4, inp, NT);
-    expand_block(h, b, acc, r, r4, outp, NT);
+#ifdef SGMV_BF16DOT
+/* h[t * r4 + k] = x[t] . A[k] for NT bf16 rows of x, A's rows read in place from their pages
+ * (rows k >= r read `zero`): bf16 pair products summed in fp32 by vdpbf16ps. */
+static inline __attribute__((always_inline)) void shrink_bf16dot(
+        const uint16_t *pages, long H, const int32_t *ids, long ppr, long r, long r4,
+        const uint16_t *x, long ldx, long in, const uint16_t *zero, float *h, const int NT) {
+    for (long k = 0; k < r4; k += KB) {
+        __m512 c[RB][KB];
+        for (int t = 0; t < NT; t++)
+            for (int q = 0; q < KB; q++) c[t][q] = _mm512_setzero_ps();
+        for (long j = 0, d0 = 0; d0 < in; j++, d0 += H) {
+            const long n = in - d0 < H ? in - d0 : H;
+            const uint16_t *ap[KB];
+            for (int q = 0; q < KB; q++)
+                ap[q] = k + q < r ? pages + (long)ids[(k + q) * ppr + j] * H : zero;
+            for (long i = 0; i < n; i += 32) {
+                const __mmask32 m = n - i >= 32 ? 0xffffffffu : (1u << (n - i)) - 1;
+                __m512bh av[KB], xv[RB];
+                for (int q = 0; q < KB; q++)
+                    av[q] = (__m512bh)_mm512_maskz_loadu_epi16(m, ap[q] + i);
+                for (int t = 0; t < NT; t++)
+                    xv[t] = (__m512bh)_mm512_maskz_loadu_epi16(m, x + t * ldx + d0 + i);
+                for (int t = 0; t < NT; t++)
+                    for (int q = 0; q < KB; q++) c[t][q] = _mm512_dpbf16_ps(c[t][q], xv[t], av[q]);
+            }
+        }
+        for (int t = 0; t < NT; t++)
+            for (int q = 0; q < KB; q++) h[t * r4 + k + q] = _mm512_reduce_add_ps(c[t][q]);
+    }
 }
+#endif
 
 /* Copy `rank` rows of `dim` numbers, each spread over `ppr` pages, into buf [r4, dimp] fp32,
  * zero-padded to r4 rows and dimp columns. */
@@ -189,28 +234,59 @@ static void sgmv(const void *pages_, long H, const void *x_, long ldx, void *y_,
     float *a = malloc(sizeof(float) * r4max * inp), *b = malloc(sizeof(float) * r4max * outp);
     float *xf = malloc(sizeof(float) * RB * inp), *acc = malloc(sizeof(float) * RB * outp);
     float *h = malloc(sizeof(float) * RB * r4max);
+#ifdef SGMV_BF16DOT
+    const int dot = bf16;
+    uint16_t *zero = calloc(H, sizeof(uint16_t));
+#else
+    const int dot = 0;
+    void *zero = 0;
+#endif
     for (long s = 0; s < nseg; s++) {
         const long r = seg_rank[s], r4 = round_up(r, KB);
-        gather_rows(pages, H * es, H, page_ids + seg_a[s], r, a_ppr, in, a, r4, inp, bf16);
+        if (!dot)
+            gather_rows(pages, H * es, H, page_ids + seg_a[s], r, a_ppr, in, a, r4, inp, bf16);
         gather_rows(pages, H * es, H, page_ids + seg_b[s], r, b_ppr, out, b, r4, outp, bf16);
         const long end = seg_rows[2 * s + 1];
         for (long t0 = seg_rows[2 * s]; t0 < end; t0 += RB) {
             const long nt = end - t0 < RB ? end - t0 : RB;
-            for (long t = 0; t < nt; t++) {
-                load_row(x + (t0 + t) * ldx * es, xf + t * inp, in, bf16);
-                memset(xf + t * inp + in, 0, sizeof(float) * (inp - in));
+            /* decode segments are mostly 1-2 rows: kernels specialised per row count */
+#ifdef SGMV_BF16DOT
+            if (dot) {
+                const uint16_t *xt = (const uint16_t *)x + t0 * ldx;
+                const int32_t *a_ids = page_ids + seg_a[s];
+#define SHRINK(NT) shrink_bf16dot(pages_, H, a_ids, a_ppr, r, r4, xt, ldx, in, zero, h, NT)
+                switch (nt) {
+                    case 1: SHRINK(1); break;
+                    case 2: SHRINK(2); break;
+                    case 3: SHRINK(3); break;
+                    default: SHRINK(RB); break;
+                }
+#undef SHRINK
+            } else
+#endif
+            {
+                for (long t = 0; t < nt; t++) {
+                    load_row(x + (t0 + t) * ldx * es, xf + t * inp, in, bf16);
+                    memset(xf + t * inp + in, 0, sizeof(float) * (inp - in));
+                }
+                switch (nt) {
+                    case 1: shrink_block(xf, a, h, r4, inp, 1); break;
+                    case 2: shrink_block(xf, a, h, r4, inp, 2); break;
+                    case 3: shrink_block(xf, a, h, r4, inp, 3); break;
+                    default: shrink_block(xf, a, h, r4, inp, RB); break;
+                }
             }
-            switch (nt) {          /* decode segments are mostly 1-2 rows: no padded rows */
-                case 1: block(xf, a, b, h, acc, r, r4, inp, outp, 1); break;
-                case 2: block(xf, a, b, h, acc, r, r4, inp, outp, 2); break;
-                case 3: block(xf, a, b, h, acc, r, r4, inp, outp, 3); break;
-                default: block(xf, a, b, h, acc, r, r4, inp, outp, RB); break;
+            switch (nt) {
+                case 1: expand_block(h, b, acc, r, r4, outp, 1); break;
+                case 2: expand_block(h, b, acc, r, r4, outp, 2); break;
+                case 3: expand_block(h, b, acc, r, r4, outp, 3); break;
+                default: expand_block(h, b, acc, r, r4, outp, RB); break;
             }
             for (long t = 0; t < nt; t++)
                 update_row(y + (t0 + t) * ldy * es, acc + t * outp, seg_scale[s], out, bf16);
         }
     }
-    free(a); free(b); free(xf); free(acc); free(h);
+    free(a); free(b); free(xf); free(acc); free(h); free(zero);
 }
 
 #define ENTRY(NAME, BF16)                                                                      \
