@@ -32,10 +32,10 @@ def make_adapter(name, seed, rank, modules):
 
 def segments_of(lora, pages) -> list[tuple]:
     """(row_start, row_end, rank, scaling, A, B^T) of each segment of one module's batch."""
-    if pages is not None:                       # paged: read through the page table
+    if pages is not None:   # paged: read through the page table; rank 0 = not adapted here
         return [(*(int(v) for v in lora.seg_rows[s]), int(lora.seg_rank[s]),
                  paged_weights(pages, lora, s)[2], *paged_weights(pages, lora, s)[:2])
-                for s in range(lora.seg_rank.shape[0])]
+                for s in range(lora.seg_rank.shape[0]) if lora.seg_rank[s] > 0]
     return [(seg.row_start, seg.row_end, seg.rank, seg.scaling,
              lora.a[seg.rank_start:seg.rank_start + seg.rank],
              lora.bt[seg.rank_start:seg.rank_start + seg.rank]) for seg in lora.segments]
@@ -57,7 +57,7 @@ def test_weights_match_the_pool_through_joins_leaves_and_reloads(paged):
     for i, name in enumerate(names):
         mods = [["q"], ["q", "k"], ["k", "wide"], ["q", "k", "wide"]][i % 4]
         cache.register(make_adapter(name, i, [2, 4, 8][i % 3], mods))
-    builder = LoraBatchBuilder(pages, cache, kernel="auto" if paged else None)
+    builder = LoraBatchBuilder(pages, cache, TARGETS, kernel="auto" if paged else None)
     assert (builder.kernel is not None) == paged
     for step in range(60):
         if step == 30:                      # re-register a0 with new weights, same name

@@ -21,6 +21,7 @@ HIDDEN = 32   # a small page so that in / out of 20..96 give 1..3 pages per row
 # (in_features, out_features, row runs: (rank or None for base rows, number of rows))
 LAYOUTS = [
     (20, 24, [(4, 1), (None, 2), (32, 1), (1, 1), (None, 1), (8, 1)]),           # decode-like
+    (24, 20, [(0, 2), (6, 1), (0, 1), (9, 3)]),   # rank 0: the adapter skips this module
     (80, 72, [(None, 3), (16, 37), (3, 1), (None, 5), (32, 70), (7, 2)]),        # prefill-like
     (48, 20, [(5, 9), (32, 1), (2, 17), (None, 4)]),
     (32, 96, [(1, 1), (12, 65), (None, 1), (31, 3)]),

@@ -2,9 +2,15 @@
 step's distinct adapters read from the pool, and which rows use which.
 
 With a paged kernel (the C kernel on CPU, sgmv_cpu.py; Triton on CUDA, triton_ops.py) nothing is
-copied: each module gets a `PagedModuleLora`, the page ids of its adapters' A and B^T rows (one
-int32 table per adapter set, cached) and the row segments (cached per batch composition, and
-shared by every layer's module of the same kind). The kernel reads the weights in place.
+copied: each module gets a `PagedModuleLora` and the kernel reads the weights in place. Built so
+that the Python work per step does not grow with the number of modules times adapters:
+- per resident adapter, once per load: its page ids (int32) and, for every projection of the
+  model, (first A page, first B^T page, rank) and the scaling, rank 0 where it has no LoRA;
+- per adapter set: one table of every adapter's page ids (`torch.cat`) and those per-module rows
+  stacked, their page offsets moved into the table;
+- per batch composition: the row segments, and each module's segment columns taken from the
+  stacked rows with one indexing op for all modules. A segment whose adapter does not adapt a
+  module has rank 0 there (the kernels skip it).
 
 Without one (`kernel=None`, or the kernel unavailable) the torch paths of lora_ops.py need the
 weights contiguous, and the batch is built in two parts:
@@ -78,21 +84,37 @@ class _ModulePlan:
 
 
 @dataclass
+class _AdapterRows:
+    """One resident adapter in the paged form (module index as in LoraBatchBuilder.modules)."""
+    page_ids: torch.Tensor      # int32 [n]: the adapter's pool pages
+    rows: torch.Tensor          # int32 [M, 3]: (first A page, first B^T page, rank), relative
+    scaling: torch.Tensor       # float32 [M]
+    modules: frozenset[int]     # the modules it adapts
+
+
+@dataclass
 class _PagedPlan:
-    page_ids: torch.Tensor                       # int32 [K]: this module's A and B^T row pages
-    adapters: dict[int, tuple[int, int, int, float]]  # index -> (a offset, b offset, r, scaling)
-    in_features: int
-    out_features: int
-    a_pages_per_row: int
-    b_pages_per_row: int
+    page_ids: torch.Tensor      # int32 [K]: every adapter's pages, adapter after adapter
+    rows: torch.Tensor          # int32 [A, M, 3]: offsets into page_ids, and ranks
+    scaling: torch.Tensor       # float32 [A, M]
+    modules: list[int]          # modules some adapter of the set adapts
+    max_rank: list[int]         # [M]
 
 
 class LoraBatchBuilder:
-    def __init__(self, pages: torch.Tensor, cache: AdapterCache, kernel="auto"):
-        """kernel: a PagedKernel, None (the torch paths, weights gathered), or "auto"
+    def __init__(self, pages: torch.Tensor, cache: AdapterCache,
+                 targets: dict[str, tuple[int, int]], kernel="auto"):
+        """targets: every projection that adapters may adapt -> (in_features, out_features).
+        kernel: a PagedKernel, None (the torch paths, weights gathered), or "auto"
         (`paged_kernel(pages)`)."""
         self.pages, self.cache = pages, cache
         self.kernel = paged_kernel(pages) if kernel == "auto" else kernel
+        self.modules = list(targets)
+        self._module_index = {name: i for i, name in enumerate(self.modules)}
+        page_size = pages.shape[1]
+        self._shapes = [(fan_in, fan_out, -(-fan_in // page_size), -(-fan_out // page_size))
+                        for fan_in, fan_out in targets.values()]
+        self._adapter_rows: dict[tuple[str, int], _AdapterRows] = {}
         self._plans: OrderedDict[tuple, dict] = OrderedDict()
         self._batches: OrderedDict[tuple, LoraBatch] = OrderedDict()
         self.gathers = 0       # pool gathers (one per new adapter set): tests, benchmarks
@@ -117,64 +139,68 @@ class LoraBatchBuilder:
             self._batches.popitem(last=False)
         return batch
 
-    def _build_paged(self, plan: dict[str, _PagedPlan], names: list[str],
+    def _build_paged(self, plan: _PagedPlan, names: list[str],
                      runs: list[tuple[str | None, int]]) -> LoraBatch:
         index_of = {name: i for i, name in enumerate(names)}
-        device, modules, shared = self.pages.device, {}, {}
-        for module, module_plan in plan.items():
-            segments, row = [], 0
-            for name, n in runs:
-                if name is not None and index_of[name] in module_plan.adapters:
-                    segments.append((row, row + n, *module_plan.adapters[index_of[name]]))
-                row += n
-            if not segments:
-                continue
-            # the same module kind in every layer has the same segments: one set of tensors
-            key = tuple(segments)
-            if key not in shared:
-                shared[key] = (
-                    torch.tensor([s[:2] for s in segments], dtype=torch.int32, device=device),
-                    torch.tensor([s[4] for s in segments], dtype=torch.int32, device=device),
-                    torch.tensor([s[5] for s in segments], dtype=torch.float32, device=device),
-                    torch.tensor([s[2] for s in segments], dtype=torch.int32, device=device),
-                    torch.tensor([s[3] for s in segments], dtype=torch.int32, device=device),
-                    max(s[4] for s in segments), max(s[1] - s[0] for s in segments))
-            rows, rank, scale, seg_a, seg_b, max_rank, max_rows = shared[key]
-            modules[module] = PagedModuleLora(
-                module_plan.in_features, module_plan.out_features, module_plan.a_pages_per_row,
-                module_plan.b_pages_per_row, rows, rank, scale, seg_a, seg_b,
-                module_plan.page_ids, max_rank, max_rows)
+        device, seg_rows, seg_adapter, row = self.pages.device, [], [], 0
+        for name, n in runs:
+            if name is not None:
+                seg_rows.append((row, row + n))
+                seg_adapter.append(index_of[name])
+            row += n
+        seg_index = torch.tensor(seg_adapter, device=device)
+        # [M, 3, S] and [M, S]: per module, each segment's A offset, B^T offset, rank; scaling
+        columns = plan.rows[seg_index].permute(1, 2, 0).contiguous()
+        scaling = plan.scaling[seg_index].t().contiguous()
+        rows = torch.tensor(seg_rows, dtype=torch.int32, device=device)
+        max_rows = max(end - start for start, end in seg_rows)
+        modules = {}
+        for m in plan.modules:
+            seg_a, seg_b, rank = columns[m]
+            fan_in, fan_out, a_ppr, b_ppr = self._shapes[m]
+            modules[self.modules[m]] = PagedModuleLora(
+                fan_in, fan_out, a_ppr, b_ppr, rows, rank, scaling[m], seg_a, seg_b,
+                plan.page_ids, plan.max_rank[m], max_rows)
         return LoraBatch(modules, self.pages, self.kernel)
 
-    def _paged_plan(self, plan_key: tuple, names: list[str]) -> dict[str, _PagedPlan]:
-        """Per module, the page ids of every adapter's A rows then B^T rows, in one int32
-        table for the whole adapter set (each module's table is a view of it)."""
+    def _paged_plan(self, plan_key: tuple, names: list[str]) -> _PagedPlan:
         if plan_key in self._plans:
             self._plans.move_to_end(plan_key)
             return self._plans[plan_key]
-        layout: dict[str, list] = {}
-        for i, name in enumerate(names):
-            for module, slice_ in self.cache.host[name].modules.items():
-                layout.setdefault(module, []).append((i, slice_))
-        page_ids, spans = [], {}
-        for module, entries in layout.items():
-            start, adapters = len(page_ids), {}
-            for i, s in entries:
-                resident = self.cache.resident[names[i]]
-                a_off = len(page_ids) - start
-                page_ids += resident[s.a_page:s.a_page + s.rank * s.a_pages_per_row]
-                b_off = len(page_ids) - start
-                page_ids += resident[s.b_page:s.b_page + s.rank * s.b_pages_per_row]
-                adapters[i] = (a_off, b_off, s.rank, s.scaling)
-            spans[module] = (start, len(page_ids), adapters, entries[0][1])
-        table = torch.tensor(page_ids, dtype=torch.int32, device=self.pages.device)
-        plan = {module: _PagedPlan(table[start:end], adapters, s.in_features, s.out_features,
-                                   s.a_pages_per_row, s.b_pages_per_row)
-                for module, (start, end, adapters, s) in spans.items()}
+        adapters = [self._paged_adapter(name, load_id) for name, load_id in plan_key]
+        offsets, total = [], 0
+        for adapter in adapters:
+            offsets.append(total)
+            total += adapter.page_ids.shape[0]
+        device = self.pages.device
+        rows = torch.stack([a.rows for a in adapters])
+        rows[:, :, :2] += torch.tensor(offsets, dtype=torch.int32, device=device)[:, None, None]
+        plan = _PagedPlan(torch.cat([a.page_ids for a in adapters]), rows,
+                          torch.stack([a.scaling for a in adapters]),
+                          sorted(frozenset().union(*(a.modules for a in adapters))),
+                          rows[:, :, 2].amax(0).tolist())
         self._plans[plan_key] = plan
         if len(self._plans) > PLAN_CACHE_SIZE:
             self._plans.popitem(last=False)
         return plan
+
+    def _paged_adapter(self, name: str, load_id: int) -> _AdapterRows:
+        key = (name, load_id)
+        if key not in self._adapter_rows:
+            rows = [[0, 0, 0] for _ in self.modules]
+            scaling = [0.0] * len(self.modules)
+            for module, s in self.cache.host[name].modules.items():
+                m = self._module_index[module]
+                rows[m], scaling[m] = [s.a_page, s.b_page, s.rank], s.scaling
+            device = self.pages.device
+            self._adapter_rows = {k: v for k, v in self._adapter_rows.items()
+                                  if self.cache.load_id.get(k[0]) == k[1]}   # drop unloaded
+            self._adapter_rows[key] = _AdapterRows(
+                torch.tensor(self.cache.resident[name], dtype=torch.int32, device=device),
+                torch.tensor(rows, dtype=torch.int32, device=device),
+                torch.tensor(scaling, dtype=torch.float32, device=device),
+                frozenset(self._module_index[m] for m in self.cache.host[name].modules))
+        return self._adapter_rows[key]
 
     def _build_gathered(self, plan: dict[str, _ModulePlan], names: list[str],
                         runs: list[tuple[str | None, int]]) -> LoraBatch:

@@ -73,7 +73,8 @@ class PagedModuleLora:
     scaling `seg_scale[s]`. Row k of its A (`[r, in]`) is pages
     `page_ids[seg_a[s] + k * a_pages_per_row + j]` for j < a_pages_per_row, concatenated and
     cut to `in_features`; row k of its B^T (`[r, out]`) likewise from `seg_b[s]`. Rows in no
-    segment (base-model rows) get no delta. Index tensors are int32 on the pool's device."""
+    segment (base-model rows), and segments of rank 0 (their adapter does not adapt this
+    module), get no delta. Index tensors are int32 on the pool's device."""
     in_features: int
     out_features: int
     a_pages_per_row: int
@@ -96,7 +97,7 @@ def paged_weights(pages: torch.Tensor, module: PagedModuleLora, segment: int
 
     def rows(offset: int, pages_per_row: int, dim: int) -> torch.Tensor:
         ids = page_ids[offset:offset + rank * pages_per_row]
-        return pages[ids].view(rank, -1)[:, :dim]
+        return pages[ids].view(rank, pages_per_row * pages.shape[1])[:, :dim]
 
     return (rows(int(module.seg_a[segment]), module.a_pages_per_row, module.in_features),
             rows(int(module.seg_b[segment]), module.b_pages_per_row, module.out_features),

@@ -73,7 +73,7 @@ class ModelRunner:
                                                   non_blocking=True))
 
     def attach(self, cache: AdapterCache) -> None:
-        self._lora_builder = LoraBatchBuilder(self.pages, cache)
+        self._lora_builder = LoraBatchBuilder(self.pages, cache, self.targets)
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], num_new_tokens: list[int],

@@ -243,6 +243,7 @@ static void sgmv(const void *pages_, long H, const void *x_, long ldx, void *y_,
 #endif
     for (long s = 0; s < nseg; s++) {
         const long r = seg_rank[s], r4 = round_up(r, KB);
+        if (r == 0) continue;      /* the segment's adapter does not adapt this module */
         if (!dot)
             gather_rows(pages, H * es, H, page_ids + seg_a[s], r, a_ppr, in, a, r4, inp, bf16);
         gather_rows(pages, H * es, H, page_ids + seg_b[s], r, b_ppr, out, b, r4, outp, bf16);
