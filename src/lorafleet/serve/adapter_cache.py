@@ -92,17 +92,28 @@ class HostAdapter:
 
 def build_host_adapter(name: str, config: dict, tensors: dict[str, torch.Tensor],
                        targets: dict[str, tuple[int, int]], page_size: int, max_rank: int,
-                       dtype: torch.dtype) -> HostAdapter:
+                       dtype: torch.dtype, exclude: frozenset[str] = frozenset()) -> HostAdapter:
     """Validate a PEFT adapter against the base model and lay it out in pages.
 
     targets: module name -> (in_features, out_features) of every projection the engine can
-    adapt. Raises AdapterError (naming the key) when the adapter does not fit."""
+    adapt. exclude: target modules whose LoRA the engine does not serve (the engine passes the
+    output head: it computes lm_head only for the rows it samples from, so a per-row LoRA on it
+    would meet misaligned rows). Raises AdapterError (naming the key) when the adapter does not
+    fit."""
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise AdapterError(f"adapter {name!r}: peft_type {config.get('peft_type')!r} is not LORA")
     if config.get("use_dora"):
         raise AdapterError(f"adapter {name!r}: DoRA adapters are not supported by the engine")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
+        # Before the key check: peft saves an adapted lm_head's base weight too
+        # (`lm_head.base_layer.weight`, save_embedding_layers), which is not a LoRA key.
+        local_key = key.removeprefix("base_model.model.")
+        excluded = next((m for m in sorted(exclude) if local_key.startswith(m + ".")), None)
+        if excluded is not None:
+            raise AdapterError(f"adapter {name!r}: module {excluded!r}: LoRA on {excluded} is "
+                               f"not served by the engine; merge it into the base (lorafleet "
+                               f"merge) or train without {excluded}")
         match = _KEY.match(key)
         if match is None:
             raise AdapterError(f"adapter {name!r}: tensor {key!r} is not a LoRA A/B weight "

@@ -166,7 +166,7 @@ class Engine:
                 raise AdapterError("an adapter needs a non-empty name")
             self.cache.register(build_host_adapter(
                 name, config, tensors, self.runner.targets, self.runner.pages.shape[1],
-                self.config.max_lora_rank, self.runner.dtype))
+                self.config.max_lora_rank, self.runner.dtype, exclude=frozenset({"lm_head"})))
 
     def unregister_adapter(self, name: str) -> None:
         with self.lock:
