@@ -26,6 +26,7 @@ from .attention import PagedAttention, kv_view
 from .kv_cache import KVCacheManager, KVLayout
 from .lora_batch import LoraBatchBuilder
 from .lora_ops import BatchedLoraLinear
+from .packed_linear import prepack_projections
 from .sequence import Sequence
 
 
@@ -47,12 +48,17 @@ def wrap_projections(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, num_pages: int, block_tokens: int):
+    def __init__(self, model: nn.Module, num_pages: int, block_tokens: int,
+                 prepack_weights: bool = True):
+        """prepack_weights: hold bf16 CPU projection weights in oneDNN's packed layout as well
+        (packed_linear.py: ~1.4x faster decode matmuls, twice the projection weight memory)."""
         self.model = model
         config = model.config
         self.param = next(model.parameters())
         self.dtype, self.device = self.param.dtype, self.param.device
         self.targets = wrap_projections(model)
+        if prepack_weights:
+            prepack_projections([m for m in model.modules() if isinstance(m, BatchedLoraLinear)])
         self.layout = KVLayout(config.num_hidden_layers,
                                config.num_key_value_heads * config.head_dim,
                                config.hidden_size, block_tokens)
