@@ -109,6 +109,26 @@ def test_serve_cli_bad_arguments(llama_dir, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_serve_scheduler_flags_reach_engine_config(llama_dir):
+    from lorafleet.cli import build_parser
+    from lorafleet.cli.serve import build
+    from lorafleet.serve import EngineConfig
+
+    def engine(*flags):
+        args = build_parser().parse_args(["serve", "--model", str(llama_dir), "--num-pages",
+                                          "256", *flags])
+        return build(args)[0]
+
+    default = engine()
+    assert default.config.max_num_batched_tokens == EngineConfig.max_num_batched_tokens
+    assert default.config.enable_chunked_prefill is True
+    chosen = engine("--max-num-batched-tokens", "96", "--no-chunked-prefill")
+    assert chosen.config.max_num_batched_tokens == 96
+    assert chosen.config.enable_chunked_prefill is False
+    assert chosen.scheduler.config.max_num_batched_tokens == 96       # and the scheduler's
+    assert chosen.scheduler.config.enable_chunked_prefill is False
+
+
 def test_serve_quantized_nf4_matches_generate(llama_dir, capsys):
     from lorafleet.cli import build_parser
     from lorafleet.cli.serve import build

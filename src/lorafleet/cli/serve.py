@@ -57,6 +57,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-pages", type=int, default=8192,
                    help="pages in the unified KV/adapter pool (one page = hidden_size numbers)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="running batch size cap")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens per engine step: decode rows plus prompt chunks (default 2048)")
+    p.add_argument("--no-chunked-prefill", dest="chunked_prefill", action="store_false",
+                   help="a step is all prefill or all decode (default: steps mix decode rows "
+                        "with prompt chunks, long prompts over several steps)")
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="seconds SIGTERM waits for in-flight requests before exiting")
     p.set_defaults(func=run)
@@ -93,6 +98,8 @@ def build(args):
         model = load_model(args.model, dtype=args.dtype, device=args.device)
     engine = Engine(model, tokenizer, EngineConfig(
         num_pages=args.num_pages, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_chunked_prefill=args.chunked_prefill,
         max_model_len=args.max_model_len, dtype=args.dtype, device=args.device))
     for name, folder in adapters.items():
         engine.register_adapter(name, str(folder))
