@@ -40,3 +40,8 @@ class GreedyOracle:
             out.append(token)
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
         return out
+
+    @torch.no_grad()
+    def log_softmax(self, token_ids: list[int], adapter: str | None) -> torch.Tensor:
+        """log p(next token | token_ids[:t + 1]) for every position t: [T, V] float32."""
+        return self._model(adapter)(input_ids=torch.tensor([token_ids])).logits[0].log_softmax(-1)

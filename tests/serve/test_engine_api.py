@@ -65,6 +65,64 @@ def test_logprobs_match_oracle(engine, small_fleet):
     assert out.logprobs == pytest.approx(expected, abs=1e-4)
 
 
+def test_top_logprobs_match_oracle_topk(engine, small_fleet):
+    """One batch mixing a greedy request with 5 alternatives, a hot sampled one with 1 (its
+    tokens are mostly not the likeliest: the chosen one comes on top), one with the chosen
+    token's logprob only and one without logprobs. Alternatives equal the oracle's
+    log_softmax(logits).topk, the chosen token's entry its logprob."""
+    _, base_model, adapters = small_fleet
+    requests = [([9, 10, 11, 12], "a03", SamplingParams(logprobs=True, top_logprobs=5)),
+                ([5, 6, 7], "a01", SamplingParams(temperature=5.0, seed=3, logprobs=True,
+                                                  top_logprobs=1)),
+                ([8, 9], None, SamplingParams(logprobs=True)),
+                ([8, 9, 10], "a00", SamplingParams())]
+    params = [SamplingParams(**{**vars(p), "max_tokens": 6, "ignore_eos": True})
+              for _, _, p in requests]
+    outs = engine.generate([r[0] for r in requests], [r[1] for r in requests], params)
+    assert outs[3].logprobs is None
+    assert all(isinstance(v, float) for v in outs[2].logprobs)
+    outside_top = 0
+    for (prompt, adapter, _), p, out in zip(requests, params, outs):
+        if not p.logprobs:
+            continue
+        oracle = base_model if adapter is None else merged_oracle(base_model, adapters[adapter])
+        with torch.no_grad():
+            logp = torch.log_softmax(oracle(torch.tensor([prompt + out.token_ids])).logits[0],
+                                     dim=-1)
+        assert len(out.logprobs) == len(out.token_ids) == 6
+        for i, (token, got) in enumerate(zip(out.token_ids, out.logprobs)):
+            row = logp[len(prompt) - 1 + i]
+            chosen = got[token] if p.top_logprobs else got
+            assert chosen == pytest.approx(row[token].item(), abs=1e-4)
+            if not p.top_logprobs:
+                continue
+            top = row.topk(p.top_logprobs)
+            alternatives = sorted(got.items(), key=lambda kv: -kv[1])[:p.top_logprobs]
+            assert [t for t, _ in alternatives] == top.indices.tolist()
+            assert [v for _, v in alternatives] == pytest.approx(top.values.tolist(), abs=1e-4)
+            expected_keys = set(top.indices.tolist()) | {token}
+            assert set(got) == expected_keys
+            outside_top += len(got) > p.top_logprobs
+    assert outside_top >= 3         # the hot request tested the chosen-not-in-top case
+
+
+def test_no_logprobs_computed_unless_asked(engine, monkeypatch):
+    from lorafleet.errors import RequestError
+    from lorafleet.serve import engine as engine_module
+
+    def fail(*args):
+        raise AssertionError("logprobs computed for a batch that asked for none")
+
+    monkeypatch.setattr(engine_module, "token_and_top_logprobs", fail)
+    out = engine.generate([[5, 6, 7], [8, 9]], ["a00", None],
+                          SamplingParams(max_tokens=3, ignore_eos=True))
+    assert [len(o.token_ids) for o in out] == [3, 3] and out[0].logprobs is None
+    with pytest.raises(RequestError, match=r"top_logprobs must be in \[0, 20\], got 21"):
+        SamplingParams(logprobs=True, top_logprobs=21)
+    with pytest.raises(RequestError, match="top_logprobs needs logprobs=True"):
+        SamplingParams(top_logprobs=2)
+
+
 def test_seeded_sampling_is_reproducible(engine):
     params = [SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, top_k=50, seed=s,
                              ignore_eos=True) for s in (1, 1, 2)]

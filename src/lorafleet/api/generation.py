@@ -45,11 +45,13 @@ async def collect_unless_disconnected(request: Request, job: Job) -> None:
 
 # ---- request -> engine inputs ------------------------------------------------------------------
 
-def _sampling_params(body, max_tokens: int, logprobs: bool, n: int) -> list[Any]:
+def _sampling_params(body, max_tokens: int, logprobs: bool, top_logprobs: int,
+                     n: int) -> list[Any]:
     from lorafleet.serve import SamplingParams
     return [SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                            top_k=body.top_k, seed=None if body.seed is None else body.seed + i,
-                           stop=body.stop, logprobs=logprobs, ignore_eos=body.ignore_eos)
+                           stop=body.stop, logprobs=logprobs, top_logprobs=top_logprobs,
+                           ignore_eos=body.ignore_eos)
             for i in range(n)]
 
 
@@ -115,18 +117,27 @@ def _token_text(state: ServerState, token_id: int) -> str:
 # ---- responses -----------------------------------------------------------------------------------
 
 def _completion_logprobs(state, entries, offset: int) -> CompletionLogprobs:
+    """OpenAI's legacy shape: per position the token's text, its logprob, and {text: logprob}
+    of the `logprobs` most likely tokens plus the chosen one (so up to logprobs + 1 entries)."""
     result = CompletionLogprobs()
     for token_id, logprob, top in entries:
         token = _token_text(state, token_id)
         result.tokens.append(token)
         result.token_logprobs.append(logprob)
-        result.top_logprobs.append({_token_text(state, t): lp for t, lp in top.items()})
+        alternatives: dict[str, float] = {}
+        for t, lp in sorted(top.items(), key=lambda kv: -kv[1]):
+            # Two ids with the same text (e.g. both half a UTF-8 character) share one key:
+            # the likelier one keeps it.
+            alternatives.setdefault(_token_text(state, t), lp)
+        result.top_logprobs.append(alternatives)
         result.text_offset.append(offset)
         offset += len(token)
     return result
 
 
 def _chat_logprobs(state, entries, top_n: int) -> ChatChoiceLogprobs:
+    """Per token {token, logprob, bytes, top_logprobs}: the top_n most likely tokens, in
+    order (the chosen one only when it is among them)."""
     content = []
     for token_id, logprob, top in entries:
         token = _token_text(state, token_id)
@@ -150,7 +161,7 @@ def add_generation_routes(app: FastAPI, state: ServerState) -> None:
         max_tokens = _check_lengths(state, prompt_ids, body.max_tokens, "prompt")
         want_logprobs = body.logprobs is not None
         job = Job(state, "completions", adapter, prompt_ids,
-                  _sampling_params(body, max_tokens, want_logprobs, body.n))
+                  _sampling_params(body, max_tokens, want_logprobs, body.logprobs or 0, body.n))
         echo = (body.prompt if isinstance(body.prompt, str)
                 else state.tokenizer.decode(prompt_ids)) if body.echo else ""
         job.admit()
@@ -173,7 +184,8 @@ def add_generation_routes(app: FastAPI, state: ServerState) -> None:
         requested = body.max_completion_tokens or body.max_tokens
         max_tokens = _check_lengths(state, prompt_ids, requested, "messages")
         job = Job(state, "chat", adapter, prompt_ids,
-                  _sampling_params(body, max_tokens, body.logprobs, body.n))
+                  _sampling_params(body, max_tokens, body.logprobs, body.top_logprobs or 0,
+                                   body.n))
         job.admit()
         if body.stream:
             return JobStreamingResponse(_stream_chat(state, job, body), job)

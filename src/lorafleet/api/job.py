@@ -34,15 +34,14 @@ class Choice:
 def token_logprobs(out: Any) -> list[tuple[int, float, dict[int, float]]]:
     """(token id, logprob, {alternative id: logprob}) per new token of a `RequestOutput`.
 
-    The engine reports either one float per token or a dict {token_id: logprob} of the top
-    alternatives (the chosen token included)."""
+    The engine reports either one float per token or, for requests with top_logprobs, a dict
+    {token_id: logprob} of the most likely tokens and the chosen one (engine.TokenLogprob)."""
     if not out.logprobs:
         return []
     entries = []
     for token_id, value in zip(out.new_token_ids, out.logprobs):
         if isinstance(value, dict):
-            top = {int(k): float(v) for k, v in value.items()}
-            entries.append((token_id, top.get(token_id, max(top.values())), top))
+            entries.append((token_id, value[token_id], value))
         else:
             entries.append((token_id, float(value), {token_id: float(value)}))
     return entries

@@ -76,3 +76,14 @@ def sample(logits: torch.Tensor, temperature=0.0, top_k=0, top_p=1.0,
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log p(token) under the unmodified distribution: logits [B, V], tokens [B] -> [B]."""
     return logits.float().log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def token_and_top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`token_logprobs` plus each row's k most likely tokens, from one log-softmax of the
+    unmodified distribution (temperature, top-k and top-p change what is drawn, not what is
+    reported). logits [B, V], tokens [B] -> (chosen [B], top values [B, k] descending, top ids
+    [B, k])."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    top = logprobs.topk(k, dim=-1)
+    return logprobs.gather(-1, tokens[:, None]).squeeze(-1), top.values, top.indices

@@ -23,7 +23,7 @@ import torch
 
 from lorafleet.errors import AdapterError, ConfigError, EngineError, RequestError
 from lorafleet.models import load_model
-from lorafleet.models.sampling import sample, token_logprobs
+from lorafleet.models.sampling import sample, token_and_top_logprobs
 
 from .adapter_cache import AdapterCache, build_host_adapter, read_peft_folder
 from .kv_cache import KVCacheManager
@@ -33,6 +33,9 @@ from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence, SeqStatus
 
 log = logging.getLogger(__name__)
+
+# Most alternatives a request may ask per token: OpenAI's ceiling for chat `top_logprobs`.
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass
@@ -44,6 +47,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: bool = False
+    top_logprobs: int = 0      # with logprobs: also report the N most likely tokens per position
     ignore_eos: bool = False
 
     def __post_init__(self):
@@ -53,6 +57,11 @@ class SamplingParams:
             raise RequestError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got "
+                               f"{self.top_logprobs}")
+        if self.top_logprobs and not self.logprobs:
+            raise RequestError("top_logprobs needs logprobs=True")
 
 
 @dataclass
@@ -84,6 +93,11 @@ class StepRecord:
     num_decode_seqs: int = 0
 
 
+# Per token, with params.logprobs: its logprob; with params.top_logprobs = N as well, a dict
+# {token id: logprob} of the N most likely tokens and the chosen one (N or N + 1 entries).
+TokenLogprob = float | dict[int, float]
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -91,7 +105,7 @@ class RequestOutput:
     new_text: str
     finished: bool
     finish_reason: str | None          # "stop", "length", "abort", "deadline", "error"
-    logprobs: list[float] | None
+    logprobs: list[TokenLogprob] | None
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
@@ -103,7 +117,7 @@ class Completion:
     token_ids: list[int]
     text: str
     finish_reason: str | None
-    logprobs: list[float] | None
+    logprobs: list[TokenLogprob] | None
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
@@ -248,9 +262,7 @@ class Engine:
                     seq.num_computed_tokens += n
                 if seqs:      # else only middle chunks of long prompts ran: nothing to sample
                     tokens = self._sample(seqs, logits)
-                    logprobs = None
-                    if any(s.params.logprobs for s in seqs):
-                        logprobs = token_logprobs(logits, tokens).tolist()
+                    logprobs = self._logprobs(seqs, logits, tokens)
                     for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
                         outputs.append(self._postprocess(seq, token, logprobs and logprobs[i]))
                 self.num_steps += 1
@@ -274,7 +286,31 @@ class Engine:
                       [s.params.top_k for s in seqs], [s.params.top_p for s in seqs],
                       [s.generator for s in seqs])
 
-    def _postprocess(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
+    @staticmethod
+    def _logprobs(seqs: list[Sequence], logits: torch.Tensor,
+                  tokens: torch.Tensor) -> list[TokenLogprob | None] | None:
+        """Per row (logits [B, V], tokens [B]): None when its request did not ask, else its
+        TokenLogprob. None when no row asks: the default path computes nothing."""
+        rows = [i for i, s in enumerate(seqs) if s.params.logprobs]
+        if not rows:
+            return None
+        k = max(seqs[i].params.top_logprobs for i in rows)
+        if len(rows) < len(seqs):
+            index = torch.tensor(rows, device=logits.device)
+            logits, tokens = logits.index_select(0, index), tokens.index_select(0, index)
+        chosen, top_values, top_ids = token_and_top_logprobs(logits, tokens, k)
+        chosen, top_values, top_ids = chosen.tolist(), top_values.tolist(), top_ids.tolist()
+        result: list[TokenLogprob | None] = [None] * len(seqs)
+        for j, (i, token) in enumerate(zip(rows, tokens.tolist())):
+            n = seqs[i].params.top_logprobs
+            if n:
+                result[i] = {**dict(zip(top_ids[j][:n], top_values[j][:n])), token: chosen[j]}
+            else:
+                result[i] = chosen[j]
+        return result
+
+    def _postprocess(self, seq: Sequence, token: int,
+                     logprob: TokenLogprob | None) -> RequestOutput:
         self.num_generated += 1
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
