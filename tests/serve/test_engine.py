@@ -94,6 +94,19 @@ def test_mixed_batch_matches_merged_oracle(fleet_with_oracle, mode):
     assert changed >= len(adapters) * 3 // 4
 
 
+def test_torch_paths_match_merged_oracle(fleet_with_oracle, monkeypatch):
+    """With the C kernels switched off (the SGMV LoRA kernel and paged decode attention), the
+    plain PyTorch twins serve the same tokens: gathered adapter stacks, gathered K/V."""
+    monkeypatch.setenv("LORAFLEET_SGMV_KERNEL", "0")
+    monkeypatch.setenv("LORAFLEET_ATTENTION_KERNEL", "0")
+    base_dir, adapters, workload, expected = fleet_with_oracle
+    engine = _engine(base_dir, adapters, num_pages=8192, block_tokens=4)
+    assert engine.runner._lora_builder.kernel is None
+    tokens, _ = _run(engine, workload)
+    assert tokens == expected
+    assert engine.runner._lora_builder.gathers > 0
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_tiny_pool_evicts_and_preempts_same_tokens(fleet_with_oracle, mode):
     base_dir, adapters, workload, expected = fleet_with_oracle

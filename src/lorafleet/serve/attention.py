@@ -16,7 +16,8 @@ earlier chunks' K/V are in its pages), or one decode token. Tokens are flattened
   alone when there is no cached context (no gather), else gather the context from the pages and
   let query i (position start + i) read keys 0..start + i (`chunk_attention`).
 
-Plain torch indexing, so the same code runs on CPU and CUDA.
+Plain torch indexing, so the same code runs on CPU and CUDA; on CPU the decode rows take a C
+kernel that reads K/V in place instead (attention_cpu.py; the torch path is its tested twin).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from lorafleet.models.layers import causal_attention
 
+from .attention_cpu import decode_kernel_available, paged_decode_attention
 from .kv_cache import KVLayout
 
 
@@ -107,6 +109,9 @@ class PagedAttention:
             read_pos = torch.arange(max_len, device=device)[None, :].expand(len(decode), -1)
             self.decode = KVGather(kv, layout, table[decode], read_pos)
             self.mask = (read_pos < lens[:, None])[:, None, None, :]       # [Bd, 1, 1, max_len]
+            self.decode_lens = lens
+            # CPU: the C kernel reads K/V rows in place (attention_cpu.py); else the gather
+            self.decode_kernel = self.decode.flat and decode_kernel_available(kv)
             if len(decode) < len(query_lens):
                 self.decode_tokens = torch.tensor([token_start[i] for i in decode], device=device)
         # Longer queries: (first token, end token, first position, gather of its context or
@@ -150,6 +155,12 @@ class PagedAttention:
                 scale: float) -> torch.Tensor:
         """q [Bd, nh, hd] of the decode rows -> [Bd, nh, hd]."""
         B, max_len = self.decode.row.shape
+        if self.decode_kernel:
+            slots = self.decode.slot
+            return paged_decode_attention(q, self.kv.view(-1, self.kv.shape[-1]),
+                                          slots[k_plane].view(B, max_len),
+                                          slots[v_plane].view(B, max_len), self.decode_lens,
+                                          scale)
         keys = self.decode.read(self.kv, k_plane).view(B, max_len, n_kv, head_dim)
         values = self.decode.read(self.kv, v_plane).view(B, max_len, n_kv, head_dim)
         return decode_attention(q, keys, values, self.mask, scale)

@@ -1,0 +1,173 @@
+"""Paged decode attention on CPU, reading K/V rows where they sit in the pool (vLLM's CPU
+paged-attention idea), built on first use.
+
+The torch path (attention.py: `KVGather` + `decode_attention`) first copies every decode
+sequence's keys and values out of the pages into a padded `[B, max_len, kv_dim]` batch, then
+transposes them for two batched matmuls: three passes over the context per layer, and the
+gathers run at a few GB/s for 256-number rows. This kernel makes one pass: for each sequence and
+KV head it reads each key row once for all the query heads that share it (GQA), takes a
+softmax in float32, then reads each value row once. It stops at the sequence's own length (no
+padding), so it reads exactly the KV bytes the step needs.
+
+Numerics: dot products, softmax and the weighted sum in float32 (the torch path rounds the
+scores to the model dtype before its float32 softmax); bf16 outputs rounded once. float32 and
+bfloat16 pools; `LORAFLEET_ATTENTION_KERNEL=0` turns it off.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from functools import lru_cache
+
+import torch
+
+from lorafleet.native import build_library
+
+log = logging.getLogger(__name__)
+
+_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+static inline float from_bf16(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f;
+}
+static inline uint16_t to_bf16(float f) {        /* round to nearest even, as torch does */
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+static inline void load(const void *src, long i, float *dst, long n, int bf16) {
+    if (!bf16) { memcpy(dst, (const float *)src + i, sizeof(float) * n); return; }
+    const uint16_t *s = (const uint16_t *)src + i;
+    long d = 0;
+#ifdef __AVX512F__
+    for (; d + 16 <= n; d += 16) {
+        __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(s + d)));
+        _mm512_storeu_ps(dst + d, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+    }
+#endif
+    for (; d < n; d++) dst[d] = from_bf16(s[d]);
+}
+/* e^x for x <= 0 (softmax after subtracting the max), to ~2 ulp: Cephes' expf reduction and
+ * polynomial, branch-free so the loop vectorizes (libm's expf is a call per element). */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float e = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale; memcpy(&scale, &bits, 4);
+    return e * scale;
+}
+static inline float dot(const float *a, const float *b, long n) {
+    long d = 0;
+    float sum = 0;
+#ifdef __AVX512F__
+    __m512 acc = _mm512_setzero_ps();
+    for (; d + 16 <= n; d += 16)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
+    sum = _mm512_reduce_add_ps(acc);
+#endif
+    for (; d < n; d++) sum += a[d] * b[d];
+    return sum;
+}
+
+/* out[b, h] = softmax_l(scale * q[b, h] . K[b, l, g]) @ V[b, l, g] over l < lens[b], with
+ * g = h / (nh / nkv). Row l of sequence b: kv[k_slots[b * max_len + l]] (kv: [rows, kv_dim],
+ * head g at columns g * hd .. (g + 1) * hd). q, out: [B, nh, hd] contiguous.
+ * Each K and V row is read once, whole, for all heads (rows are 2-4 cache lines). */
+void paged_decode(const void *kv, long kv_dim, const int64_t *k_slots, const int64_t *v_slots,
+                  const int64_t *lens, long B, long max_len, const void *q, void *out,
+                  long nh, long nkv, long hd, float scale, int bf16) {
+    const long rep = nh / nkv, es = bf16 ? 2 : 4;
+    float *scores = malloc(sizeof(float) * nh * max_len), *row = malloc(sizeof(float) * kv_dim);
+    float *qf = malloc(sizeof(float) * nh * hd), *acc = malloc(sizeof(float) * nh * hd);
+    for (long b = 0; b < B; b++) {
+        const long len = lens[b];
+        const int64_t *ks = k_slots + b * max_len, *vs = v_slots + b * max_len;
+        load(q, b * nh * hd, qf, nh * hd, bf16);
+        for (long l = 0; l < len; l++) {
+            if (l + 2 < len) __builtin_prefetch((const char *)kv + ks[l + 2] * kv_dim * es);
+            load(kv, ks[l] * kv_dim, row, kv_dim, bf16);
+            for (long h = 0; h < nh; h++)
+                scores[h * max_len + l] = scale * dot(qf + h * hd, row + (h / rep) * hd, hd);
+        }
+        for (long h = 0; h < nh; h++) {
+            float *s = scores + h * max_len, m = -INFINITY, total = 0;
+            for (long l = 0; l < len; l++) m = s[l] > m ? s[l] : m;
+            for (long l = 0; l < len; l++) { s[l] = exp_nonpositive(s[l] - m); total += s[l]; }
+            const float inv = 1.0f / total;
+            for (long l = 0; l < len; l++) s[l] *= inv;
+        }
+        memset(acc, 0, sizeof(float) * nh * hd);
+        for (long l = 0; l < len; l++) {
+            if (l + 2 < len) __builtin_prefetch((const char *)kv + vs[l + 2] * kv_dim * es);
+            load(kv, vs[l] * kv_dim, row, kv_dim, bf16);
+            for (long h = 0; h < nh; h++) {
+                const float p = scores[h * max_len + l], *v = row + (h / rep) * hd;
+                float *a = acc + h * hd;
+                for (long d = 0; d < hd; d++) a[d] += p * v[d];
+            }
+        }
+        if (bf16) {
+            uint16_t *o = (uint16_t *)out + b * nh * hd;
+            for (long d = 0; d < nh * hd; d++) o[d] = to_bf16(acc[d]);
+        } else {
+            memcpy((float *)out + b * nh * hd, acc, sizeof(float) * nh * hd);
+        }
+    }
+    free(scores); free(row); free(qf); free(acc);
+}
+"""
+
+_FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-shared", "-fPIC", "-lm")
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+@lru_cache(maxsize=None)
+def _load() -> ctypes.CDLL | None:
+    lib = build_library("paged_attention", "paged attention kernel", _SOURCE, _FLAGS,
+                        "LORAFLEET_ATTENTION_KERNEL", log)
+    if lib is not None:
+        lib.paged_decode.restype = None
+        lib.paged_decode.argtypes = ([ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 3
+                                     + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 2
+                                     + [ctypes.c_long] * 3 + [ctypes.c_float, ctypes.c_int])
+    return lib
+
+
+def decode_kernel_available(kv: torch.Tensor) -> bool:
+    """Whether `paged_decode_attention` serves this pool (CPU, float32/bfloat16, contiguous,
+    kernel built, not switched off by LORAFLEET_ATTENTION_KERNEL=0, read at each call)."""
+    return (os.environ.get("LORAFLEET_ATTENTION_KERNEL", "1") != "0" and kv.device.type == "cpu"
+            and kv.dtype in _DTYPES and kv.is_contiguous() and _load() is not None)
+
+
+def paged_decode_attention(q: torch.Tensor, kv_rows: torch.Tensor, k_slots: torch.Tensor,
+                           v_slots: torch.Tensor, lens: torch.Tensor, scale: float
+                           ) -> torch.Tensor:
+    """q [B, nh, hd]; kv_rows [R, kv_dim] (the pool's K/V rows); k_slots, v_slots int64
+    [B, max_len]: row of each sequence's position l (valid for l < lens[b]); lens int64 [B]
+    -> [B, nh, hd] in q's dtype (the pool's)."""
+    B, n_heads, head_dim = q.shape
+    n_kv = kv_rows.shape[1] // head_dim
+    q = q.contiguous().to(kv_rows.dtype)
+    out = torch.empty_like(q)
+    _load().paged_decode(kv_rows.data_ptr(), kv_rows.shape[1], k_slots.data_ptr(),
+                         v_slots.data_ptr(), lens.data_ptr(), B, k_slots.shape[1], q.data_ptr(),
+                         out.data_ptr(), n_heads, n_kv, head_dim, scale,
+                         _DTYPES[kv_rows.dtype])
+    return out
