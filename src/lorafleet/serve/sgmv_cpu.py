@@ -204,6 +204,75 @@ static inline __attribute__((always_inline)) void shrink_bf16dot(
             for (int q = 0; q < KB; q++) h[t * r4 + k + q] = _mm512_reduce_add_ps(c[t][q]);
     }
 }
+
+/* B^T's rows 2p and 2p+1 interleaved, bp[p][o] = (B^T[2p][o], B^T[2p+1][o]) as bf16 pairs
+ * (row r zero when the rank is odd): what vdpbf16ps multiplies by a pair of h values.
+ * bp: [pairs, stride, 2] uint16, stride >= round_up(dim, 64) + 32 (tails written as zeros). */
+static void gather_pairs(const uint16_t *pages, long H, const int32_t *ids, long rank,
+                         long ppr, long dim, const uint16_t *zero, uint16_t *bp, long stride) {
+    static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                        8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    const __m512i lo = _mm512_loadu_si512(lo_idx);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    for (long p = 0; 2 * p < rank; p++) {
+        uint16_t *dst = bp + p * stride * 2;
+        for (long j = 0, d0 = 0; d0 < dim; j++, d0 += H) {
+            const long n = dim - d0 < H ? dim - d0 : H;
+            const uint16_t *r0 = pages + (long)ids[2 * p * ppr + j] * H;
+            const uint16_t *r1 = 2 * p + 1 < rank ? pages + (long)ids[(2 * p + 1) * ppr + j] * H
+                                                  : zero;
+            for (long o = 0; o < n; o += 32) {
+                const __mmask32 m = n - o >= 32 ? 0xffffffffu : (1u << (n - o)) - 1;
+                const __m512i v0 = _mm512_maskz_loadu_epi16(m, r0 + o);
+                const __m512i v1 = _mm512_maskz_loadu_epi16(m, r1 + o);
+                _mm512_storeu_si512(dst + (d0 + o) * 2, _mm512_permutex2var_epi16(v0, lo, v1));
+                _mm512_storeu_si512(dst + (d0 + o) * 2 + 32,
+                                    _mm512_permutex2var_epi16(v0, hi, v1));
+            }
+        }
+        memset(dst + dim * 2, 0, sizeof(uint16_t) * 2 * (stride - dim));
+    }
+}
+
+/* acc[t * outp + o] = sum_p (h[t, 2p], h[t, 2p+1]) . bp[p][o] for t < NT: h rounded to bf16
+ * (as a bf16 lora_A output is in PEFT), products summed in fp32 by vdpbf16ps. */
+static inline __attribute__((always_inline)) void expand_bf16dot(
+        const float *h, const uint16_t *bp, float *acc, long r, long r4, long stride,
+        long outp, const int NT) {
+    const long pairs = (r + 1) / 2;
+    uint32_t hp[RB][64];                       /* max_rank <= 128 (checked by the caller) */
+    for (int t = 0; t < NT; t++)
+        for (long p = 0; p < pairs; p++)
+            hp[t][p] = to_bf16(h[t * r4 + 2 * p])
+                       | (uint32_t)(2 * p + 1 < r ? to_bf16(h[t * r4 + 2 * p + 1]) : 0) << 16;
+    long o = 0;
+    for (; o + 4 * VL <= outp; o += 4 * VL) {
+        __m512 c[RB][4];
+        for (int t = 0; t < NT; t++)
+            for (int u = 0; u < 4; u++) c[t][u] = _mm512_setzero_ps();
+        for (long p = 0; p < pairs; p++) {
+            __m512bh w[4];
+            for (int u = 0; u < 4; u++)
+                w[u] = (__m512bh)_mm512_loadu_si512(bp + (p * stride + o + u * VL) * 2);
+            for (int t = 0; t < NT; t++) {
+                const __m512bh ht = (__m512bh)_mm512_set1_epi32((int)hp[t][p]);
+                for (int u = 0; u < 4; u++) c[t][u] = _mm512_dpbf16_ps(c[t][u], ht, w[u]);
+            }
+        }
+        for (int t = 0; t < NT; t++)
+            for (int u = 0; u < 4; u++) _mm512_storeu_ps(acc + t * outp + o + u * VL, c[t][u]);
+    }
+    for (; o < outp; o += VL) {
+        __m512 c[RB];
+        for (int t = 0; t < NT; t++) c[t] = _mm512_setzero_ps();
+        for (long p = 0; p < pairs; p++) {
+            const __m512bh w = (__m512bh)_mm512_loadu_si512(bp + (p * stride + o) * 2);
+            for (int t = 0; t < NT; t++)
+                c[t] = _mm512_dpbf16_ps(c[t], (__m512bh)_mm512_set1_epi32((int)hp[t][p]), w);
+        }
+        for (int t = 0; t < NT; t++) _mm512_storeu_ps(acc + t * outp + o, c[t]);
+    }
+}
 #endif
 
 /* Copy `rank` rows of `dim` numbers, each spread over `ppr` pages, into buf [r4, dimp] fp32,
@@ -235,8 +304,10 @@ static void sgmv(const void *pages_, long H, const void *x_, long ldx, void *y_,
     float *xf = malloc(sizeof(float) * RB * inp), *acc = malloc(sizeof(float) * RB * outp);
     float *h = malloc(sizeof(float) * RB * r4max);
 #ifdef SGMV_BF16DOT
-    const int dot = bf16;
+    const int dot = bf16 && max_rank <= 128;      /* expand_bf16dot's pair buffer */
     uint16_t *zero = calloc(H, sizeof(uint16_t));
+    const long pstride = round_up(out, 4 * VL) + 32;
+    uint16_t *bp = dot ? malloc(sizeof(uint16_t) * 2 * pstride * ((r4max + 1) / 2)) : 0;
 #else
     const int dot = 0;
     void *zero = 0;
@@ -246,6 +317,11 @@ static void sgmv(const void *pages_, long H, const void *x_, long ldx, void *y_,
         if (r == 0) continue;      /* the segment's adapter does not adapt this module */
         if (!dot)
             gather_rows(pages, H * es, H, page_ids + seg_a[s], r, a_ppr, in, a, r4, inp, bf16);
+#ifdef SGMV_BF16DOT
+        if (dot)
+            gather_pairs(pages_, H, page_ids + seg_b[s], r, b_ppr, out, zero, bp, pstride);
+        else
+#endif
         gather_rows(pages, H * es, H, page_ids + seg_b[s], r, b_ppr, out, b, r4, outp, bf16);
         const long end = seg_rows[2 * s + 1];
         for (long t0 = seg_rows[2 * s]; t0 < end; t0 += RB) {
@@ -277,6 +353,18 @@ static void sgmv(const void *pages_, long H, const void *x_, long ldx, void *y_,
                     default: shrink_block(xf, a, h, r4, inp, RB); break;
                 }
             }
+#ifdef SGMV_BF16DOT
+            if (dot) {
+#define EXPAND(NT) expand_bf16dot(h, bp, acc, r, r4, pstride, outp, NT)
+                switch (nt) {
+                    case 1: EXPAND(1); break;
+                    case 2: EXPAND(2); break;
+                    case 3: EXPAND(3); break;
+                    default: EXPAND(RB); break;
+                }
+#undef EXPAND
+            } else
+#endif
             switch (nt) {
                 case 1: expand_block(h, b, acc, r, r4, outp, 1); break;
                 case 2: expand_block(h, b, acc, r, r4, outp, 2); break;
@@ -287,6 +375,9 @@ static void sgmv(const void *pages_, long H, const void *x_, long ldx, void *y_,
                 update_row(y + (t0 + t) * ldy * es, acc + t * outp, seg_scale[s], out, bf16);
         }
     }
+#ifdef SGMV_BF16DOT
+    free(bp);
+#endif
     free(a); free(b); free(xf); free(acc); free(h); free(zero);
 }
 
@@ -306,9 +397,14 @@ _FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-shared", "-fPIC
 _KERNELS = {torch.float32: "sgmv_f32", torch.bfloat16: "sgmv_bf16"}
 
 
+# Builds of the same source for CPUs with less (tests run each here): without AVX512-BF16
+# (fp32 FMAs after converting), and portable C for the compiler to vectorize.
+VARIANTS = {"native": (), "avx512f": ("-mno-avx512bf16",), "portable": ("-DSGMV_PORTABLE",)}
+
+
 @lru_cache(maxsize=None)
-def _load() -> ctypes.CDLL | None:
-    lib = build_library("sgmv_kernel", "SGMV kernel", _SOURCE, _FLAGS,
+def _load(variant: str = "native") -> ctypes.CDLL | None:
+    lib = build_library("sgmv_kernel", "SGMV kernel", _SOURCE, _FLAGS + VARIANTS[variant],
                         "LORAFLEET_SGMV_KERNEL", log)
     if lib is None:
         return None
@@ -330,16 +426,17 @@ def sgmv_cpu_available(pages: torch.Tensor) -> bool:
 
 
 def sgmv_cpu(y: torch.Tensor, x: torch.Tensor, pages: torch.Tensor,
-             module: PagedModuleLora) -> None:
+             module: PagedModuleLora, variant: str = "native") -> None:
     """y [T, out] += the batch's heterogeneous LoRA delta for x [T, in], in place. y, x and
     pages share the pool's dtype; rows may be strided, each row contiguous. The caller checked
-    `sgmv_cpu_available(pages)`."""
+    `sgmv_cpu_available(pages)`. bf16 on AVX512-BF16 CPUs: h = x A^T is rounded to bf16
+    before the expand (as PEFT's bf16 lora_A output is)."""
     if x.stride(-1) != 1 or y.stride(-1) != 1:
         raise ValueError("sgmv_cpu needs rows with contiguous elements")
     if x.dtype != pages.dtype or y.dtype != pages.dtype:
         raise ValueError(f"sgmv_cpu: x {x.dtype} and y {y.dtype} must be the pool's "
                          f"{pages.dtype}")
-    kernel = getattr(_load(), _KERNELS[pages.dtype])
+    kernel = getattr(_load(variant), _KERNELS[pages.dtype])
     kernel(pages.data_ptr(), pages.shape[1], x.data_ptr(), x.stride(0), y.data_ptr(),
            y.stride(0), module.in_features, module.out_features, module.seg_rank.shape[0],
            module.seg_rows.data_ptr(), module.seg_rank.data_ptr(), module.seg_scale.data_ptr(),
