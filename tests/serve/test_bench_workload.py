@@ -38,3 +38,20 @@ def test_best_runs_keep_the_fastest_of_each_configuration():
     best = {(r["system"], r["adapters"]): r for r in best_runs(runs)}
     assert best["base-only", 0]["tokens_per_s"] == 120.0
     assert best["lorafleet", 10]["tokens_per_s"] == 90.0 and best["lorafleet", 10]["vs_base"] == 0.75
+
+
+def test_best_runs_leave_out_the_spread_check_and_report_medians():
+    from lorafleet.bench.serve import best_runs
+
+    runs = [{"system": "base-only", "adapters": 0, "tokens_per_s": 100.0},
+            {"system": "lorafleet", "adapters": 10, "tokens_per_s": 80.0},
+            {"system": "base-only", "adapters": 0, "tokens_per_s": 110.0},
+            {"system": "lorafleet", "adapters": 10, "tokens_per_s": 99.0},
+            {"system": "base-only", "adapters": 0, "tokens_per_s": 90.0},
+            {"system": "lorafleet", "adapters": 10, "tokens_per_s": 88.0},
+            {"system": "base-only", "adapters": 0, "tokens_per_s": 150.0, "spread_check": True}]
+    best = {(r["system"], r["adapters"]): r for r in best_runs(runs)}
+    assert best["base-only", 0]["tokens_per_s"] == 110.0 and best["base-only", 0]["runs"] == 3
+    assert best["lorafleet", 10]["vs_base"] == 0.9
+    assert best["lorafleet", 10]["median_tokens_per_s"] == 88.0
+    assert best["lorafleet", 10]["vs_base_median"] == 0.88
