@@ -55,3 +55,23 @@ def test_best_runs_leave_out_the_spread_check_and_report_medians():
     assert best["lorafleet", 10]["vs_base"] == 0.9
     assert best["lorafleet", 10]["median_tokens_per_s"] == 88.0
     assert best["lorafleet", 10]["vs_base_median"] == 0.88
+
+
+def test_kernels_benchmark_runs_and_writes_json(tmp_path):
+    """`lorafleet bench kernels` at a toy size: every timing present and positive."""
+    import argparse
+    import json
+
+    from lorafleet.bench import kernels
+
+    parser = argparse.ArgumentParser()
+    kernels.add_arguments(parser)
+    args = parser.parse_args(["--hidden", "128", "--heads", "4,2", "--decode-rows", "5",
+                              "--decode-adapters", "3", "--prefill-segments", "2x9",
+                              "--context", "12", "--repeats", "2", "--json",
+                              str(tmp_path / "k.json")])
+    assert kernels.run(args) == 0
+    results = json.loads((tmp_path / "k.json").read_text())
+    assert results["lora_decode"]["rows"] == 5 and results["lora_prefill"]["rows"] == 18
+    timings = [v for case in results.values() for k, v in case.items() if k.endswith("_us")]
+    assert timings and all(t > 0 for t in timings)
