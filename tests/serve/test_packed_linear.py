@@ -35,15 +35,14 @@ def test_not_for_other_dtypes_or_subclasses():
     assert not can_prepack(Custom(4, 4).bfloat16())
 
 
-def test_engine_tokens_equal_with_and_without_prepacking(small_fleet, monkeypatch):
+def test_engine_tokens_equal_with_and_without_prepacking(small_fleet):
     base_dir, _, adapters = small_fleet
     prompts = [[5, 9, 13, 2, 7], [3, 3, 8], [11, 4, 6, 1, 9, 2, 2], [8, 8, 1, 4]]
     names = [None, *list(adapters)[:3]]
     outputs = []
     for prepack in (True, False):
-        if not prepack:
-            monkeypatch.setattr("lorafleet.serve.runner.prepack_projections", lambda shells: 0)
-        engine = Engine(base_dir, config=EngineConfig(num_pages=4096, dtype=torch.bfloat16))
+        engine = Engine(base_dir, config=EngineConfig(num_pages=4096, dtype=torch.bfloat16,
+                                                      prepack_weights=prepack))
         packed = sum(isinstance(m, PackedLinear) for m in engine.model.modules())
         assert (packed > 0) == prepack
         for name, path in adapters.items():

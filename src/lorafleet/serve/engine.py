@@ -79,6 +79,9 @@ class EngineConfig:
     # Steps mix decode rows with prefill chunks, long prompts over several steps (scheduler.py);
     # False: a step is all prefill or all decode.
     enable_chunked_prefill: bool = True
+    # bf16 on CPU: base projections also held in oneDNN's packed layout (packed_linear.py):
+    # faster decode matmuls, twice the projection weights' memory.
+    prepack_weights: bool = True
 
 
 @dataclass
@@ -136,7 +139,8 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         self.pool = PagePool(config.num_pages)
-        self.runner = ModelRunner(model, config.num_pages, config.block_tokens)
+        self.runner = ModelRunner(model, config.num_pages, config.block_tokens,
+                                  config.prepack_weights)
         self.kv = KVCacheManager(self.pool, self.runner.layout)
         self.cache = AdapterCache(self.pool, self.runner.write_pages)
         self.runner.attach(self.cache)

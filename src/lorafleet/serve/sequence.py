@@ -28,7 +28,7 @@ class Sequence:
     arrival_time: float
     max_tokens: int                  # params.max_tokens clamped to the model's context
     output_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
+    logprobs: list[float | dict[int, float]] = field(default_factory=list)  # dict: top-N
     status: SeqStatus = SeqStatus.WAITING
     adapter_pinned: bool = False     # holds a reference on its adapter in the adapter cache
     first_token_time: float | None = None
