@@ -153,7 +153,11 @@ def test_full_queue_is_429(llama_dir, tokenizer, adapter_root):
         server.stop()
 
 
-def test_non_streaming_client_disconnect_aborts(server, http):
+def test_non_streaming_client_disconnect_aborts(server, http, monkeypatch):
+    # Poll for the disconnect often: the engine finishes this job (32 x 64 tokens of a tiny
+    # model) in about the default poll interval, which would make the test a race.
+    monkeypatch.setattr("lorafleet.api.generation.DISCONNECT_POLL_S", 0.01)
+
     def aborted():
         for line in http.get("/metrics").text.splitlines():
             if line.startswith('lorafleet_aborted_requests_total{adapter="beta"}'):
