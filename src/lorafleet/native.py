@@ -69,3 +69,39 @@ def build_library(name: str, label: str, source: str, flags: tuple[str, ...], sw
         logger.info("%s unavailable (%s %s); using the torch path", label, error,
                  detail.decode(errors="replace")[-300:])
         return None
+
+
+# C helpers shared by the kernels' sources (prepended to them): bf16 <-> fp32 as torch does it,
+# and a row load into fp32. -DLORAFLEET_PORTABLE leaves out the AVX-512 paths (tests build it).
+C_HELPERS = r"""
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__) && !defined(LORAFLEET_PORTABLE)
+#define LF_AVX512 1
+#include <immintrin.h>
+#endif
+
+static inline float from_bf16(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f;
+}
+static inline uint16_t to_bf16(float f) {        /* round to nearest even, as torch does */
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);   /* quiet NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* dst[0:n] = src[0:n] in fp32; src fp32, or bf16 when bf16 != 0 */
+static inline void load_row(const void *src, float *dst, long n, int bf16) {
+    if (!bf16) { memcpy(dst, src, sizeof(float) * n); return; }
+    const uint16_t *s = src;
+    long i = 0;
+#ifdef LF_AVX512
+    for (; i + 16 <= n; i += 16) {
+        __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(s + i)));
+        _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+    }
+#endif
+    for (; i < n; i++) dst[i] = from_bf16(s[i]);
+}
+"""
+

@@ -22,39 +22,14 @@ from functools import lru_cache
 
 import torch
 
-from lorafleet.native import build_library
+from lorafleet.native import C_HELPERS, build_library
 
 log = logging.getLogger(__name__)
 
-_SOURCE = r"""
+_SOURCE = C_HELPERS + r"""
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
 
-static inline float from_bf16(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f;
-}
-static inline uint16_t to_bf16(float f) {        /* round to nearest even, as torch does */
-    uint32_t u; memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-static inline void load(const void *src, long i, float *dst, long n, int bf16) {
-    if (!bf16) { memcpy(dst, (const float *)src + i, sizeof(float) * n); return; }
-    const uint16_t *s = (const uint16_t *)src + i;
-    long d = 0;
-#ifdef __AVX512F__
-    for (; d + 16 <= n; d += 16) {
-        __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(s + d)));
-        _mm512_storeu_ps(dst + d, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
-    }
-#endif
-    for (; d < n; d++) dst[d] = from_bf16(s[d]);
-}
 /* e^x for x <= 0 (softmax after subtracting the max), to ~2 ulp: Cephes' expf reduction and
  * polynomial, branch-free so the loop vectorizes (libm's expf is a call per element). */
 static inline float exp_nonpositive(float x) {
@@ -75,7 +50,7 @@ static inline float exp_nonpositive(float x) {
 static inline float dot(const float *a, const float *b, long n) {
     long d = 0;
     float sum = 0;
-#ifdef __AVX512F__
+#ifdef LF_AVX512
     __m512 acc = _mm512_setzero_ps();
     for (; d + 16 <= n; d += 16)
         acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
@@ -98,10 +73,10 @@ void paged_decode(const void *kv, long kv_dim, const int64_t *k_slots, const int
     for (long b = 0; b < B; b++) {
         const long len = lens[b];
         const int64_t *ks = k_slots + b * max_len, *vs = v_slots + b * max_len;
-        load(q, b * nh * hd, qf, nh * hd, bf16);
+        load_row((const char *)q + b * nh * hd * es, qf, nh * hd, bf16);
         for (long l = 0; l < len; l++) {
             if (l + 2 < len) __builtin_prefetch((const char *)kv + ks[l + 2] * kv_dim * es);
-            load(kv, ks[l] * kv_dim, row, kv_dim, bf16);
+            load_row((const char *)kv + ks[l] * kv_dim * es, row, kv_dim, bf16);
             for (long h = 0; h < nh; h++)
                 scores[h * max_len + l] = scale * dot(qf + h * hd, row + (h / rep) * hd, hd);
         }
@@ -115,7 +90,7 @@ void paged_decode(const void *kv, long kv_dim, const int64_t *k_slots, const int
         memset(acc, 0, sizeof(float) * nh * hd);
         for (long l = 0; l < len; l++) {
             if (l + 2 < len) __builtin_prefetch((const char *)kv + vs[l + 2] * kv_dim * es);
-            load(kv, vs[l] * kv_dim, row, kv_dim, bf16);
+            load_row((const char *)kv + vs[l] * kv_dim * es, row, kv_dim, bf16);
             for (long h = 0; h < nh; h++) {
                 const float p = scores[h * max_len + l], *v = row + (h / rep) * hd;
                 float *a = acc + h * hd;

@@ -26,19 +26,16 @@ from functools import lru_cache
 
 import torch
 
-from lorafleet.native import build_library
+from lorafleet.native import C_HELPERS, build_library
 
 from .lora_ops import PagedModuleLora
 
 log = logging.getLogger(__name__)
 
-_SOURCE = r"""
-#include <stdint.h>
+_SOURCE = C_HELPERS + r"""
 #include <stdlib.h>
-#include <string.h>
-#if defined(__AVX512F__) && !defined(SGMV_PORTABLE)
+#ifdef LF_AVX512
 #define SGMV_AVX512 1
-#include <immintrin.h>
 #ifdef __AVX512BF16__
 #define SGMV_BF16DOT 1  /* bf16 shrink straight from the pages: vdpbf16ps, 32 products/op */
 #endif
@@ -49,29 +46,6 @@ _SOURCE = r"""
 #define VL 16         /* floats per vector */
 
 static inline long round_up(long n, long m) { return (n + m - 1) / m * m; }
-
-static inline float from_bf16(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f;
-}
-static inline uint16_t to_bf16(float f) {        /* round to nearest even, as torch does */
-    uint32_t u; memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);   /* quiet NaN */
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-/* dst[0:n] = src[0:n] in fp32 (src fp32 or bf16) */
-static void load_row(const void *src, float *dst, long n, int bf16) {
-    if (!bf16) { memcpy(dst, src, sizeof(float) * n); return; }
-    const uint16_t *s = src;
-    long i = 0;
-#ifdef SGMV_AVX512
-    for (; i + VL <= n; i += VL) {
-        __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(s + i)));
-        _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
-    }
-#endif
-    for (; i < n; i++) dst[i] = from_bf16(s[i]);
-}
 
 /* y[0:n] = round(y + scale * acc), y fp32 or bf16 */
 static void update_row(void *y, const float *acc, float scale, long n, int bf16) {
@@ -399,7 +373,7 @@ _KERNELS = {torch.float32: "sgmv_f32", torch.bfloat16: "sgmv_bf16"}
 
 # Builds of the same source for CPUs with less (tests run each here): without AVX512-BF16
 # (fp32 FMAs after converting), and portable C for the compiler to vectorize.
-VARIANTS = {"native": (), "avx512f": ("-mno-avx512bf16",), "portable": ("-DSGMV_PORTABLE",)}
+VARIANTS = {"native": (), "avx512f": ("-mno-avx512bf16",), "portable": ("-DLORAFLEET_PORTABLE",)}
 
 
 @lru_cache(maxsize=None)
