@@ -48,3 +48,27 @@ def test_exclude_is_what_refuses_it(small_fleet, lm_head_adapter):
     assert "lm_head" in host.modules and host.modules["lm_head"].rank == 4
     with pytest.raises(AdapterError, match="module 'lm_head': LoRA on lm_head is not served"):
         build_host_adapter("with_head", *args, exclude=frozenset({"lm_head"}))
+
+
+def test_qlora_adapters_served_on_a_4bit_base(small_fleet):
+    """`serve --quantize nf4`: the engine adapts the NF4 base's Linear4bit projections (they
+    are projections like nn.Linear) and each request equals lorafleet's own QLoRA model (the
+    4-bit base with the adapter loaded, tested against peft + bitsandbytes in tests/quant)."""
+    from lorafleet.lora.peft_format import load_adapter
+    from lorafleet.models.generate import SamplingConfig, generate
+    from lorafleet.quant import load_quantized_model
+
+    base_dir, _, adapters = small_fleet
+    names = ["a00", "a02", "a03"]                         # q,v / MLP / all seven projections
+    prompts = [[5, 9, 13, 2, 7], [3, 3, 8, 1], [11, 4, 6]]
+    engine = Engine(load_quantized_model(base_dir), config=EngineConfig(num_pages=2048))
+    for name in names:
+        engine.register_adapter(name, adapters[name])
+    served = engine.generate(prompts + prompts[:1], adapters=names + [None],
+                             params=SamplingParams(max_tokens=5, ignore_eos=True))
+    greedy = SamplingConfig(max_new_tokens=5, ignore_eos=True)
+    for name, prompt, out in zip(names, prompts, served):
+        model = load_adapter(load_quantized_model(base_dir), adapters[name])
+        assert out.token_ids == generate(model, prompt, sampling=greedy).token_ids, name
+    assert served[3].token_ids == generate(load_quantized_model(base_dir), prompts[0],
+                                           sampling=greedy).token_ids

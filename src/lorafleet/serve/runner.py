@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lorafleet.models import ForwardBatch, linear_layer_names
+from lorafleet.quant.linear4bit import Linear4bit
 
 from .adapter_cache import AdapterCache
 from .attention import PagedAttention, kv_view
@@ -30,11 +31,18 @@ from .packed_linear import prepack_projections
 from .sequence import Sequence
 
 
+def projection_names(model: nn.Module) -> list[str]:
+    """Every projection: nn.Linear, GPT-2 Conv1D, and 4-bit Linear4bit (a QLoRA base), lm_head
+    included."""
+    four_bit = [name for name, module in model.named_modules() if isinstance(module, Linear4bit)]
+    return linear_layer_names(model, include_lm_head=True) + four_bit
+
+
 def wrap_projections(model: nn.Module) -> dict[str, tuple[int, int]]:
     """Swap every projection (lm_head included: it is called through `project` too) for a
     BatchedLoraLinear. Returns module name -> (in_features, out_features). Idempotent."""
     targets = {}
-    for name in linear_layer_names(model, include_lm_head=True):
+    for name in projection_names(model):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         module = getattr(parent, child)
