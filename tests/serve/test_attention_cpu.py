@@ -25,8 +25,8 @@ def torch_path(q, kv_rows, k_slots, v_slots, lens, scale):
 @settings(max_examples=40, deadline=None)
 @given(st.integers(0, 2**16), st.integers(1, 6), st.sampled_from([(4, 4), (8, 2), (6, 1)]),
        st.sampled_from([8, 16, 24, 64]), st.integers(1, 40),
-       st.sampled_from([torch.float32, torch.bfloat16]))
-def test_kernel_equals_torch_path(seed, batch, heads, head_dim, max_len, dtype):
+       st.sampled_from([torch.float32, torch.bfloat16]), st.sampled_from([1, 3]))
+def test_kernel_equals_torch_path(seed, batch, heads, head_dim, max_len, dtype, threads):
     n_heads, n_kv = heads
     gen = torch.Generator().manual_seed(seed)
     rows = 3 * batch * max_len + 5
@@ -36,7 +36,7 @@ def test_kernel_equals_torch_path(seed, batch, heads, head_dim, max_len, dtype):
     q = (torch.randn(batch, n_heads, head_dim, generator=gen) * 2).to(dtype)
     scale = head_dim ** -0.5
     got = paged_decode_attention(q, kv_rows, slots[0].contiguous(), slots[1].contiguous(),
-                                 lens, scale)
+                                 lens, scale, threads)
     # the reference in float32 (the torch path in bf16 rounds its scores to bf16 first)
     expected = torch_path(q.float(), kv_rows.float(), slots[0], slots[1], lens, scale)
     assert got.dtype == dtype

@@ -55,7 +55,7 @@ layouts = st.tuples(
     st.integers(0, 2**16),
     st.sampled_from([8, 16, 24]),                           # page size (hidden size)
     st.integers(1, 60), st.integers(1, 60),                 # in, out: 1 to 8 pages per row
-    st.lists(st.tuples(st.integers(0, 40), st.integers(1, 9), st.integers(0, 2)),
+    st.lists(st.tuples(st.integers(0, 40), st.integers(1, 40), st.integers(0, 2)),
              min_size=1, max_size=6))
 
 pytestmark = pytest.mark.skipif(not sgmv_cpu_available(torch.zeros(1)),
@@ -64,15 +64,16 @@ pytestmark = pytest.mark.skipif(not sgmv_cpu_available(torch.zeros(1)),
 
 @settings(max_examples=80, deadline=None)
 @given(layouts, st.sampled_from([torch.float32, torch.bfloat16]),
-       st.sampled_from(list(VARIANTS)))
-def test_kernel_equals_paged_reference(layout, dtype, variant):
-    """Every build of the kernel: this CPU's, AVX-512 without BF16, portable C."""
+       st.sampled_from(list(VARIANTS)), st.sampled_from([1, 3]))
+def test_kernel_equals_paged_reference(layout, dtype, variant, threads):
+    """Every build of the kernel: this CPU's, AVX-512 without BF16, portable C; one thread and
+    several (work split in chunks of 16 rows, a segment may span threads)."""
     if kernel_module._load(variant) is None:
         pytest.skip(f"the {variant} build is not possible here")
     pages, module, x, y = random_layout(*layout, dtype=dtype)
     expected, got = y.clone(), y.clone()
     lora_delta_paged_reference(expected, x, pages, module)
-    sgmv_cpu(got, x, pages, module, variant)
+    sgmv_cpu(got, x, pages, module, variant, threads)
     if dtype == torch.float32:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
     else:   # one bf16 rounding of the result each, and the kernel's h = x A^T rounded to bf16

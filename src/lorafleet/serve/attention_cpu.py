@@ -66,10 +66,13 @@ static inline float dot(const float *a, const float *b, long n) {
  * Each K and V row is read once, whole, for all heads (rows are 2-4 cache lines). */
 void paged_decode(const void *kv, long kv_dim, const int64_t *k_slots, const int64_t *v_slots,
                   const int64_t *lens, long B, long max_len, const void *q, void *out,
-                  long nh, long nkv, long hd, float scale, int bf16) {
+                  long nh, long nkv, long hd, float scale, int bf16, long nthreads) {
     const long rep = nh / nkv, es = bf16 ? 2 : 4;
+    #pragma omp parallel num_threads(nthreads < B ? nthreads : B)
+    {
     float *scores = malloc(sizeof(float) * nh * max_len), *row = malloc(sizeof(float) * kv_dim);
     float *qf = malloc(sizeof(float) * nh * hd), *acc = malloc(sizeof(float) * nh * hd);
+    #pragma omp for schedule(dynamic)
     for (long b = 0; b < B; b++) {
         const long len = lens[b];
         const int64_t *ks = k_slots + b * max_len, *vs = v_slots + b * max_len;
@@ -105,10 +108,12 @@ void paged_decode(const void *kv, long kv_dim, const int64_t *k_slots, const int
         }
     }
     free(scores); free(row); free(qf); free(acc);
+    }
 }
 """
 
-_FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-shared", "-fPIC", "-lm")
+_FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC",
+          "-lm")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -120,7 +125,8 @@ def _load() -> ctypes.CDLL | None:
         lib.paged_decode.restype = None
         lib.paged_decode.argtypes = ([ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 3
                                      + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 2
-                                     + [ctypes.c_long] * 3 + [ctypes.c_float, ctypes.c_int])
+                                     + [ctypes.c_long] * 3 + [ctypes.c_float, ctypes.c_int,
+                                                                ctypes.c_long])
     return lib
 
 
@@ -132,11 +138,12 @@ def decode_kernel_available(kv: torch.Tensor) -> bool:
 
 
 def paged_decode_attention(q: torch.Tensor, kv_rows: torch.Tensor, k_slots: torch.Tensor,
-                           v_slots: torch.Tensor, lens: torch.Tensor, scale: float
-                           ) -> torch.Tensor:
+                           v_slots: torch.Tensor, lens: torch.Tensor, scale: float,
+                           threads: int | None = None) -> torch.Tensor:
     """q [B, nh, hd]; kv_rows [R, kv_dim] (the pool's K/V rows); k_slots, v_slots int64
     [B, max_len]: row of each sequence's position l (valid for l < lens[b]); lens int64 [B]
-    -> [B, nh, hd] in q's dtype (the pool's)."""
+    -> [B, nh, hd] in q's dtype (the pool's). Sequences are shared among `threads` OpenMP
+    threads (default: torch's intra-op thread count)."""
     B, n_heads, head_dim = q.shape
     n_kv = kv_rows.shape[1] // head_dim
     q = q.contiguous().to(kv_rows.dtype)
@@ -144,5 +151,5 @@ def paged_decode_attention(q: torch.Tensor, kv_rows: torch.Tensor, k_slots: torc
     _load().paged_decode(kv_rows.data_ptr(), kv_rows.shape[1], k_slots.data_ptr(),
                          v_slots.data_ptr(), lens.data_ptr(), B, k_slots.shape[1], q.data_ptr(),
                          out.data_ptr(), n_heads, n_kv, head_dim, scale,
-                         _DTYPES[kv_rows.dtype])
+                         _DTYPES[kv_rows.dtype], threads or torch.get_num_threads())
     return out

@@ -265,15 +265,31 @@ static void gather_rows(const char *pages, long page_bytes, long H, const int32_
 
 /* y [T, out] += per segment s: scale_s * (x[rows_s] @ A_s^T) @ B_s^T, A_s and B_s^T read from
  * pool pages through page_ids (PagedModuleLora). Element type fp32 (bf16 = 0) or bf16. */
+#define CHUNK 16      /* rows per work item: threads take items, a segment may span several */
+
 static void sgmv(const void *pages_, long H, const void *x_, long ldx, void *y_, long ldy,
                  long in, long out, long nseg, const int32_t *seg_rows,
                  const int32_t *seg_rank, const float *seg_scale, const int32_t *seg_a,
                  const int32_t *seg_b, const int32_t *page_ids, long a_ppr, long b_ppr,
-                 long max_rank, int bf16) {
+                 long max_rank, int bf16, long nthreads) {
     const long es = bf16 ? 2 : 4, inp = round_up(in, VL), outp = round_up(out, VL);
     const long r4max = round_up(max_rank, KB);
     const char *pages = pages_, *x = x_;
     char *y = y_;
+    /* work items: (segment, first row) of CHUNK rows; items of one thread are contiguous
+     * (static schedule), so a thread gathers a segment's weights once for all its chunks */
+    long nitems = 0;
+    for (long s = 0; s < nseg; s++)
+        if (seg_rank[s] > 0) nitems += (seg_rows[2 * s + 1] - seg_rows[2 * s] + CHUNK - 1) / CHUNK;
+    long *items = malloc(sizeof(long) * 2 * (nitems + 1));
+    for (long s = 0, i = 0; s < nseg; s++)
+        if (seg_rank[s] > 0)    /* rank 0: the segment's adapter does not adapt this module */
+            for (long t = seg_rows[2 * s]; t < seg_rows[2 * s + 1]; t += CHUNK, i++) {
+                items[2 * i] = s;
+                items[2 * i + 1] = t;
+            }
+    #pragma omp parallel num_threads(nthreads < nitems ? nthreads : (nitems ? nitems : 1))
+    {
     float *a = malloc(sizeof(float) * r4max * inp), *b = malloc(sizeof(float) * r4max * outp);
     float *xf = malloc(sizeof(float) * RB * inp), *acc = malloc(sizeof(float) * RB * outp);
     float *h = malloc(sizeof(float) * RB * r4max);
@@ -286,19 +302,27 @@ static void sgmv(const void *pages_, long H, const void *x_, long ldx, void *y_,
     const int dot = 0;
     void *zero = 0;
 #endif
-    for (long s = 0; s < nseg; s++) {
+    long gathered = -1;                           /* the segment whose weights are in a, b */
+    #pragma omp for schedule(static)
+    for (long item = 0; item < nitems; item++) {
+        const long s = items[2 * item];
         const long r = seg_rank[s], r4 = round_up(r, KB);
-        if (r == 0) continue;      /* the segment's adapter does not adapt this module */
-        if (!dot)
-            gather_rows(pages, H * es, H, page_ids + seg_a[s], r, a_ppr, in, a, r4, inp, bf16);
+        if (s != gathered) {
+            if (!dot)
+                gather_rows(pages, H * es, H, page_ids + seg_a[s], r, a_ppr, in, a, r4, inp,
+                            bf16);
 #ifdef SGMV_BF16DOT
-        if (dot)
-            gather_pairs(pages_, H, page_ids + seg_b[s], r, b_ppr, out, zero, bp, pstride);
-        else
+            if (dot)
+                gather_pairs(pages_, H, page_ids + seg_b[s], r, b_ppr, out, zero, bp, pstride);
+            else
 #endif
-        gather_rows(pages, H * es, H, page_ids + seg_b[s], r, b_ppr, out, b, r4, outp, bf16);
-        const long end = seg_rows[2 * s + 1];
-        for (long t0 = seg_rows[2 * s]; t0 < end; t0 += RB) {
+            gather_rows(pages, H * es, H, page_ids + seg_b[s], r, b_ppr, out, b, r4, outp,
+                        bf16);
+            gathered = s;
+        }
+        const long end = seg_rows[2 * s + 1] < items[2 * item + 1] + CHUNK
+                         ? seg_rows[2 * s + 1] : items[2 * item + 1] + CHUNK;
+        for (long t0 = items[2 * item + 1]; t0 < end; t0 += RB) {
             const long nt = end - t0 < RB ? end - t0 : RB;
             /* decode segments are mostly 1-2 rows: kernels specialised per row count */
 #ifdef SGMV_BF16DOT
@@ -353,21 +377,23 @@ static void sgmv(const void *pages_, long H, const void *x_, long ldx, void *y_,
     free(bp);
 #endif
     free(a); free(b); free(xf); free(acc); free(h); free(zero);
+    }
+    free(items);
 }
 
 #define ENTRY(NAME, BF16)                                                                      \
 void NAME(const void *pages, long H, const void *x, long ldx, void *y, long ldy, long in,     \
           long out, long nseg, const int32_t *seg_rows, const int32_t *seg_rank,             \
           const float *seg_scale, const int32_t *seg_a, const int32_t *seg_b,                \
-          const int32_t *page_ids, long a_ppr, long b_ppr, long max_rank) {                  \
+          const int32_t *page_ids, long a_ppr, long b_ppr, long max_rank, long nthreads) {   \
     sgmv(pages, H, x, ldx, y, ldy, in, out, nseg, seg_rows, seg_rank, seg_scale, seg_a,      \
-         seg_b, page_ids, a_ppr, b_ppr, max_rank, BF16);                                     \
+         seg_b, page_ids, a_ppr, b_ppr, max_rank, BF16, nthreads);                           \
 }
 ENTRY(sgmv_f32, 0)
 ENTRY(sgmv_bf16, 1)
 """
 
-_FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-shared", "-fPIC")
+_FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC")
 _KERNELS = {torch.float32: "sgmv_f32", torch.bfloat16: "sgmv_bf16"}
 
 
@@ -387,7 +413,7 @@ def _load(variant: str = "native") -> ctypes.CDLL | None:
         fn.restype = None
         fn.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
                         ctypes.c_void_p] + [ctypes.c_long] * 4 + [ctypes.c_void_p] * 6
-                       + [ctypes.c_long] * 3)
+                       + [ctypes.c_long] * 4)
     return lib
 
 
@@ -400,11 +426,13 @@ def sgmv_cpu_available(pages: torch.Tensor) -> bool:
 
 
 def sgmv_cpu(y: torch.Tensor, x: torch.Tensor, pages: torch.Tensor,
-             module: PagedModuleLora, variant: str = "native") -> None:
+             module: PagedModuleLora, variant: str = "native", threads: int | None = None
+             ) -> None:
     """y [T, out] += the batch's heterogeneous LoRA delta for x [T, in], in place. y, x and
     pages share the pool's dtype; rows may be strided, each row contiguous. The caller checked
     `sgmv_cpu_available(pages)`. bf16 on AVX512-BF16 CPUs: h = x A^T is rounded to bf16
-    before the expand (as PEFT's bf16 lora_A output is)."""
+    before the expand (as PEFT's bf16 lora_A output is). threads: OpenMP threads over chunks
+    of 16 rows (default: torch's intra-op thread count)."""
     if x.stride(-1) != 1 or y.stride(-1) != 1:
         raise ValueError("sgmv_cpu needs rows with contiguous elements")
     if x.dtype != pages.dtype or y.dtype != pages.dtype:
@@ -415,4 +443,5 @@ def sgmv_cpu(y: torch.Tensor, x: torch.Tensor, pages: torch.Tensor,
            y.stride(0), module.in_features, module.out_features, module.seg_rank.shape[0],
            module.seg_rows.data_ptr(), module.seg_rank.data_ptr(), module.seg_scale.data_ptr(),
            module.seg_a.data_ptr(), module.seg_b.data_ptr(), module.page_ids.data_ptr(),
-           module.a_pages_per_row, module.b_pages_per_row, max(module.max_rank, 1))
+           module.a_pages_per_row, module.b_pages_per_row, max(module.max_rank, 1),
+           threads or torch.get_num_threads())
