@@ -1,8 +1,12 @@
 """The Triton SGMV kernels (shrink + expand reading pool pages in place) equal
 `lora_delta_paged_reference`, run by the Triton interpreter on CPU tensors: random page layouts
-with mixed ranks, 1-row and many-row segments, base rows between segments, `in` / `out` smaller
-and larger than a page (several pages per row, partial last pages whose tails hold garbage),
-shuffled page ids, split-K on and off, strided x and y; float32, float16 and bfloat16."""
+with mixed ranks, 1-row and many-row segments, base rows between segments, rank-0 segments (left
+bit for bit as they were), `in` / `out` smaller and larger than a page (several pages per row,
+partial last pages whose tails hold garbage), shuffled page ids, split-K on and off, strided x
+and y, element offsets past 2^31; float32, float16 and bfloat16. The compiled path is checked
+by compiling for an H100 (sm_90) without a GPU: tensor-core instructions, atomics, int64
+addressing.
+"""
 from __future__ import annotations
 
 import random
@@ -80,11 +84,18 @@ def interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def base_rows(module: PagedModuleLora, num_rows: int) -> list[int]:
-    covered = set()
-    for start, end in module.seg_rows.tolist():
-        covered.update(range(start, end))
-    return [t for t in range(num_rows) if t not in covered]
+def untouched_rows(module: PagedModuleLora, num_rows: int) -> list[int]:
+    """Rows that must keep their bits: in no segment, or in a segment of rank 0."""
+    adapted = set()
+    for (start, end), rank in zip(module.seg_rows.tolist(), module.seg_rank.tolist()):
+        if rank > 0:
+            adapted.update(range(start, end))
+    return [t for t in range(num_rows) if t not in adapted]
+
+
+def assert_bits_equal(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal values and equal signs of zero (y + 0.0 would turn -0.0 into +0.0)."""
+    assert torch.equal(got, expected) and torch.equal(got.signbit(), expected.signbit())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -96,6 +107,8 @@ def test_sgmv_equals_paged_reference(interpret, layout, dtype):
     gen = torch.Generator().manual_seed(100 + layout)
     x = torch.randn(num_rows, in_features, generator=gen).to(dtype)
     y = torch.randn(num_rows, out_features, generator=gen).to(dtype)
+    rows = untouched_rows(module, num_rows)
+    y[rows, ::3] = -0.0
     expected = y.clone()
     lora_delta_paged_reference(expected, x, pages, module)
     got = y.clone()
@@ -104,8 +117,7 @@ def test_sgmv_equals_paged_reference(interpret, layout, dtype):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     else:   # one rounding of y either side; fp32 sums in another order may flip its last bit
         torch.testing.assert_close(got.float(), expected.float(), atol=2e-3, rtol=1e-2)
-    rows = base_rows(module, num_rows)
-    assert torch.equal(got[rows], y[rows])
+    assert_bits_equal(got[rows], y[rows])
     assert not torch.equal(got, y)
 
 
@@ -144,12 +156,111 @@ def test_sgmv_rejects_mismatched_operands(interpret):
         sgmv_triton(torch.zeros(num_rows, 24), x, pages, module)
 
 
+def _reserve(numel: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """torch.empty of `numel` elements: a virtual reservation, only what is written gets
+    memory. Skips the test where the OS (strict overcommit) or the GPU refuses it."""
+    try:
+        return torch.empty(numel, dtype=dtype, device=device)
+    except RuntimeError as error:
+        pytest.skip(f"cannot reserve {numel} elements of {dtype} on {device}: {error}")
+
+
+def past_int32_case(dtype: torch.dtype, device: str = "cpu"):
+    """Operands whose element offsets pass 2^31, as in a production pool (1M pages of 8192 is
+    2^33 elements): A and B^T on pages whose id * HIDDEN > 2^31 at the top of a pool of 2^31+
+    elements, and x and y views of one storage with a column stride S such that the last column
+    * S > 2^31. Only the used pages and elements are written (2 x 4.3 GB reserved in 16 bits).
+    -> (y, x, pages, module, y_before, expected y)."""
+    in_features, out_features = 40, 36
+    module, small_pages, num_rows = make_module(in_features, out_features,
+                                                [(3, 2), (None, 1), (5, 1)], seed=3, dtype=dtype)
+    gen = torch.Generator().manual_seed(4)
+    x_small = torch.randn(num_rows, in_features, generator=gen).to(dtype)
+    y_before = torch.randn(num_rows, out_features, generator=gen).to(dtype)
+    expected = y_before.clone()
+    lora_delta_paged_reference(expected, x_small, small_pages, module)
+
+    first_page = 2**31 // HIDDEN + 1
+    pages = _reserve((first_page + small_pages.shape[0]) * HIDDEN, dtype, device)
+    pages = pages.view(-1, HIDDEN)
+    pages[first_page:] = small_pages.to(device)
+    module.page_ids += first_page            # ids of ~2^26 are int32 still; id * HIDDEN is not
+    stride = 2**31 // (min(in_features, out_features) - 1) + 1
+    storage = _reserve((max(in_features, out_features) - 1) * stride + 2 * num_rows, dtype,
+                       device)
+    x = storage.as_strided((num_rows, in_features), (1, stride))
+    y = storage.as_strided((num_rows, out_features), (1, stride), num_rows)   # disjoint from x
+    x.copy_(x_small)
+    for name in ("seg_rows", "seg_rank", "seg_scale", "seg_a", "seg_b", "page_ids"):
+        setattr(module, name, getattr(module, name).to(device))
+    return y, x, pages, module, y_before.to(device), expected.to(device)
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_sgmv_offsets_past_int32(interpret, split_k):
+    """The interpreter computes int32 products in int32 as the GPU does, so an index multiplied
+    by a stride in int32 would read (or write) far from the right element."""
+    y, x, pages, module, y_before, expected = past_int32_case(torch.float16)
+    y.copy_(y_before)
+    sgmv_triton(y, x, pages, module, split_k=split_k)
+    torch.testing.assert_close(y.contiguous().float(), expected.float(), atol=2e-3, rtol=1e-2)
+
+
+def test_split_k_is_not_a_jit_specialization(interpret, monkeypatch):
+    """The automatic split_k follows the number of segments, which changes from one decode step
+    to the next; as a constexpr each new value would be a JIT compile in the serving loop. The
+    launches' constexprs (Triton's compile key, with the dtypes) are the same for any split_k > 1
+    (the integer arguments are specialized only on == 1 and % 16)."""
+    from lorafleet.serve import triton_ops
+
+    launched = [set(), set()]   # shrink, expand: the constexpr keyword arguments of each launch
+    kernels = triton_ops._kernels(True)
+
+    class Recorder:
+        def __init__(self, index):
+            self.index = index
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched[self.index].add(tuple(sorted(kwargs.items())))
+                kernels[self.index][grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_ops, "_kernels", lambda interpret: (Recorder(0), Recorder(1)))
+    module, pages, num_rows = make_module(200, 40, [(6, 2), (None, 1), (17, 3)], seed=5,
+                                          dtype=torch.float32)   # 7 pages per A row: 7 K blocks
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(num_rows, 200, generator=gen)
+    y = torch.randn(num_rows, 40, generator=gen)
+    expected = y.clone()
+    lora_delta_paged_reference(expected, x, pages, module)
+    for split_k in (2, 3, 5, 7):
+        got = y.clone()
+        sgmv_triton(got, x, pages, module, split_k=split_k)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert len(launched[0]) == 1 and len(launched[1]) == 1
+
+
+# The compiled kernels' tile corners: decode (a few rows, ranks <= 16: 16-wide tiles, split-K
+# atomics, mma.sync) and prefill with ranks of 64..128 (64-row tiles: wgmma on sm_90), with and
+# without atomics (one short prefill segment alone in a step is split).
+CORNERS = {"decode": (dict(BLOCK_M=16, BLOCK_R=16, BLOCK_K=64, ATOMIC=True),
+                      dict(BLOCK_M=16, BLOCK_R=16, BLOCK_N=64)),
+           "prefill": (dict(BLOCK_M=64, BLOCK_R=64, BLOCK_K=64, ATOMIC=False),
+                       dict(BLOCK_M=64, BLOCK_R=32, BLOCK_N=64)),
+           "short_prefill": (dict(BLOCK_M=64, BLOCK_R=32, BLOCK_K=64, ATOMIC=True),
+                             dict(BLOCK_M=64, BLOCK_R=32, BLOCK_N=64))}
+
+
+@pytest.mark.parametrize("corner", list(CORNERS))
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
-def test_kernels_compile_for_cuda(monkeypatch, dtype):
+def test_kernels_compile_for_cuda(monkeypatch, dtype, corner):
     """The compiled path the interpreter does not run (early returns, runtime-start loops,
     relaxed atomics, dot precisions) compiles for an H100 (sm_90) without a GPU, with the
     numerics the module docstring states: 16-bit shrink on 16-bit tensor cores, expand in TF32,
-    float32 pools without tensor cores (IEEE)."""
+    float32 pools without tensor cores (IEEE); split-K partial sums as relaxed float32 atomic
+    adds, only when ATOMIC; and every x / y / pages address offset in int64 (checked where their
+    pointer type is not h's float32)."""
     pytest.importorskip("triton.backends.nvidia")
     import re
 
@@ -163,27 +274,35 @@ def test_kernels_compile_for_cuda(monkeypatch, dtype):
     shrink, expand = triton_ops._kernels(False)
     io_ptrs = {"x_ptr", "y_ptr", "pages_ptr"}
     precision = "ieee" if dtype == "fp32" else "tf32"
-    constants = {"_shrink": dict(BLOCK_M=16, BLOCK_R=32, BLOCK_K=64, SPLIT_K=4,
-                                 PRECISION=precision, UPCAST=False),
-                 "_expand": dict(BLOCK_M=16, BLOCK_R=16, BLOCK_N=64, PRECISION=precision)}
-    mma = {}
-    for kernel in (shrink, expand):
-        kernel_constants = constants[kernel.fn.__name__]
-        signature = {name: "constexpr" if name in kernel_constants
+    shrink_constants, expand_constants = CORNERS[corner]
+    asm = {}
+    for kernel, constants in ((shrink, dict(shrink_constants, UPCAST=False)),
+                              (expand, expand_constants)):
+        constants = dict(constants, PRECISION=precision)
+        signature = {name: "constexpr" if name in constants
                      else f"*{dtype}" if name in io_ptrs
                      else "*fp32" if name in ("h_ptr", "seg_scale_ptr")
                      else "*i32" if name.endswith("_ptr") else "i32"
                      for name in kernel.arg_names}
-        compiled = triton.compile(ASTSource(kernel, signature, kernel_constants),
-                                  target=GPUTarget("cuda", 90, 32),
-                                  options={"enable_fp_fusion": True})
-        mma[kernel.fn.__name__] = set(re.findall(r"mma\.\S*\.f32\.(\w+)\.\w+\.f32",
-                                                 compiled.asm["ptx"]))
+        asm[kernel.fn.__name__] = triton.compile(ASTSource(kernel, signature, constants),
+                                                 target=GPUTarget("cuda", 90, 32),
+                                                 options={"enable_fp_fusion": True}).asm
+    mma = {name: set(re.findall(r"mma(?:_async)?\.sync\.aligned\.m\d+n\d+k\d+(?:\.row\.col)?"
+                                r"\.f32\.(\w+)\.", code["ptx"]))
+           for name, code in asm.items()}
     if dtype == "fp32":
         assert mma == {"_shrink": set(), "_expand": set()}
     else:
         ptx_type = {"fp16": "f16", "bf16": "bf16"}[dtype]
         assert mma == {"_shrink": {ptx_type}, "_expand": {"tf32"}}
+    atomics = {name: bool(re.search(r"(red|atom)\.global\.gpu\.relaxed\.add\.f32", code["ptx"]))
+               for name, code in asm.items()}
+    assert atomics == {"_shrink": shrink_constants["ATOMIC"], "_expand": False}
+    if dtype != "fp32":
+        ttir_type = {"fp16": "f16", "bf16": "bf16"}[dtype]
+        narrow = [line.strip() for code in asm.values() for line in code["ttir"].splitlines()
+                  if re.search(rf"tt\.addptr .*!tt\.ptr<{ttir_type}>>, tensor<\S*xi32>", line)]
+        assert not narrow, narrow
 
 
 def test_triton_available(monkeypatch):

@@ -19,19 +19,24 @@ reduction (shrink) and output (expand) axes are walked as (page j, block within 
 tile needs one page id per rank row and reads a contiguous run of H. The last page of a row is
 partial when `in` (`out`) is not a multiple of H; a column mask (`< H` and `< in`) covers it.
 
-Shrink grid: (segment, row block, rank block x SPLIT_K). Each program multiplies a
+Shrink grid: (segment, row block, rank block x split_k). Each program multiplies a
 [BLOCK_M, BLOCK_K] tile of x with a [BLOCK_K, BLOCK_R] tile of A^T gathered from the pages,
-over every SPLIT_K-th K block of its segment's `in` axis, and adds its partial sum into h with
-an atomic add (or stores it when SPLIT_K == 1). Split-K (as in vLLM's Triton port of Punica's
-shrink) suits decode shapes: a segment has a handful of rows and the rank is small, so without
-it the grid would be a few programs, each streaming all of `in`; splitting `in` puts every SM
-to work on the weight reads, which are the whole cost (the kernel is memory-bound on A).
-SPLIT_K is chosen so the grid is about `PROGRAMS_PER_SM` programs per SM.
+over every split_k-th K block of its segment's `in` axis, and adds its partial sum into h
+(zeroed first) with an atomic add, or stores it when split_k == 1. Split-K (as in vLLM's Triton
+port of Punica's shrink) suits decode shapes: a segment has a handful of rows and the rank is
+small, so without it the grid would be a few programs, each streaming all of `in`; splitting
+`in` puts every SM to work on the weight reads, which are the whole cost (the kernel is
+memory-bound on A). split_k is chosen so the grid is about `PROGRAMS_PER_SM` programs per SM.
+It is a runtime argument, not a constexpr: the automatic choice follows the number of segments,
+which changes from one decode step to the next, and as a constexpr each new value was a new JIT
+compile inside the serving loop. What is constexpr (block sizes from max_rows / max_rank rounded
+to powers of two, ATOMIC = split_k > 1, dtype) takes a few values, each compiled once.
 Expand grid: (segment, row block, out block). Each program owns a [BLOCK_M, BLOCK_N] tile of y
 (no race, no atomics), loops over its segment's rank in BLOCK_R steps (the rank axis is short)
 and does one read-modify-write of y in float32: y = y + scaling * delta, like the reference.
 Mixed ranks need no padding of the weights: loops and masks stop at `seg_rank[s]`; programs of
-a grid sized by `max_rows` / `max_rank` that fall outside their segment return at once. The
+a grid sized by `max_rows` / `max_rank` that fall outside their segment return at once, and so
+do all programs of a rank-0 segment (no read-modify-write of y: its bits stay as they were). The
 host reads no device value (the grid comes from the Python ints `max_rows` / `max_rank`), so a
 call can be captured in a CUDA graph.
 
@@ -40,7 +45,12 @@ their own dtype (tensor cores for fp16 / bf16; IEEE float32 for float32 pools, n
 multiplies float32 h by B upcast to float32, in TF32 for 16-bit pools (B is exact in TF32, h is
 rounded to 10 mantissa bits: finer than rounding h to bf16, and no fp16 overflow)
 and in IEEE float32 for float32 pools. Split-K's atomic adds make h's last bit depend on their
-order (not bit-reproducible run to run when SPLIT_K > 1).
+order (not bit-reproducible run to run when split_k > 1).
+
+Addressing in int64: a pool of 1M pages of 8192 (or an x / y whose inner stride is large, e.g.
+a transposed view of many rows) puts offsets past 2^31 elements, so every index that is
+multiplied by a stride (page id, row, column within `in` / `out` / the page) is widened to int64
+first; only the page-table and segment indices (int32 by the format, < 2^31) stay int32.
 
 The Triton interpreter (TRITON_INTERPRET=1, CPU tensors) runs these kernels for tests; its
 `tl.dot` multiplies bf16 tiles as raw uint16 bits (numpy has no bf16), so under the interpreter
@@ -77,14 +87,14 @@ MIN_DOT = 16                 # tl.dot needs every tile dimension >= 16
 
 def _shrink(x_ptr, pages_ptr, h_ptr, page_ids_ptr, seg_rows_ptr, seg_rank_ptr, seg_a_ptr,
             stride_xm, stride_xk, stride_page, stride_hidden, stride_hm,
-            in_features, hidden, a_pages_per_row, k_blocks_per_page,
+            in_features, hidden, a_pages_per_row, k_blocks_per_page, split_k,
             BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-            SPLIT_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """h[rows of segment, ranks] (+)= x[rows] @ A^T over every SPLIT_K-th K block."""
+            ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """h[rows of segment, ranks] (+)= x[rows] @ A^T over every split_k-th K block."""
     seg = tl.program_id(0)
     pid_m = tl.program_id(1)
-    pid_r = tl.program_id(2) // SPLIT_K
-    pid_k = tl.program_id(2) % SPLIT_K
+    pid_r = tl.program_id(2) // split_k
+    pid_k = tl.program_id(2) % split_k
     row_end = tl.load(seg_rows_ptr + 2 * seg + 1)
     row0 = tl.load(seg_rows_ptr + 2 * seg) + pid_m * BLOCK_M
     rank = tl.load(seg_rank_ptr + seg)
@@ -97,16 +107,16 @@ def _shrink(x_ptr, pages_ptr, h_ptr, page_ids_ptr, seg_rows_ptr, seg_rank_ptr, s
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     a_row_ids = tl.load(seg_a_ptr + seg) + ranks * a_pages_per_row   # [BLOCK_R] into page_ids
     acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
-    for kb in range(pid_k, a_pages_per_row * k_blocks_per_page, SPLIT_K):
+    for kb in range(pid_k, a_pages_per_row * k_blocks_per_page, split_k):
         page_j = kb // k_blocks_per_page
         offs = (kb % k_blocks_per_page) * BLOCK_K + tl.arange(0, BLOCK_K)   # within the page
         cols = page_j * hidden + offs                                        # within `in`
         k_mask = (offs < hidden) & (cols < in_features)
-        x = tl.load(x_rows + cols[None, :] * stride_xk,
+        x = tl.load(x_rows + cols.to(tl.int64)[None, :] * stride_xk,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         page = tl.load(page_ids_ptr + a_row_ids + page_j, mask=rank_mask, other=0)
         a_t = tl.load(pages_ptr + page.to(tl.int64)[None, :] * stride_page
-                      + offs[:, None] * stride_hidden,
+                      + offs.to(tl.int64)[:, None] * stride_hidden,
                       mask=k_mask[:, None] & rank_mask[None, :], other=0.0)   # [BLOCK_K, BLOCK_R]
         if UPCAST:
             x = x.to(tl.float32)
@@ -114,7 +124,7 @@ def _shrink(x_ptr, pages_ptr, h_ptr, page_ids_ptr, seg_rows_ptr, seg_rank_ptr, s
         acc += tl.dot(x, a_t, input_precision=PRECISION)
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + ranks[None, :]
     h_mask = row_mask[:, None] & rank_mask[None, :]
-    if SPLIT_K == 1:
+    if not ATOMIC:
         tl.store(h_ptrs, acc, mask=h_mask)
     else:
         tl.atomic_add(h_ptrs, acc, mask=h_mask, sem="relaxed")   # sums need no ordering
@@ -132,11 +142,12 @@ def _expand(y_ptr, pages_ptr, h_ptr, page_ids_ptr, seg_rows_ptr, seg_rank_ptr, s
     n0 = (tl.program_id(2) % n_blocks_per_page) * BLOCK_N     # within the page
     row_end = tl.load(seg_rows_ptr + 2 * seg + 1)
     row0 = tl.load(seg_rows_ptr + 2 * seg) + pid_m * BLOCK_M
-    if row0 >= row_end or page_j * hidden + n0 >= out_features:
+    rank = tl.load(seg_rank_ptr + seg)
+    # rank 0 (the adapter does not adapt this module): no read-modify-write of y at all
+    if row0 >= row_end or rank == 0 or page_j * hidden + n0 >= out_features:
         return
     offs = n0 + tl.arange(0, BLOCK_N)
     cols = page_j * hidden + offs
-    rank = tl.load(seg_rank_ptr + seg)
     rows = row0 + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     n_mask = (offs < hidden) & (cols < out_features)
@@ -151,10 +162,10 @@ def _expand(y_ptr, pages_ptr, h_ptr, page_ids_ptr, seg_rows_ptr, seg_rank_ptr, s
         page = tl.load(page_ids_ptr + b_row_ids + ranks * b_pages_per_row, mask=rank_mask,
                        other=0)
         bt = tl.load(pages_ptr + page.to(tl.int64)[:, None] * stride_page
-                     + offs[None, :] * stride_hidden,
+                     + offs.to(tl.int64)[None, :] * stride_hidden,
                      mask=rank_mask[:, None] & n_mask[None, :], other=0.0)   # [BLOCK_R, BLOCK_N]
         acc += tl.dot(h, bt.to(tl.float32), input_precision=PRECISION)
-    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
+    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols.to(tl.int64)[None, :] * stride_yn
     y_mask = row_mask[:, None] & n_mask[None, :]
     y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
     scaling = tl.load(seg_scale_ptr + seg)
@@ -268,8 +279,8 @@ def sgmv_triton(y: torch.Tensor, x: torch.Tensor, pages: torch.Tensor, module: P
             x, pages, h, module.page_ids.contiguous(), seg_rows, module.seg_rank.contiguous(),
             module.seg_a.contiguous(),
             x.stride(0), x.stride(1), pages.stride(0), pages.stride(1), h.stride(0),
-            module.in_features, hidden, module.a_pages_per_row, k_blocks_per_page,
-            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k,
+            module.in_features, hidden, module.a_pages_per_row, k_blocks_per_page, split_k,
+            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, ATOMIC=split_k > 1,
             PRECISION=precision,
             UPCAST=interpret and pages.dtype == torch.bfloat16, enable_fp_fusion=True)
         expand[(num_segments, row_blocks, module.b_pages_per_row * n_blocks_per_page)](
