@@ -66,33 +66,99 @@ def test_engine_cuda_equals_cpu(tmp_path, llama_dir):
     assert results["cuda"] == results["cpu"]
 
 
+def _sgmv_case(dtype, runs, in_features=320, out_features=200, seed=0):
+    """A paged module on the GPU (hidden 128: 3 pages per A row, 2 per B^T row, partial last
+    pages), x and y, and the paged reference's y. -> (y, x, pages, module, expected, rows that
+    must keep their bits)."""
+    from lorafleet.serve.lora_ops import lora_delta_paged_reference
+
+    from .serve.test_triton_ops import make_module, untouched_rows
+
+    device = torch.device("cuda")
+    module, pages, num_rows = make_module(in_features, out_features, runs, seed=seed,
+                                          dtype=dtype, hidden=128)
+    for name in ("seg_rows", "seg_rank", "seg_scale", "seg_a", "seg_b", "page_ids"):
+        setattr(module, name, getattr(module, name).to(device))
+    pages = pages.to(device)
+    x = torch.randn(num_rows, in_features, device=device).to(dtype)
+    y = torch.randn(num_rows, out_features, device=device).to(dtype)
+    rows = untouched_rows(module, num_rows)
+    y[rows, ::3] = -0.0
+    expected = y.clone()
+    lora_delta_paged_reference(expected, x, pages, module)
+    return y, x, pages, module, expected, rows
+
+
+def _tolerance(dtype):
+    return dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_sgmv_triton_cuda_equals_paged_reference(dtype):
     """The compiled Triton SGMV kernels (tensor-core dots, split-K atomics) on the GPU equal
     the paged reference: mixed ranks up to 64, a 300-row prefill segment among decode rows,
-    3 pages per row with a partial last page."""
+    3 pages per row with a partial last page; base rows and a rank-0 segment keep their bits."""
     pytest.importorskip("triton")
-    from lorafleet.serve.lora_ops import lora_delta_paged_reference
     from lorafleet.serve.triton_ops import sgmv_triton, triton_available
 
-    from .serve.test_triton_ops import base_rows, make_module
+    from .serve.test_triton_ops import assert_bits_equal
 
-    device = torch.device("cuda")
-    assert triton_available(device)
-    runs = [(8, 1), (None, 2), (64, 300), (1, 1), (16, 1), (None, 5), (33, 7), (4, 1)]
-    module, pages, num_rows = make_module(320, 200, runs, seed=0, dtype=dtype, hidden=128)
-    for name in ("seg_rows", "seg_rank", "seg_scale", "seg_a", "seg_b", "page_ids"):
-        setattr(module, name, getattr(module, name).to(device))
-    pages = pages.to(device)
-    x = torch.randn(num_rows, 320, device=device).to(dtype)
-    y = torch.randn(num_rows, 200, device=device).to(dtype)
-    expected = y.clone()
-    lora_delta_paged_reference(expected, x, pages, module)
-    tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2,
-                                                                                 rtol=1e-2)
-    for split_k in (None, 1):
+    assert triton_available(torch.device("cuda"))
+    runs = [(8, 1), (None, 2), (64, 300), (1, 1), (16, 1), (None, 5), (0, 3), (33, 7), (4, 1)]
+    y, x, pages, module, expected, rows = _sgmv_case(dtype, runs)
+    for split_k in (None, 1, 3):
         got = y.clone()
         sgmv_triton(got, x, pages, module, split_k=split_k)
-        torch.testing.assert_close(got.float(), expected.float(), **tolerance)
-        rows = base_rows(module, num_rows)
-        assert rows and torch.equal(got[rows], y[rows])
+        torch.testing.assert_close(got.float(), expected.float(), **_tolerance(dtype))
+        assert rows
+        assert_bits_equal(got[rows], y[rows])
+
+
+def test_sgmv_triton_cuda_offsets_past_int32():
+    """A pool of 2^31+ elements with the adapter on its top pages, and x / y with column
+    strides past 2^31 elements: int64 addressing on the GPU (2 x 4.3 GB reserved)."""
+    pytest.importorskip("triton")
+    from lorafleet.serve.triton_ops import sgmv_triton
+
+    from .serve.test_triton_ops import past_int32_case
+
+    y, x, pages, module, y_before, expected = past_int32_case(torch.bfloat16, "cuda")
+    for split_k in (None, 1, 3):
+        y.copy_(y_before)
+        sgmv_triton(y, x, pages, module, split_k=split_k)
+        torch.testing.assert_close(y.contiguous().float(), expected.float(), atol=2e-2,
+                                   rtol=1e-2)
+
+
+def test_sgmv_triton_cuda_graph_and_one_compile_per_shape(monkeypatch):
+    """sgmv_triton reads no device value (it can be captured in a CUDA graph, which fails on a
+    host sync), and another split_k > 1 is no new JIT compile (it follows the number of decode
+    segments from step to step)."""
+    pytest.importorskip("triton")
+    import triton
+
+    from lorafleet.serve.triton_ops import sgmv_triton
+
+    runs = [(8, 1), (None, 2), (16, 1), (0, 1), (4, 1)]
+    y, x, pages, module, expected, _ = _sgmv_case(torch.bfloat16, runs, in_features=2048)
+    sgmv_triton(y.clone(), x, pages, module, split_k=2)   # compile and load the kernels
+    compiles = []
+
+    def count(**kwargs):   # called by the JIT before each compile; False: go on compiling
+        compiles.append(kwargs["repr"])
+        return False
+
+    monkeypatch.setattr(triton.knobs.runtime, "jit_cache_hook", count)
+    for split_k in (3, 5, 6, 7):
+        got = y.clone()
+        sgmv_triton(got, x, pages, module, split_k=split_k)
+        torch.testing.assert_close(got.float(), expected.float(), **_tolerance(torch.bfloat16))
+    assert compiles == []
+
+    graph, static_y = torch.cuda.CUDAGraph(), y.clone()
+    with torch.cuda.graph(graph):
+        sgmv_triton(static_y, x, pages, module, split_k=2)
+    static_y.copy_(y)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static_y.float(), expected.float(), **_tolerance(torch.bfloat16))
