@@ -109,6 +109,8 @@ def lora_delta_paged_reference(y: torch.Tensor, x: torch.Tensor, pages: torch.Te
     """y [T, out] += each segment's low-rank product, weights read through the page table;
     computed in float32, added once (the kernels' numerics)."""
     for s in range(module.seg_rank.shape[0]):
+        if module.seg_rank[s] == 0:       # the segment's adapter does not adapt this module
+            continue
         a, bt, scaling = paged_weights(pages, module, s)
         start, end = (int(v) for v in module.seg_rows[s])
         delta = (x[start:end].float() @ a.float().t()) @ bt.float()
