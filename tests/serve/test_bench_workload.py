@@ -43,18 +43,24 @@ def test_best_runs_keep_the_fastest_of_each_configuration():
 def test_best_runs_leave_out_the_spread_check_and_report_medians():
     from lorafleet.bench.serve import best_runs
 
-    runs = [{"system": "base-only", "adapters": 0, "tokens_per_s": 100.0},
-            {"system": "lorafleet", "adapters": 10, "tokens_per_s": 80.0},
-            {"system": "base-only", "adapters": 0, "tokens_per_s": 110.0},
-            {"system": "lorafleet", "adapters": 10, "tokens_per_s": 99.0},
-            {"system": "base-only", "adapters": 0, "tokens_per_s": 90.0},
-            {"system": "lorafleet", "adapters": 10, "tokens_per_s": 88.0},
-            {"system": "base-only", "adapters": 0, "tokens_per_s": 150.0, "spread_check": True}]
+    runs = [{"system": "base-only", "adapters": 0, "tokens_per_s": 100.0,
+             "tokens_per_cpu_s": 200.0},
+            {"system": "lorafleet", "adapters": 10, "tokens_per_s": 80.0, "tokens_per_cpu_s": 150.0},
+            {"system": "base-only", "adapters": 0, "tokens_per_s": 110.0,
+             "tokens_per_cpu_s": 210.0},
+            {"system": "lorafleet", "adapters": 10, "tokens_per_s": 99.0, "tokens_per_cpu_s": 180.0},
+            {"system": "base-only", "adapters": 0, "tokens_per_s": 90.0, "tokens_per_cpu_s": 190.0},
+            {"system": "lorafleet", "adapters": 10, "tokens_per_s": 88.0, "tokens_per_cpu_s": 190.0},
+            {"system": "base-only", "adapters": 0, "tokens_per_s": 150.0, "tokens_per_cpu_s": 1.0,
+             "spread_check": True},
+            {"system": "peft", "adapters": 10, "tokens_per_s": 20.0}]
     best = {(r["system"], r["adapters"]): r for r in best_runs(runs)}
     assert best["base-only", 0]["tokens_per_s"] == 110.0 and best["base-only", 0]["runs"] == 3
     assert best["lorafleet", 10]["vs_base"] == 0.9
     assert best["lorafleet", 10]["median_tokens_per_s"] == 88.0
     assert best["lorafleet", 10]["vs_base_median"] == 0.88
+    assert best["lorafleet", 10]["vs_base_cpu"] == 180.0 / 200.0
+    assert "vs_base_cpu" not in best["peft", 10]             # measured without CPU time
 
 
 def test_kernels_benchmark_runs_and_writes_json(tmp_path):

@@ -329,33 +329,48 @@ def best_runs(runs: list[dict]) -> list[dict]:
     run, and the median tokens/s of its runs with the ratio of medians (`vs_base_median`)."""
     best: dict[tuple, dict] = {}
     samples: dict[tuple, list[float]] = {}
+    cpu_samples: dict[tuple, list] = {}
     for r in runs:
         if r.get("spread_check"):
             continue
         key = (r["system"], r["adapters"])
         samples.setdefault(key, []).append(r["tokens_per_s"])
+        cpu_samples.setdefault(key, []).append(r.get("tokens_per_cpu_s"))
         if key not in best or r["tokens_per_s"] > best[key]["tokens_per_s"]:
             best[key] = r
     base = best.get(("base-only", 0))
     base_median = statistics.median(samples[("base-only", 0)]) if base else None
+
+    def cpu_median(key):
+        values = [v for v in cpu_samples[key] if v is not None]
+        return statistics.median(values) if values else None
+
+    base_cpu = cpu_median(("base-only", 0)) if base else None
     out = []
     for key, r in best.items():
         r = dict(r, runs=len(samples[key]), median_tokens_per_s=statistics.median(samples[key]))
         if base:
             r["vs_base"] = r["tokens_per_s"] / base["tokens_per_s"]
             r["vs_base_median"] = r["median_tokens_per_s"] / base_median
+        if base_cpu and cpu_median(key):
+            r["median_tokens_per_cpu_s"] = cpu_median(key)
+            r["vs_base_cpu"] = r["median_tokens_per_cpu_s"] / base_cpu
         out.append(r)
     return out
 
 
 def print_summary(best: list[dict]) -> None:
-    print("\nbest run of each configuration (and the median of its runs):")
+    print("\nbest run of each configuration, the median of its runs, and the median of its "
+          "output tokens per CPU second of this process:")
     print(f"{'system':>12} {'N':>5} {'tok/s':>8} {'vs base':>8} {'median':>8} {'vs base':>8} "
+          f"{'tok/CPU-s':>9} {'vs base':>8} "
           f"{'req/s':>6} {'p99 s':>6} {'TTFT s':>6} {'decode ms':>9} {'x roofline':>10}")
     for r in best:
         print(f"{r['system']:>12} {r['adapters']:>5} {r['tokens_per_s']:8.1f} "
               f"{r.get('vs_base', float('nan')):8.2f} {r['median_tokens_per_s']:8.1f} "
-              f"{r.get('vs_base_median', float('nan')):8.2f} {r['requests_per_s']:6.2f} "
+              f"{r.get('vs_base_median', float('nan')):8.2f} "
+              f"{r.get('median_tokens_per_cpu_s', float('nan')):9.1f} "
+              f"{r.get('vs_base_cpu', float('nan')):8.2f} {r['requests_per_s']:6.2f} "
               f"{r['p99_latency_s']:6.2f} {r['mean_ttft_s']:6.2f} "
               f"{r.get('decode_step_ms', float('nan')):9.1f} "
               f"{r.get('decode_vs_roofline', float('nan')):10.2f}")

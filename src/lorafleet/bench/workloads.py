@@ -54,7 +54,7 @@ def drive(engine, requests: list[dict], names: list[str], before_admit=None) -> 
     from lorafleet.serve import SamplingParams
 
     pending = sorted(requests, key=lambda r: r["arrival"])
-    first, done, start = {}, {}, time.perf_counter()
+    first, done, start, cpu_start = {}, {}, time.perf_counter(), time.process_time()
     queue = list(pending)
     while queue or engine.has_work():
         now = time.perf_counter() - start
@@ -77,7 +77,12 @@ def drive(engine, requests: list[dict], names: list[str], before_admit=None) -> 
                 first.setdefault(out.request_id, t)
             if out.finished:
                 done[out.request_id] = t
-    return summarize(requests, first, done, time.perf_counter() - start)
+    result = summarize(requests, first, done, time.perf_counter() - start)
+    # CPU seconds of this process over the run: less sensitive than wall time to other jobs
+    # on a shared machine (all threads counted: compare runs with the same --threads).
+    result["cpu_seconds"] = time.process_time() - cpu_start
+    result["tokens_per_cpu_s"] = result["tokens"] / result["cpu_seconds"]
+    return result
 
 
 def summarize(requests, first, done, elapsed) -> dict:
@@ -85,7 +90,8 @@ def summarize(requests, first, done, elapsed) -> dict:
     latencies = sorted(done[i] - by_id[i]["arrival"] for i in done)
     ttft = [first[i] - by_id[i]["arrival"] for i in first]
     tokens = sum(by_id[i]["output_len"] for i in done)
-    return {"requests": len(done), "seconds": elapsed, "tokens_per_s": tokens / elapsed,
+    return {"requests": len(done), "seconds": elapsed, "tokens": tokens,
+            "tokens_per_s": tokens / elapsed,
             "requests_per_s": len(done) / elapsed,
             "mean_latency_s": statistics.fmean(latencies),
             "p99_latency_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
