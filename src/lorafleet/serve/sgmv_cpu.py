@@ -148,6 +148,17 @@ static inline __attribute__((always_inline)) void expand_block(
     }
 }
 
+/* Ask for a weight row (its pieces over `ppr` pages) ahead of use: rows sit on scattered
+ * pages of 2-8 KB, too short for the hardware prefetcher to ramp up on its own. */
+static inline void prefetch_row(const char *pages, long page_bytes, const int32_t *ids, long ppr,
+                                long bytes) {
+    for (long j = 0, b0 = 0; b0 < bytes; j++, b0 += page_bytes) {
+        const char *src = pages + (long)ids[j] * page_bytes;
+        const long n = bytes - b0 < page_bytes ? bytes - b0 : page_bytes;
+        for (long o = 0; o < n; o += 64) __builtin_prefetch(src + o);
+    }
+}
+
 #ifdef SGMV_BF16DOT
 /* h[t * r4 + k] = x[t] . A[k] for NT bf16 rows of x, A's rows read in place from their pages
  * (rows k >= r read `zero`): bf16 pair products summed in fp32 by vdpbf16ps. */
@@ -158,6 +169,8 @@ static inline __attribute__((always_inline)) void shrink_bf16dot(
         __m512 c[RB][KB];
         for (int t = 0; t < NT; t++)
             for (int q = 0; q < KB; q++) c[t][q] = _mm512_setzero_ps();
+        for (long q = KB; q < 2 * KB && k + q < r; q++)       /* the next block's rows */
+            prefetch_row((const char *)pages, 2 * H, ids + (k + q) * ppr, ppr, 2 * in);
         for (long j = 0, d0 = 0; d0 < in; j++, d0 += H) {
             const long n = in - d0 < H ? in - d0 : H;
             const uint16_t *ap[KB];
@@ -190,6 +203,8 @@ static void gather_pairs(const uint16_t *pages, long H, const int32_t *ids, long
     const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
     for (long p = 0; 2 * p < rank; p++) {
         uint16_t *dst = bp + p * stride * 2;
+        for (long q = 2 * p + 2; q < 2 * p + 4 && q < rank; q++)   /* the next pair's rows */
+            prefetch_row((const char *)pages, 2 * H, ids + q * ppr, ppr, 2 * dim);
         for (long j = 0, d0 = 0; d0 < dim; j++, d0 += H) {
             const long n = dim - d0 < H ? dim - d0 : H;
             const uint16_t *r0 = pages + (long)ids[2 * p * ppr + j] * H;
