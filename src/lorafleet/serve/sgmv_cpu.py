@@ -11,11 +11,18 @@ sharing an adapter) it
     shrink:  h[t, k] = sum_i x[t, i] * A[k, i]            A row k read from its pages
     expand:  y[t, o] = round(y[t, o] + scaling * sum_k h[t, k] * Bt[k, o])
 
-with float32 accumulation, rows taken four at a time so each weight is loaded once per four rows.
-It reads each resident adapter's A and B^T exactly once per step, only the useful multiply-adds,
-and nothing is copied. float32 and bfloat16 pools (bf16 -> fp32 by a 16-bit shift, fp32 -> bf16
-round-to-nearest-even, as torch rounds). Written in plain C for the compiler to vectorize
-(-O3 -march=native); `LORAFLEET_SGMV_KERNEL=0` turns it off.
+with float32 accumulation; nothing is copied out of the pool and only the useful multiply-adds
+are done. How (AVX-512, the native build):
+- rows in blocks of 4 and ranks in blocks of 4 in registers, so each weight vector is loaded
+  once per four rows; kernels specialised for 1-3 rows (decode segments are mostly 1-2 rows);
+- bf16 pools on AVX512-BF16 CPUs: the shrink multiplies bf16 pairs with `vdpbf16ps` straight
+  from the pages; the expand on B^T rows interleaved in pairs, with h rounded to bf16 first (as
+  PEFT's bf16 `lora_A` output is). Otherwise bf16 -> fp32 by a 16-bit shift and fp32 FMAs;
+- the next weight rows are prefetched (2 KB pages scattered over the pool);
+- OpenMP threads (torch's intra-op count) take chunks of 16 rows of a segment.
+y is rounded once (fp32 -> bf16 round-to-nearest-even, as torch rounds). Builds for CPUs
+without AVX512-BF16 and a portable C build (VARIANTS) are tested on every machine that can
+build them; `LORAFLEET_SGMV_KERNEL=0` turns the kernel off.
 """
 from __future__ import annotations
 
