@@ -364,14 +364,15 @@ def print_summary(best: list[dict]) -> None:
           "output tokens per CPU second of this process:")
     print(f"{'system':>12} {'N':>5} {'tok/s':>8} {'vs base':>8} {'median':>8} {'vs base':>8} "
           f"{'tok/CPU-s':>9} {'vs base':>8} "
-          f"{'req/s':>6} {'p99 s':>6} {'TTFT s':>6} {'decode ms':>9} {'x roofline':>10}")
+          f"{'req/s':>6} {'mean s':>6} {'p99 s':>6} {'TTFT s':>6} {'decode ms':>9} "
+          f"{'x roofline':>10}")
     for r in best:
         print(f"{r['system']:>12} {r['adapters']:>5} {r['tokens_per_s']:8.1f} "
               f"{r.get('vs_base', float('nan')):8.2f} {r['median_tokens_per_s']:8.1f} "
               f"{r.get('vs_base_median', float('nan')):8.2f} "
               f"{r.get('median_tokens_per_cpu_s', float('nan')):9.1f} "
               f"{r.get('vs_base_cpu', float('nan')):8.2f} {r['requests_per_s']:6.2f} "
-              f"{r['p99_latency_s']:6.2f} {r['mean_ttft_s']:6.2f} "
+              f"{r['mean_latency_s']:6.2f} {r['p99_latency_s']:6.2f} {r['mean_ttft_s']:6.2f} "
               f"{r.get('decode_step_ms', float('nan')):9.1f} "
               f"{r.get('decode_vs_roofline', float('nan')):10.2f}")
 
