@@ -20,6 +20,11 @@ Three implementations, held equal by tests:
   faster while `T * sum_r` is small (decode).
 `choose_dense` picks by a cost model.
 
+The fast paths proper read the weights where they are: `PagedModuleLora` names each segment's
+A and B^T rows by page id, and a kernel (sgmv_cpu.py on CPU, triton_ops.py on CUDA) multiplies
+through that table with no copy; `lora_delta_paged_reference` is their definition. The stacked
+paths above stay as the torch twins for pools no kernel serves.
+
 Tried and measured slower on CPU (bench model: hidden 1024, 4 layers, bf16, 300 adapters of
 ranks 8/16/32, 48 requests, decode batch ~21 rows, ~17 adapters per step): an MBGMV path that
 groups rows by rank, gathers each row's own A and scaled B^T (one index_select per rank group)
@@ -214,7 +219,7 @@ class BatchedLoraLinear(nn.Module):
         y2d, x2d = y.view(-1, self.out_features), x.reshape(-1, self.in_features)
         if not isinstance(module, PagedModuleLora):
             add_lora(y2d, x2d, module)
-        elif x2d.dtype == lora.pages.dtype:
+        elif x2d.dtype == y2d.dtype == lora.pages.dtype:
             lora.kernel(y2d, x2d, lora.pages, module)
         else:   # e.g. a 4-bit base computing in another dtype than the pool's: the slow twin
             lora_delta_paged_reference(y2d, x2d, lora.pages, module)
