@@ -108,10 +108,12 @@ class PagedAttention:
             max_len = int(lens.max())
             read_pos = torch.arange(max_len, device=device)[None, :].expand(len(decode), -1)
             self.decode = KVGather(kv, layout, table[decode], read_pos)
-            self.mask = (read_pos < lens[:, None])[:, None, None, :]       # [Bd, 1, 1, max_len]
             self.decode_lens = lens
-            # CPU: the C kernel reads K/V rows in place (attention_cpu.py); else the gather
+            # CPU: the C kernel reads K/V rows in place (attention_cpu.py); else the gather,
+            # which alone needs the padding mask
             self.decode_kernel = self.decode.flat and decode_kernel_available(kv)
+            if not self.decode_kernel:
+                self.mask = (read_pos < lens[:, None])[:, None, None, :]   # [Bd, 1, 1, max_len]
             if len(decode) < len(query_lens):
                 self.decode_tokens = torch.tensor([token_start[i] for i in decode], device=device)
         # Longer queries: (first token, end token, first position, gather of its context or
