@@ -19,26 +19,17 @@ from torch import nn
 from lorafleet.errors import ModelLoadError
 
 from .config import ModelConfig
+from .dtype import parse_dtype, resolve_dtype
 from .gpt2 import GPT2, Conv1D
 from .llama import Llama
 
 log = logging.getLogger(__name__)
 
 MODEL_CLASSES = {"llama": Llama, "gpt2": GPT2}
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 # Checkpoint entries that are not weights: older transformers saved GPT-2's causal mask and
 # Llama's RoPE frequencies as persistent buffers.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def build_model(config: ModelConfig, device: str | torch.device = "meta") -> nn.Module:
@@ -134,7 +125,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = torch.float32,
     if not path.is_dir():
         raise ModelLoadError(f"model folder {path} does not exist")
     config = ModelConfig.from_hf(path)
-    dtype = parse_dtype(dtype)
+    dtype = resolve_dtype(dtype, path, device)
     model = build_model(config)
     state = dict(checkpoint_tensors(path, model, dtype, device))
     model.load_state_dict(state, strict=False, assign=True)

@@ -83,11 +83,11 @@ def load_quantized_model(path: str | Path, dtype: str | torch.dtype = torch.bflo
     parameters (embeddings, norms, skipped layers) are loaded in `dtype`; 4-bit layers compute in
     the input's dtype."""
     from lorafleet.models.config import ModelConfig
-    from lorafleet.models.loader import build_model, checkpoint_tensors, parse_dtype
+    from lorafleet.models.loader import build_model, checkpoint_tensors, resolve_dtype
 
     path = Path(path)
     config = ModelConfig.from_hf(path)
-    dtype = parse_dtype(dtype)
+    dtype = resolve_dtype(dtype, path, device)
     if config.tie_word_embeddings and not _skipped("lm_head", skip):
         log.warning("lm_head shares the embedding matrix: keeping it in %s", dtype)
         skip = (*skip, "lm_head")
