@@ -39,3 +39,8 @@ class EngineError(LoraFleetError):
 
 class RequestError(EngineError):
     """One request is invalid; the engine keeps serving the others."""
+
+
+class SamplingError(ConfigError, RequestError):
+    """A sampling parameter is invalid (names the field): a configuration error to a caller of
+    `generate`, a request error to the engine, which refuses only that request."""

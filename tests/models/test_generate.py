@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lorafleet.errors import ConfigError
-from lorafleet.models import (ForwardBatch, KVCache, SamplingConfig, generate, load_model,
+from lorafleet.models import (ForwardBatch, KVCache, SamplingParams, generate, load_model,
                               load_tokenizer)
 
 
@@ -46,11 +46,11 @@ def test_sampling_is_seeded_and_respects_limits(checkpoints):
     path, _ = checkpoints("llama_gqa")
     model = load_model(path)
     prompt = [5, 6, 7]
-    cfg = SamplingConfig(temperature=1.5, top_p=0.9, top_k=50, seed=3, max_new_tokens=16,
+    cfg = SamplingParams(temperature=1.5, top_p=0.9, top_k=50, seed=3, max_tokens=16,
                          ignore_eos=True)
     a, b = generate(model, prompt, sampling=cfg), generate(model, prompt, sampling=cfg)
     assert a.token_ids == b.token_ids and len(a.token_ids) == 16
-    other = generate(model, prompt, sampling=SamplingConfig(**{**cfg.__dict__, "seed": 4}))
+    other = generate(model, prompt, sampling=SamplingParams(**{**cfg.__dict__, "seed": 4}))
     assert other.token_ids != a.token_ids
     assert generate(model, prompt, 16).token_ids != a.token_ids  # greedy differs
 
@@ -59,13 +59,13 @@ def test_stop_strings_and_eos(checkpoints):
     path, _ = checkpoints("llama_gqa")
     model, tok = load_model(path), load_tokenizer(path)
     prompt = tok.encode("the quick brown")
-    full = generate(model, prompt, 12, SamplingConfig(ignore_eos=True), tokenizer=tok)
+    full = generate(model, prompt, 12, SamplingParams(ignore_eos=True), tokenizer=tok)
     assert full.text == tok.decode(full.token_ids) and full.finish_reason == "length"
     stop = full.text[len(full.text) // 2:][:3]
-    cut = generate(model, prompt, 12, SamplingConfig(stop=[stop], ignore_eos=True), tokenizer=tok)
+    cut = generate(model, prompt, 12, SamplingParams(stop=[stop], ignore_eos=True), tokenizer=tok)
     assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.find(stop)]
     first = full.token_ids[2]
-    ended = generate(model, prompt, 12, SamplingConfig(eos_token_ids=[first]))
+    ended = generate(model, prompt, 12, SamplingParams(eos_token_ids=[first]))
     assert ended.token_ids == full.token_ids[:full.token_ids.index(first)]
     assert ended.finish_reason == "stop"
 
@@ -73,11 +73,11 @@ def test_stop_strings_and_eos(checkpoints):
 def test_bad_generation_arguments(checkpoints):
     model = load_model(checkpoints("llama_gqa")[0])
     with pytest.raises(ConfigError, match="top_p"):
-        SamplingConfig(top_p=0)
+        SamplingParams(top_p=0)
     with pytest.raises(ConfigError, match="temperature"):
-        SamplingConfig(temperature=-1)
+        SamplingParams(temperature=-1)
     with pytest.raises(ConfigError, match="tokenizer"):
-        generate(model, [1, 2], 4, SamplingConfig(stop=["x"]))
+        generate(model, [1, 2], 4, SamplingParams(stop=["x"]))
     with pytest.raises(ConfigError, match="empty"):
         generate(model, [], 4)
     gpt2 = load_model(checkpoints("gpt2")[0])

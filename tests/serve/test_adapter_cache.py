@@ -55,7 +55,7 @@ def test_qlora_adapters_served_on_a_4bit_base(small_fleet):
     are projections like nn.Linear) and each request equals lorafleet's own QLoRA model (the
     4-bit base with the adapter loaded, tested against peft + bitsandbytes in tests/quant)."""
     from lorafleet.lora.peft_format import load_adapter
-    from lorafleet.models.generate import SamplingConfig, generate
+    from lorafleet.models.generate import SamplingParams, generate
     from lorafleet.quant import load_quantized_model
 
     base_dir, _, adapters = small_fleet
@@ -66,7 +66,7 @@ def test_qlora_adapters_served_on_a_4bit_base(small_fleet):
         engine.register_adapter(name, adapters[name])
     served = engine.generate(prompts + prompts[:1], adapters=names + [None],
                              params=SamplingParams(max_tokens=5, ignore_eos=True))
-    greedy = SamplingConfig(max_new_tokens=5, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=5, ignore_eos=True)
     for name, prompt, out in zip(names, prompts, served):
         model = load_adapter(load_quantized_model(base_dir), adapters[name])
         assert out.token_ids == generate(model, prompt, sampling=greedy).token_ids, name

@@ -64,7 +64,7 @@ def measure(model_dir: Path, args) -> dict:
     import torch
     import transformers
 
-    from lorafleet.models import SamplingConfig, generate, load_model, parse_dtype
+    from lorafleet.models import SamplingParams, generate, load_model, parse_dtype
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,7 +75,7 @@ def measure(model_dir: Path, args) -> dict:
     g = torch.Generator().manual_seed(0)
     batch_ids = torch.randint(0, vocab, (args.batch, args.prompt), generator=g)
     prompt = batch_ids[:1]
-    sampling = SamplingConfig(max_new_tokens=args.new, ignore_eos=True)
+    sampling = SamplingParams(max_tokens=args.new, ignore_eos=True)
 
     cases = {
         "prefill": (args.batch * args.prompt,

@@ -56,10 +56,10 @@ def load(args):
 
 
 def run(args) -> int:
-    from lorafleet.models import SamplingConfig, generate
+    from lorafleet.models import SamplingParams, generate
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    sampling = SamplingConfig(max_new_tokens=args.max_tokens, temperature=args.temperature,
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                               stop=args.stop, ignore_eos=args.ignore_eos)
     model, tokenizer = load(args)

@@ -240,12 +240,12 @@ def merge_and_compare(cfg: DemoConfig, adapter: Path, examples: list[TaskExample
     from lorafleet.lora.peft_format import load_adapter
     from lorafleet.lora.merge import unload
     from lorafleet.models import load_model, load_tokenizer
-    from lorafleet.models.generate import SamplingConfig, generate
+    from lorafleet.models.generate import SamplingParams, generate
 
     tokenizer = load_tokenizer(cfg.base)
     model = load_model(cfg.base, dtype=torch.float32)
     load_adapter(model, adapter, "task")
-    sampling = SamplingConfig(max_new_tokens=cfg.max_tokens, temperature=0.0, stop=["\n"])
+    sampling = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0, stop=["\n"])
 
     def run(lora) -> tuple[list[str], float]:
         texts, tokens, t0 = [], 0, time.perf_counter()

@@ -4,7 +4,7 @@ loops until max_new_tokens, an EOS token or a stop string.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -14,34 +14,7 @@ from lorafleet.errors import ConfigError
 
 from .batch import ForwardBatch
 from .kv_cache import KVCache
-from .sampling import sample
-
-
-@dataclass
-class SamplingConfig:
-    """temperature 0 = greedy; top_k 0 and top_p 1 = no filtering; stop strings end the
-    completion (they need a tokenizer) and are not part of the returned text."""
-
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    eos_token_ids: list[int] | None = None  # None: the tokenizer's, else the model config's
-    ignore_eos: bool = False
-
-    def __post_init__(self):
-        if self.max_new_tokens < 0:
-            raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
+from .sampling import SamplingParams, sample
 
 
 @dataclass
@@ -71,7 +44,7 @@ def decode_one_token(model: nn.Module, token: torch.Tensor, position: int, cache
     return model(token[:, None], batch)[:, -1]
 
 
-def _eos_ids(sampling: SamplingConfig, model: nn.Module, tokenizer) -> set[int]:
+def _eos_ids(sampling: SamplingParams, model: nn.Module, tokenizer) -> set[int]:
     if sampling.ignore_eos:
         return set()
     if sampling.eos_token_ids is not None:
@@ -84,12 +57,15 @@ def _eos_ids(sampling: SamplingConfig, model: nn.Module, tokenizer) -> set[int]:
 
 @torch.inference_mode()
 def generate(model: nn.Module, input_ids: Sequence[int] | torch.Tensor,
-             max_new_tokens: int | None = None, sampling: SamplingConfig | None = None,
+             max_new_tokens: int | None = None, sampling: SamplingParams | None = None,
              lora: Any = None, tokenizer=None) -> Generation:
     """Complete one prompt (`input_ids` [T] or [1, T]). `lora` is handed to every projection
-    (e.g. `["my_adapter"]` for LoRA layers). `max_new_tokens` overrides the sampling config's."""
-    sampling = sampling or SamplingConfig()
-    limit = sampling.max_new_tokens if max_new_tokens is None else max_new_tokens
+    (e.g. `["my_adapter"]` for LoRA layers). `max_new_tokens` overrides `sampling.max_tokens`
+    (and may be 0)."""
+    sampling = sampling or SamplingParams()
+    limit = sampling.max_tokens if max_new_tokens is None else max_new_tokens
+    if limit < 0:
+        raise ConfigError(f"max_new_tokens must be >= 0, got {limit}")
     if sampling.stop and tokenizer is None:
         raise ConfigError("stop strings need a tokenizer")
     device = next(model.parameters()).device

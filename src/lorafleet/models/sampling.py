@@ -7,7 +7,99 @@ tie-breaking follow transformers' logits warpers: temperature, then top-k, then 
 """
 from __future__ import annotations
 
+import math
+import numbers
+from dataclasses import dataclass, field
+
 import torch
+
+from lorafleet.errors import SamplingError
+
+# Most alternatives a request may ask per token: OpenAI's ceiling for chat `top_logprobs`.
+MAX_TOP_LOGPROBS = 20
+# vLLM's floor for a positive temperature: below it logits / T overflows to inf (a request with
+# T = 1e-40 used to fail the whole batch); T in (0, floor) is raised to the floor.
+MIN_TEMPERATURE = 1e-2
+# top_k above any vocabulary means "no limit": kept as 0 so a huge k (2**63) never reaches an
+# int64 tensor, where it would overflow.
+MAX_TOP_K = 2**31 - 1
+# torch.Generator.manual_seed accepts [-2**63, 2**64 - 1].
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+def _is_int(value) -> bool:
+    """An integer (numpy's too), never a bool: True is not a token count."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+@dataclass
+class SamplingParams:
+    """How one completion is drawn: the one sampling-parameter type of single-model generation
+    (`models.generate`) and of the serving engine (re-exported as `lorafleet.serve.SamplingParams`).
+
+    temperature 0 = greedy; top_k 0 (or -1, vLLM's spelling) and top_p 1 = no filtering; stop
+    strings end the completion (they need a tokenizer) and are not part of the returned text; a
+    single string is one stop string. logprobs: report each token's logprob; top_logprobs N:
+    also the N most likely tokens per position. eos_token_ids None: the tokenizer's, else the
+    model config's. Validated on construction (SamplingError names the field); values that are
+    valid but numerically unsafe are clamped (see MIN_TEMPERATURE, MAX_TOP_K)."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    ignore_eos: bool = False
+    eos_token_ids: list[int] | None = None
+
+    def __post_init__(self):
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise SamplingError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature) \
+                or self.temperature < 0:
+            raise SamplingError(f"temperature must be a finite number >= 0, got "
+                                f"{self.temperature!r}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            self.temperature = MIN_TEMPERATURE
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise SamplingError(f"top_k must be an integer >= 0 (or -1: no limit), got "
+                                f"{self.top_k!r}")
+        if self.top_k == -1 or self.top_k > MAX_TOP_K:
+            self.top_k = 0
+        if self.seed is not None and (not _is_int(self.seed)
+                                      or not SEED_MIN <= self.seed <= SEED_MAX):
+            raise SamplingError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], got "
+                                f"{self.seed!r}")
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)) or \
+                not all(isinstance(s, str) for s in self.stop):
+            raise SamplingError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        self.stop = list(self.stop)
+        if any(s == "" for s in self.stop):
+            raise SamplingError("stop strings must be non-empty (an empty one would stop at once)")
+        for flag in ("logprobs", "ignore_eos"):
+            if not isinstance(getattr(self, flag), bool):
+                raise SamplingError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise SamplingError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got "
+                                f"{self.top_logprobs!r}")
+        if self.top_logprobs and not self.logprobs:
+            raise SamplingError("top_logprobs needs logprobs=True")
+        if self.eos_token_ids is not None and not all(_is_int(t) for t in self.eos_token_ids):
+            raise SamplingError(f"eos_token_ids must be a list of token ids, got "
+                                f"{self.eos_token_ids!r}")
 
 
 def per_row(value, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -47,8 +139,10 @@ def top_p_filter(logits: torch.Tensor, top_p) -> torch.Tensor:
 
 
 def probabilities(logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0) -> torch.Tensor:
-    """The distribution sampling draws from: [B, V] float32."""
-    logits = apply_temperature(logits.float(), temperature)
+    """The distribution sampling draws from: [B, V] float32. Each row is shifted by its maximum
+    first (softmax is unchanged) so a small temperature cannot overflow finite logits to inf."""
+    logits = logits.float()
+    logits = apply_temperature(logits - logits.amax(dim=-1, keepdim=True), temperature)
     return top_p_filter(top_k_filter(logits, top_k), top_p).softmax(dim=-1)
 
 

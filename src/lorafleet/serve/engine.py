@@ -16,14 +16,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lorafleet.errors import AdapterError, ConfigError, EngineError, RequestError
 from lorafleet.models import load_model
-from lorafleet.models.sampling import sample, token_and_top_logprobs
+from lorafleet.models.sampling import SamplingParams, sample, token_and_top_logprobs
 
 from .adapter_cache import AdapterCache, build_host_adapter, read_peft_folder
 from .kv_cache import KVCacheManager
@@ -33,36 +33,6 @@ from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence, SeqStatus
 
 log = logging.getLogger(__name__)
-
-# Most alternatives a request may ask per token: OpenAI's ceiling for chat `top_logprobs`.
-MAX_TOP_LOGPROBS = 20
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    logprobs: bool = False
-    top_logprobs: int = 0      # with logprobs: also report the N most likely tokens per position
-    ignore_eos: bool = False
-
-    def __post_init__(self):
-        if self.max_tokens < 1:
-            raise RequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise RequestError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise RequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got "
-                               f"{self.top_logprobs}")
-        if self.top_logprobs and not self.logprobs:
-            raise RequestError("top_logprobs needs logprobs=True")
-
 
 @dataclass
 class EngineConfig:
@@ -264,6 +234,8 @@ class Engine:
                 seqs, logits = self.runner.run(batch.seqs, batch.num_new_tokens, self.kv)
                 for seq, n in zip(batch.seqs, batch.num_new_tokens):
                     seq.num_computed_tokens += n
+                if seqs:      # a row with NaN/Inf logits fails its own request, no other
+                    seqs, logits = self._drop_nonfinite(seqs, logits, outputs)
                 if seqs:      # else only middle chunks of long prompts ran: nothing to sample
                     tokens = self._sample(seqs, logits)
                     logprobs = self._logprobs(seqs, logits, tokens)
@@ -282,6 +254,39 @@ class Engine:
             sum(s.num_computed_tokens for s in batch.seqs),
             sorted({s.adapter for s in batch.seqs if s.adapter}), seconds,
             batch.num_prefill_tokens, batch.num_decode)
+
+    def _drop_nonfinite(self, seqs: list[Sequence], logits: torch.Tensor,
+                        outputs: list[RequestOutput]) -> tuple[list[Sequence], torch.Tensor]:
+        """Finish each row whose logits [B, V] hold NaN or Inf (a broken adapter, an overflow)
+        with an error, and return the other rows: sampling one bad row would raise and fail
+        every request in the batch."""
+        finite = torch.isfinite(logits).all(dim=-1)
+        if bool(finite.all()):
+            return seqs, logits
+        keep = []
+        for i, (seq, ok) in enumerate(zip(seqs, finite.tolist())):
+            if ok:
+                keep.append(i)
+                continue
+            seq.error = (f"the model produced non-finite logits (NaN or Inf) for this request"
+                         f"{f' with adapter {seq.adapter!r}' if seq.adapter else ''}; the "
+                         f"adapter's weights or the prompt overflow the model's dtype")
+            log.warning("request %s: %s", seq.request_id, seq.error)
+            self.scheduler.finish(seq, "error")
+            outputs.append(self._output(seq))
+        index = torch.tensor(keep, dtype=torch.long, device=logits.device)
+        return [seqs[i] for i in keep], logits.index_select(0, index)
+
+    def fail_running(self, message: str) -> list[RequestOutput]:
+        """Finish every running request with `message` as its error (the step loop calls this
+        when a step raised: those requests' state is unknown). Waiting requests stay queued."""
+        with self.lock:
+            outputs = []
+            for seq in list(self.scheduler.running):
+                seq.error = message
+                self.scheduler.finish(seq, "error")
+                outputs.append(self._output(seq))
+            return outputs
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         if all(s.params.temperature == 0 for s in seqs):
@@ -319,7 +324,8 @@ class Engine:
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
         reason = None
-        if token in self.eos_ids and not seq.params.ignore_eos:
+        eos_ids = self.eos_ids if seq.params.eos_token_ids is None else seq.params.eos_token_ids
+        if token in eos_ids and not seq.params.ignore_eos:
             reason = "stop"           # EOS ends the completion and is not part of it
         else:
             seq.output_ids.append(token)
