@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -114,10 +116,22 @@ class LoraConfig:
                                   f"{self.modules_to_save!r}")
             self.modules_to_save = list(self.modules_to_save)
 
-    # -- scaling -------------------------------------------------------------------------------
+    # -- rank, alpha and scaling of one module (the only place they are looked up) -------------
     def scaling(self, r: int, alpha: float) -> float:
         """alpha / r (LoRA paper sec. 4.1), or alpha / sqrt(r) with rsLoRA."""
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def rank_and_alpha(self, module: str) -> tuple[int, float]:
+        """(r, alpha) of module `module` (its full name): `rank_pattern` / `alpha_pattern` when
+        one of their keys matches, else `r` / `lora_alpha` (PEFT's `get_pattern_key`)."""
+        r_key = pattern_key(self.rank_pattern, module)
+        a_key = pattern_key(self.alpha_pattern, module)
+        return (self.rank_pattern[r_key] if r_key is not None else self.r,
+                self.alpha_pattern[a_key] if a_key is not None else self.lora_alpha)
+
+    def module_scaling(self, module: str) -> float:
+        """The factor on B A for module `module`: `scaling(*rank_and_alpha(module))`."""
+        return self.scaling(*self.rank_and_alpha(module))
 
     # -- PEFT file format ----------------------------------------------------------------------
     @classmethod
@@ -168,6 +182,15 @@ class LoraConfig:
         data.update(peft_type="LORA", inference_mode=True, use_dora=False, lora_bias=False,
                     layer_replication=None, revision=None)
         return data
+
+
+def pattern_key(patterns: Sequence[str], name: str) -> str | None:
+    """The first key of a rank/alpha pattern that matches the end of `name` on a '.' boundary,
+    as a regular expression (PEFT's `get_pattern_key`); None when none matches."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
 
 
 def _check_rank(name: str, value: Any) -> None:

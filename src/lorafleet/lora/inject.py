@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from lorafleet.errors import AdapterError, ConfigError, TargetError
-from lorafleet.lora.config import ALL_LINEAR, LoraConfig
-from lorafleet.lora.layers import (LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, is_conv1d,
-                                   linear_features)
+from lorafleet.lora.config import ALL_LINEAR, LoraConfig, pattern_key  # noqa: F401 (re-export)
+from lorafleet.lora.layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from lorafleet.models.modules import (linear_features, linear_layer_names, name_matches,
+                                      replace_submodule)
 
 log = logging.getLogger(__name__)
 
@@ -58,24 +59,12 @@ def layer_index(name: str, layers_pattern: str | Sequence[str] | None = None) ->
     return int(match["idx"]) if match else None
 
 
-def pattern_key(patterns: Sequence[str], name: str) -> str | None:
-    """The first key of a rank/alpha pattern that matches the end of `name` (PEFT's rule)."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return key
-    return None
-
-
-def _ends_with_any(name: str, names: Sequence[str]) -> bool:
-    return any(name == n or name.endswith("." + n) for n in names)
-
-
 def is_target(config: LoraConfig, name: str, targets: list[str] | str) -> bool:
     excluded = config.exclude_modules
     if excluded:
         if isinstance(excluded, str) and re.fullmatch(excluded, name):
             return False
-        if not isinstance(excluded, str) and _ends_with_any(name, excluded):
+        if not isinstance(excluded, str) and name_matches(name, excluded):
             return False
     if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", name)
                                       for m in config.modules_to_save):
@@ -84,7 +73,7 @@ def is_target(config: LoraConfig, name: str, targets: list[str] | str) -> bool:
         return re.fullmatch(targets, name) is not None
     if name in targets:
         return True  # a full name is taken as is, without the layer filter (as in PEFT)
-    if not _ends_with_any(name, targets):
+    if not name_matches(name, targets):
         return False
     wanted = config.layers_to_transform
     if wanted is None or wanted == []:
@@ -107,24 +96,6 @@ def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield name, module
 
 
-def output_head_names(model: nn.Module) -> set[str]:
-    """The output projection(s) that "all-linear" leaves alone."""
-    head = None
-    get_head = getattr(model, "get_output_embeddings", None)
-    if callable(get_head):
-        with contextlib.suppress(Exception):
-            head = get_head()
-    names = {n for n, m in model.named_modules() if head is not None and m is head}
-    names |= {n for n, _ in model.named_modules() if n.split(".")[-1] == "lm_head"}
-    return names
-
-
-def _is_linear(module: nn.Module) -> bool:
-    if isinstance(module, LoraLinear) or isinstance(module, nn.Linear) or is_conv1d(module):
-        return True
-    return linear_features(module) is not None and "Linear" in type(module).__name__
-
-
 def _resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str:
     targets = config.target_modules
     if targets is None:
@@ -134,8 +105,10 @@ def _resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str:
                               "name the modules to adapt (or use \"all-linear\")")
         return DEFAULT_TARGETS[model_type]
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        heads = output_head_names(model)
-        return [n for n, m in _candidate_modules(model) if _is_linear(m) and n not in heads]
+        # a projection already wrapped by another adapter's LoraLinear still counts as one
+        return linear_layer_names(model, modules=(
+            (n, m.base_layer if isinstance(m, LoraLinear) else m)
+            for n, m in _candidate_modules(model)))
     return targets
 
 
@@ -145,11 +118,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
     found = []
     for name, module in _candidate_modules(model):
         if name and is_target(config, name, targets):
-            r_key = pattern_key(list(config.rank_pattern), name)
-            a_key = pattern_key(list(config.alpha_pattern), name)
-            r = config.rank_pattern[r_key] if r_key is not None else config.r
-            alpha = config.alpha_pattern[a_key] if a_key is not None else config.lora_alpha
-            found.append(Target(name, module, r, alpha))
+            found.append(Target(name, module, *config.rank_and_alpha(name)))
     if not found:
         names = [n for n, _ in _candidate_modules(model) if n]
         leaves = list(dict.fromkeys(n.split(".")[-1] for n in names if not n.split(".")[-1].isdigit()))
@@ -161,9 +130,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
     return found
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+_replace = replace_submodule  # the name merge.py imports it by
 
 
 # -- injection -----------------------------------------------------------------------------------
@@ -200,18 +167,18 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
                           config.scaling(target.r, target.alpha), config.lora_dropout,
                           config.init_lora_weights)
         if layer is not module:
-            _replace(model, target.name, layer)
+            replace_submodule(model, target.name, layer)
         adapted.append(layer)
 
     saved = []
     for name in config.modules_to_save or []:
-        matches = [(n, m) for n, m in _candidate_modules(model) if n and _ends_with_any(n, [name])]
+        matches = [(n, m) for n, m in _candidate_modules(model) if n and name_matches(n, [name])]
         if not matches:
             raise TargetError(f"modules_to_save: {name!r} matched no module")
         for full_name, module in matches:
             if not isinstance(module, ModulesToSave):
                 module = ModulesToSave(module)
-                _replace(model, full_name, module)
+                replace_submodule(model, full_name, module)
             module.add_adapter(adapter_name)
             saved.append(module.modules_to_save[adapter_name])
 

@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 from lorafleet.errors import AdapterError, ModelLoadError, ShapeError
-from lorafleet.lora.config import LoraConfig
-from lorafleet.lora.inject import _replace, lora_layers, pattern_key
+from lorafleet.lora.inject import _adapter_params, _replace, lora_layers
 from lorafleet.lora.layers import LoraLayer, ModulesToSave, delta_weight
 
 log = logging.getLogger(__name__)
@@ -35,9 +34,15 @@ PREFIX = "base_model.model."
 def merge(model: nn.Module, adapter_name: str) -> None:
     """Add adapter `adapter_name` into the base weights of every layer that has it, and make it
     the active adapter (so forward does not add it twice)."""
-    layers = [layer for _, layer in lora_layers(model) if adapter_name in layer.r]
+    layers = [(name, layer) for name, layer in lora_layers(model) if adapter_name in layer.r]
     if not layers:
         raise AdapterError(f"cannot merge: the model has no adapter named {adapter_name!r}")
+    for name, layer in layers:   # checked before any layer changes: a merge is all or nothing
+        for param in _adapter_params(layer, adapter_name):
+            if not bool(torch.isfinite(param).all()):
+                raise AdapterError(f"cannot merge adapter {adapter_name!r}: module {name!r} "
+                                   f"holds NaN or Inf weights")
+    layers = [layer for _, layer in layers]
     for layer in layers:
         layer.merge(adapter_name)
     for _, layer in lora_layers(model):
@@ -121,7 +126,7 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from lorafleet.lora.peft_format import read_adapter
+    from lorafleet.lora.peft_format import load_peft
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if isinstance(dtype, str):
@@ -130,30 +135,17 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str
         dtype = DTYPES[dtype]
     if out_dir.exists() and any(out_dir.iterdir()):
         raise AdapterError(f"{out_dir}: output folder exists and is not empty")
-    raw, tensors = read_adapter(adapter_dir)
-    config = LoraConfig.from_dict(raw, source=str(Path(adapter_dir) / "adapter_config.json"))
+    adapter = load_peft(adapter_dir)      # refuses non-float and non-finite tensors
     files, index = _base_files(base_dir)
     model_type = None
     if (base_dir / "config.json").is_file():
         model_type = json.loads((base_dir / "config.json").read_text()).get("model_type")
-    fan_in_fan_out = config.fan_in_fan_out or model_type in CONV1D_MODEL_TYPES
+    fan_in_fan_out = adapter.config.fan_in_fan_out or model_type in CONV1D_MODEL_TYPES
 
-    # Group the adapter's tensors by what they do to the checkpoint.
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    replacements: dict[str, tuple[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        if not key.startswith(PREFIX):
-            raise AdapterError(f"adapter key {key!r}: expected PEFT's prefix {PREFIX!r}")
-        name = key[len(PREFIX):]
-        for suffix, part in ((".lora_A.weight", "A"), (".lora_B.weight", "B"),
-                             (".lora_embedding_A", "embA"), (".lora_embedding_B", "embB")):
-            if name.endswith(suffix):
-                pairs.setdefault(name[:-len(suffix)], {})[part] = tensor
-                break
-        else:
-            if name.endswith(".base_layer.weight"):
-                continue  # PEFT's copy of an adapted embedding's base weight
-            replacements[name.replace(".base_layer.", ".")] = (key, tensor)
+    # Besides the LoRA pairs, a PEFT file may replace checkpoint tensors outright (biases,
+    # modules_to_save copies); PEFT's copy of an adapted embedding's base weight is skipped.
+    replacements = {key[len(PREFIX):].replace(".base_layer.", "."): (key, adapter.tensors[key])
+                    for key in adapter.extras if not key.endswith(".base_layer.weight")}
 
     with_keys = {}
     for f in files:
@@ -161,23 +153,13 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str
             with_keys.update(dict.fromkeys(handle.keys(), f))
     keys = set(with_keys)
     updates: dict[str, tuple] = {}  # checkpoint key -> (adapter key, delta, is_embedding)
-    for module, parts in pairs.items():
-        adapter_key = PREFIX + module
-        embedding = "embA" in parts or "embB" in parts
-        A, B = (parts.get("embA"), parts.get("embB")) if embedding else (parts.get("A"), parts.get("B"))
-        if A is None or B is None:
-            raise AdapterError(f"adapter {adapter_key!r}: has only one of lora_A / lora_B")
-        r_key, a_key = pattern_key(list(config.rank_pattern), module), pattern_key(list(config.alpha_pattern), module)
-        r = config.rank_pattern[r_key] if r_key is not None else config.r
-        alpha = config.alpha_pattern[a_key] if a_key is not None else config.lora_alpha
-        if A.shape[0] != r or B.shape[1] != r:
-            raise ShapeError(f"{adapter_key}: expected rank {r} from the config, found lora_A "
-                             f"{tuple(A.shape)} and lora_B {tuple(B.shape)}")
-        delta = delta_weight(A.float(), B.float(), config.scaling(r, alpha))
-        if embedding:
+    for module in adapter.modules.values():
+        adapter_key = PREFIX + module.name
+        delta = delta_weight(module.A.float(), module.B.float(), module.scaling)
+        if module.embedding:
             delta = delta.T  # embedding tables are [vocab, dim]
-        target = _checkpoint_key(module + ".weight", keys, adapter_key)
-        updates[target] = (adapter_key, delta, embedding)
+        target = _checkpoint_key(module.name + ".weight", keys, adapter_key)
+        updates[target] = (adapter_key, delta, module.embedding)
     replace_keys = {_checkpoint_key(n, keys, k): t for n, (k, t) in replacements.items()}
 
     out_dir.mkdir(parents=True, exist_ok=True)

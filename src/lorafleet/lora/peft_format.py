@@ -10,11 +10,18 @@
 
 Keys carry no adapter name (PEFT strips it on save and adds the caller's on load). Only
 safetensors are read: a pickled `.bin`/`.pt` file can run arbitrary code when loaded.
+
+This is the one reader of the format: `load_peft` returns a `PeftAdapter` (the LoraConfig plus,
+per module, A, B, rank, alpha and scaling) that loading into a model, merging and the serving
+engine all use; `load_peft(path, header_only=True)` reads the config and the safetensors header
+only (names, shapes, dtypes), which is what a registry of thousands of adapters keeps.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +29,7 @@ import torch
 from torch import nn
 
 from lorafleet.errors import AdapterError, ShapeError
+from lorafleet.lora.config import LoraConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +39,56 @@ PREFIX = "base_model.model."
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
-# -- files ---------------------------------------------------------------------------------------
-def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read a PEFT adapter folder -> (adapter_config dict, {PEFT key: tensor}).
-    The config is validated (peft_type "LORA", known field values) but returned as the raw dict."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+# -- reading: one parsed adapter ----------------------------------------------------------------
+# Dtypes an adapter's tensors may have (safetensors header names -> torch). An integer or float8
+# tensor in an adapter is an error, not something to cast silently.
+FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                "BF16": torch.bfloat16}
+_SUFFIXES = ((".lora_A.weight", "A", False), (".lora_B.weight", "B", False),
+             (".lora_embedding_A", "A", True), (".lora_embedding_B", "B", True))
 
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as the safetensors header describes it (no data)."""
+    shape: tuple[int, ...]
+    dtype: str                          # safetensors name: "F32", "BF16", "I32", ...
+
+
+@dataclass
+class LoraModule:
+    """One adapted module: A [r, in] and B [out, r] (embedding: A [r, vocab], B [dim, r]).
+    A and B are None when only the header was read."""
+    name: str                            # module name in the model (PEFT key minus prefix)
+    rank: int
+    alpha: float
+    scaling: float                       # config.scaling(rank, alpha): the factor on B A
+    a_shape: tuple[int, int]
+    b_shape: tuple[int, int]
+    embedding: bool = False
+    A: torch.Tensor | None = None
+    B: torch.Tensor | None = None
+
+
+@dataclass
+class PeftAdapter:
+    """A PEFT adapter folder, parsed: the config, every LoRA module with its rank, alpha and
+    scaling, and the other tensors PEFT saves (`extras`: biases, modules_to_save copies, the base
+    weight copy of an adapted embedding), by PEFT key. `tensors` is {PEFT key: tensor} as in the
+    file (empty when only the header was read)."""
+    config: LoraConfig
+    modules: dict[str, LoraModule]
+    extras: dict[str, TensorInfo]
+    tensors: dict[str, torch.Tensor]
+    path: Path | None = None
+
+    @property
+    def has_data(self) -> bool:
+        return bool(self.tensors)
+
+
+def read_config(path: str | Path) -> tuple[dict[str, Any], LoraConfig]:
+    """(raw adapter_config.json dict, LoraConfig) of a PEFT folder."""
     from lorafleet.lora.config import LoraConfig
 
     path = Path(path)
@@ -48,10 +99,17 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     if not config_file.is_file():
         raise AdapterError(f"{path}: missing {CONFIG_NAME}")
     try:
-        config = json.loads(config_file.read_text())
+        raw = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise AdapterError(f"{config_file}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-    LoraConfig.from_dict(config, source=str(config_file))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{config_file}: not readable ({exc})") from None
+    return raw, LoraConfig.from_dict(raw, source=str(config_file))
+
+
+def weights_file(path: str | Path) -> Path:
+    """The safetensors file of a PEFT folder (a pickled one is refused with how to convert it)."""
+    path = Path(path)
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -62,11 +120,126 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
                 "trusted environment, e.g. PeftModel.from_pretrained(...).save_pretrained(dir, "
                 "safe_serialization=True)")
         raise AdapterError(f"{path}: missing {WEIGHTS_NAME}")
+    return weights
+
+
+def read_header(weights: str | Path) -> dict[str, TensorInfo]:
+    """Names, shapes and dtypes of a safetensors file, without reading any tensor data."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        tensors = load_file(weights)
+        with safe_open(str(weights), framework="pt") as handle:
+            return {key: TensorInfo(tuple(handle.get_slice(key).get_shape()),
+                                    handle.get_slice(key).get_dtype())
+                    for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(f"{weights}: not a readable safetensors file ({exc})") from None
-    return config, tensors
+
+
+def read_tensors(weights: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (memory-mapped by safetensors, then copied)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterError(f"{weights}: not a readable safetensors file ({exc})") from None
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse tensors that are not floating point or hold NaN/Inf, naming the key: one such
+    weight would make every output of the adapter NaN (and fail the batch it runs in)."""
+    allowed = set(FLOAT_DTYPES.values())
+    for key, tensor in tensors.items():
+        if tensor.dtype not in allowed:
+            raise AdapterError(f"{source}: tensor {key!r} has dtype "
+                               f"{str(tensor.dtype).removeprefix('torch.')}; adapter weights must "
+                               f"be float32, float16, bfloat16 or float64")
+        if not bool(torch.isfinite(tensor).all()):
+            raise AdapterError(f"{source}: tensor {key!r} holds NaN or Inf values")
+
+
+def parse_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor | TensorInfo],
+                  source: str = "adapter", path: Path | None = None) -> PeftAdapter:
+    """Group PEFT-keyed tensors (or their header entries) by module and check each module
+    against the config: both halves present, A [r, *] and B [*, r] with r > 0 equal to the
+    config's rank for that module (`r` / `rank_pattern`), a float dtype."""
+    pairs: dict[str, dict[str, Any]] = {}
+    embedding_modules: set[str] = set()
+    extras: dict[str, TensorInfo] = {}
+    for key, tensor in tensors.items():
+        info = tensor if isinstance(tensor, TensorInfo) else TensorInfo(
+            tuple(tensor.shape), _dtype_name(tensor.dtype))
+        if info.dtype not in FLOAT_DTYPES:
+            raise AdapterError(f"{source}: tensor {key!r} has dtype {info.dtype}; adapter "
+                               f"weights must be F32, F16, BF16 or F64 (no silent cast)")
+        if not key.startswith(PREFIX):
+            raise AdapterError(f"{source}: adapter key {key!r}: expected PEFT's prefix {PREFIX!r}")
+        name = key[len(PREFIX):]
+        for suffix, part, embedding in _SUFFIXES:
+            if name.endswith(suffix):
+                module = name[:-len(suffix)]
+                pairs.setdefault(module, {})[part] = (key, info, tensor)
+                if embedding:
+                    embedding_modules.add(module)
+                break
+        else:
+            extras[key] = info
+    modules = {}
+    for module in sorted(pairs):
+        pair, key = pairs[module], PREFIX + module
+        if set(pair) != {"A", "B"}:
+            (present,) = pair
+            missing = pair[present][0].replace(f"lora_{present}", f"lora_{'AB'[present == 'A']}")
+            raise AdapterError(f"{source}: the file lacks 1 tensors of module {module!r}: "
+                               f"{missing!r} (lora_A and lora_B come in pairs)")
+        (_, a_info, a), (_, b_info, b) = pair["A"], pair["B"]
+        if len(a_info.shape) != 2 or len(b_info.shape) != 2:
+            raise ShapeError(f"{source}: {key}: lora_A and lora_B must be 2-D, found "
+                             f"{list(a_info.shape)} and {list(b_info.shape)}")
+        rank, alpha = config.rank_and_alpha(module)
+        if a_info.shape[0] != b_info.shape[1] or a_info.shape[0] != rank:
+            raise ShapeError(f"{source}: {key}: expected rank {rank} from the config (r / "
+                             f"rank_pattern), found lora_A {list(a_info.shape)} and lora_B "
+                             f"{list(b_info.shape)}" + (" (rank 0: an empty adapter)"
+                                                        if 0 in (a_info.shape[0], b_info.shape[1])
+                                                        else ""))
+        tensors_given = not isinstance(a, TensorInfo)
+        modules[module] = LoraModule(
+            module, rank, alpha, config.scaling(rank, alpha), a_info.shape, b_info.shape,
+            module in embedding_modules, a if tensors_given else None,
+            b if tensors_given else None)
+    if not modules:
+        raise AdapterError(f"{source}: no LoRA tensors (lora_A / lora_B) found")
+    data = {k: t for k, t in tensors.items() if not isinstance(t, TensorInfo)}
+    return PeftAdapter(config, modules, extras, data, path)
+
+
+def load_peft(path: str | Path, header_only: bool = False) -> PeftAdapter:
+    """Read and check a PEFT adapter folder. header_only: the config and the safetensors header
+    (names, shapes, dtypes) only, no tensor data (registries); else every tensor is read and
+    refused if it is not floating point or not finite."""
+    path = Path(path)
+    _, config = read_config(path)
+    weights = weights_file(path)
+    if header_only:
+        return parse_adapter(config, read_header(weights), str(weights), path)
+    tensors = read_tensors(weights)
+    check_tensors(tensors, str(weights))
+    return parse_adapter(config, tensors, str(weights), path)
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a PEFT adapter folder -> (adapter_config dict, {PEFT key: tensor}), checked as
+    `load_peft` does (config fields, float and finite tensors, ranks)."""
+    raw, _ = read_config(path)
+    return raw, load_peft(path).tensors
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    names = {v: k for k, v in FLOAT_DTYPES.items()}
+    return names.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def write_adapter(path: str | Path, config, tensors: dict[str, torch.Tensor]) -> Path:
@@ -196,15 +369,13 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
 def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> nn.Module:
     """Load a PEFT adapter folder into `model` as `adapter_name`, injecting its LoRA layers first
     (from the folder's config) when the model does not have that adapter yet."""
-    from lorafleet.lora.config import LoraConfig
     from lorafleet.lora.inject import adapter_names, inject_lora
 
-    raw, tensors = read_adapter(path)
-    config = LoraConfig.from_dict(raw, source=str(Path(path) / CONFIG_NAME))
+    adapter = load_peft(path)
     if adapter_name not in adapter_names(model):
-        inject_lora(model, config, adapter_name)
-    load_adapter_state_dict(model, tensors, adapter_name)
-    log.info("loaded adapter %r from %s (%d tensors)", adapter_name, path, len(tensors))
+        inject_lora(model, adapter.config, adapter_name)
+    load_adapter_state_dict(model, adapter.tensors, adapter_name)
+    log.info("loaded adapter %r from %s (%d tensors)", adapter_name, path, len(adapter.tensors))
     return model
 
 
@@ -218,30 +389,29 @@ def adapter_config(model: nn.Module, adapter_name: str = "default"):
 
 
 def inspect_adapter(path: str | Path) -> dict[str, Any]:
-    """A summary of a PEFT adapter folder: rank, alpha, targets, parameter count, size on disk."""
+    """A summary of a PEFT adapter folder from its config and safetensors header (no tensor
+    data read): rank, alpha, targets, parameter count, size on disk."""
     path = Path(path)
-    config, tensors = read_adapter(path)
-    modules: dict[str, int] = {}  # adapted module -> rank
-    for key, tensor in tensors.items():
-        for suffix in (".lora_A.weight", ".lora_embedding_A"):
-            if key.endswith(suffix):
-                modules[key[len(PREFIX):-len(suffix)]] = int(tensor.shape[0])
+    raw, _ = read_config(path)
+    header = read_header(weights_file(path))
+    adapter = load_peft(path, header_only=True)
     return {
         "path": str(path),
-        "peft_type": config.get("peft_type"),
-        "base_model_name_or_path": config.get("base_model_name_or_path"),
-        "r": config.get("r"),
-        "lora_alpha": config.get("lora_alpha"),
-        "use_rslora": bool(config.get("use_rslora", False)),
-        "rank_pattern": config.get("rank_pattern") or {},
-        "alpha_pattern": config.get("alpha_pattern") or {},
-        "target_modules": config.get("target_modules"),
-        "adapted_modules": len(modules),
-        "module_types": sorted({name.split(".")[-1] for name in modules}),
-        "ranks": sorted(set(modules.values())),
-        "bias": config.get("bias", "none"),
-        "modules_to_save": config.get("modules_to_save"),
-        "parameters": sum(t.numel() for t in tensors.values()),
-        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
+        "peft_type": raw.get("peft_type"),
+        "base_model_name_or_path": raw.get("base_model_name_or_path"),
+        "r": raw.get("r"),
+        "lora_alpha": raw.get("lora_alpha"),
+        "use_rslora": bool(raw.get("use_rslora", False)),
+        "rank_pattern": raw.get("rank_pattern") or {},
+        "alpha_pattern": raw.get("alpha_pattern") or {},
+        "target_modules": raw.get("target_modules"),
+        "adapted_modules": len(adapter.modules),
+        "module_types": sorted({name.split(".")[-1] for name in adapter.modules}),
+        "ranks": sorted({m.rank for m in adapter.modules.values()}),
+        "bias": raw.get("bias", "none"),
+        "modules_to_save": raw.get("modules_to_save"),
+        "parameters": sum(math.prod(t.shape) for t in header.values()),
+        "dtypes": sorted({str(FLOAT_DTYPES[t.dtype]).removeprefix("torch.")
+                          for t in header.values()}),
         "size_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
     }
