@@ -92,5 +92,5 @@ def test_dtype_and_config_fields(llama_dir):
     model = load_model(llama_dir, dtype="bf16")
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert isinstance(model.config, ModelConfig) and not model.training
-    with pytest.raises(ModelLoadError, match="dtype"):
+    with pytest.raises(ConfigError, match="dtype"):
         load_model(llama_dir, dtype="int3")
