@@ -20,7 +20,8 @@ def test_each_method_lowers_loss_and_its_artifact_loads(tmp_path, train_llama_di
                                                         method, lr):
     llama_dir = train_llama_dir
     cfg = TrainConfig(model=str(llama_dir), data=str(toy_data), out=str(tmp_path / "run"),
-                      method=method, steps=24, lr=lr, batch_size=4, warmup=2, targets="all-linear")
+                      method=MethodConfig(method, targets="all-linear"), steps=24, lr=lr,
+                      batch_size=4, warmup=2)
     result = train(cfg, tokenizer=get_tokenizer(llama_dir))
     losses = [e["loss"] for e in result.history if e["type"] == "step"]
     assert sum(losses[-3:]) / 3 < 0.7 * losses[0], losses

@@ -20,7 +20,7 @@ def config(llama_dir, data, out, **kw):
     base = dict(model=str(llama_dir), data=str(data), out=str(out), method="lora", steps=4,
                 lr=1e-2, batch_size=2, targets="q,v", dropout=0.1, warmup=1)
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_flat(**base)
 
 
 def adapter_tensors(result):

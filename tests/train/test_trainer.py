@@ -24,7 +24,7 @@ def config(llama_dir, data, out, **kw):
     base = dict(model=str(llama_dir), data=str(data), out=str(out), method="lora", steps=6,
                 lr=1e-2, batch_size=2, targets="q,v")
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_flat(**base)
 
 
 def adapter_tensors(result):

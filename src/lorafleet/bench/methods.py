@@ -98,10 +98,10 @@ def run_one(spec: dict) -> dict:
     work = Path(spec["work"])
     train_file = work / "e2e.train.jsonl"
     test = make_split("e2e", "test", spec["n_test"], seed=0)
-    tcfg = TrainConfig(model=spec["base"], data=str(train_file), out=spec["out"],
-                       steps=spec["steps"], batch_size=spec["batch_size"], warmup=10, bf16=True,
-                       max_len=128, overwrite=True, device="cpu",
-                       **{"seed": 0, **spec["overrides"]})
+    tcfg = TrainConfig.from_flat(model=spec["base"], data=str(train_file), out=spec["out"],
+                                 steps=spec["steps"], batch_size=spec["batch_size"],
+                                 warmup=10, bf16=True, max_len=128, overwrite=True, device="cpu",
+                                 **{"seed": 0, **spec["overrides"]})
     t0 = time.perf_counter()
     result = train(tcfg)
     train_s = time.perf_counter() - t0

@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from lorafleet.train import TrainConfig, train
-from lorafleet.train.methods import METHODS
+from dataclasses import MISSING, fields
+
+from lorafleet.train import MethodConfig, TrainConfig, train
 
 EXAMPLES = """\
 examples:
@@ -26,78 +27,49 @@ OUT/checkpoints (resumable), OUT/log.jsonl (one line per step / evaluation)
 """
 
 
+GROUPS = ("required", "method", "optimization", "data", "run")
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="fine-tune with LoRA, QLoRA, full or a baseline method",
         description="Fine-tune a base model folder on a JSONL file and save the trained "
                     "adapter. Ctrl-C saves a checkpoint; --resume continues it exactly.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = TrainConfig.__dataclass_fields__
-    req = p.add_argument_group("required")
-    req.add_argument("--model", required=True, help="base model folder (config.json, "
-                     "safetensors, tokenizer.json)")
-    req.add_argument("--data", required=True, help="training data, JSONL")
-    req.add_argument("--out", required=True, help="output folder for this run")
-    m = p.add_argument_group("method")
-    m.add_argument("--method", choices=sorted(METHODS), default="lora",
-                   help="lora (default), qlora (4-bit NF4 base + lora), full, adapter "
-                        "(bottleneck layers), prefix, prompt, bitfit (biases only)")
-    m.add_argument("--r", type=int, default=d["r"].default, help="LoRA rank (default 8)")
-    m.add_argument("--alpha", type=float, default=d["alpha"].default,
-                   help="LoRA alpha; the update is scaled by alpha/r (default 16)")
-    m.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
-    m.add_argument("--targets", default="q,v",
-                   help="modules to adapt: comma-separated short names (q,k,v,o,gate,up,down) "
-                        "or module names, or all-linear (default q,v as in the LoRA paper)")
-    m.add_argument("--bottleneck", type=int, default=16, help="adapter: bottleneck width")
-    m.add_argument("--virtual-tokens", type=int, default=8,
-                   help="prefix/prompt: number of learned positions")
-    o = p.add_argument_group("optimization")
-    length = o.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="optimizer steps")
-    length.add_argument("--epochs", type=float, help="passes over the data (default 1)")
-    o.add_argument("--lr", type=float, default=d["lr"].default,
-                   help="peak learning rate (default 2e-4; ~2e-5 suits --method full)")
-    o.add_argument("--weight-decay", type=float, default=0.0)
-    o.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch and "
-                   "process (default 4)")
-    o.add_argument("--grad-accum", type=int, default=1,
-                   help="micro-batches per optimizer step (default 1)")
-    o.add_argument("--warmup", type=int, default=0, help="linear warmup steps (default 0)")
-    o.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine",
-                   help="decay after warmup, to 0.1 x lr (default cosine)")
-    o.add_argument("--max-grad-norm", type=float, default=1.0, help="clip (0: off; default 1)")
-    o.add_argument("--bf16", action="store_true", help="bf16 autocast (weights stay fp32)")
-    o.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute activations in backward: less memory, ~30%% slower")
-    o.add_argument("--seed", type=int, default=0)
-    data = p.add_argument_group("data")
-    data.add_argument("--max-len", type=int, default=512,
-                      help="tokens per example; longer ones are truncated (count reported)")
-    data.add_argument("--pack", action="store_true",
-                      help="concatenate examples into --max-len rows (no padding)")
-    val = data.add_mutually_exclusive_group()
-    val.add_argument("--val-file", help="validation JSONL")
-    val.add_argument("--val-split", type=float, default=0.0,
-                     help="fraction of --data held out for validation")
-    data.add_argument("--skip-bad-lines", action="store_true",
-                      help="skip malformed JSONL lines (counted) instead of stopping")
-    run = p.add_argument_group("run")
-    run.add_argument("--eval-every", type=int, default=0,
-                     help="evaluate every N steps (default: at the end only)")
-    run.add_argument("--save-every", type=int, default=0,
-                     help="checkpoint every N steps (default: only on Ctrl-C / SIGTERM)")
-    state = run.add_mutually_exclusive_group()
-    state.add_argument("--resume", action="store_true", help="continue the run in --out")
-    state.add_argument("--overwrite", action="store_true", help="replace the run in --out")
-    run.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    groups = {name: p.add_argument_group(name) for name in GROUPS}
+    # Flags, defaults and help come from the dataclass fields (lorafleet.train.config): one copy.
+    for cls in (TrainConfig, MethodConfig):
+        for f in fields(cls):
+            if "help" in f.metadata:
+                add_field_argument(groups[f.metadata["group"]], f)
+    groups["run"].add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train)
 
 
+def add_field_argument(group, f) -> None:
+    """`--field-name` for a dataclass field: bool -> a switch, int/float -> typed, else str;
+    required when the field has no default."""
+    flag = "--" + f.name.replace("_", "-")
+    help_text = f.metadata["help"].replace("%", "%%")
+    kind = str(f.type)
+    if kind == "bool":
+        group.add_argument(flag, action="store_true", help=help_text)
+        return
+    kw = {key: f.metadata[key] for key in ("choices", "metavar") if key in f.metadata}
+    if f.default is MISSING and f.default_factory is MISSING:
+        kw["required"] = True
+    else:
+        kw["default"] = f.default
+        if f.default is not None:
+            help_text += f" (default {f.default})"
+    value_type = int if kind.startswith("int") else float if kind.startswith("float") else str
+    group.add_argument(flag, type=value_type, help=help_text, **kw)
+
+
 def config_from_args(args) -> TrainConfig:
-    fields = TrainConfig.__dataclass_fields__
-    return TrainConfig(**{name: getattr(args, name) for name in fields if hasattr(args, name)})
+    names = {f.name for cls in (TrainConfig, MethodConfig) for f in fields(cls)}
+    return TrainConfig.from_flat(**{name: getattr(args, name) for name in names
+                                    if hasattr(args, name)})
 
 
 def run_train(args) -> int:

@@ -82,11 +82,11 @@ def train_adapters(cfg: DemoConfig, data: dict[str, tuple[Path, list]],
 
     adapters = {}
     for task, (train_file, _) in data.items():
-        tcfg = TrainConfig(model=str(cfg.base), data=str(train_file),
-                           out=str(cfg.work / "runs" / task), method="lora", r=cfg.r,
-                           alpha=cfg.alpha, targets=cfg.targets, steps=cfg.steps,
-                           batch_size=cfg.batch_size, lr=cfg.lr, warmup=10, bf16=True,
-                           max_len=128, seed=cfg.seed, overwrite=True, device="cpu")
+        tcfg = TrainConfig.from_flat(model=str(cfg.base), data=str(train_file),
+                                     out=str(cfg.work / "runs" / task), method="lora", r=cfg.r,
+                                     alpha=cfg.alpha, targets=cfg.targets, steps=cfg.steps,
+                                     batch_size=cfg.batch_size, lr=cfg.lr, warmup=10, bf16=True,
+                                     max_len=128, seed=cfg.seed, overwrite=True, device="cpu")
         if on_event:
             on_event({"type": "train_start", "task": task, "total_steps": cfg.steps})
 

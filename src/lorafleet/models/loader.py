@@ -20,8 +20,10 @@ from lorafleet.errors import ModelLoadError
 
 from .config import ModelConfig
 from .dtype import parse_dtype, resolve_dtype
-from .gpt2 import GPT2, Conv1D
+from .gpt2 import GPT2
 from .llama import Llama
+# re-exported: models/__init__.py takes it from here (it lives with the other module helpers)
+from .modules import linear_layer_names  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +108,16 @@ def checkpoint_tensors(path: str | Path, model: nn.Module, dtype: torch.dtype,
     if missing:
         raise ModelLoadError(f"{path}: checkpoint lacks {len(missing)} tensor(s): "
                              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    for file, file_names in by_file.items():
+    for ours, (name, file) in names.items():
+        # One open per tensor: get_tensor returns a view of the file's memory map, and every
+        # page read through an open map stays in the process's RSS until the map closes. A
+        # caller that converts each tensor as it arrives (NF4 streaming) thus holds one
+        # tensor's pages, not the whole file's.
         with safe_open(file, framework="pt", device="cpu") as f:
-            for ours, (name, name_file) in names.items():
-                if name_file != file:
-                    continue
-                tensor = f.get_tensor(name)
-                if tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                yield ours, tensor.to(device)
+            tensor = f.get_tensor(name)
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        yield ours, tensor.to(device)
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = torch.float32,
@@ -136,11 +139,3 @@ def load_model(path: str | Path, dtype: str | torch.dtype = torch.float32,
         raise ModelLoadError(f"{path}: parameters not loaded: {', '.join(leftover[:5])}")
     log.debug("loaded %s (%s) from %s", config.architecture, dtype, path)
     return model.eval()
-
-
-def linear_layer_names(model: nn.Module, include_lm_head: bool = False) -> list[str]:
-    """Full names of the model's projections (nn.Linear and GPT-2 Conv1D), e.g.
-    `model.layers.0.self_attn.q_proj`: the modules LoRA can target."""
-    return [name for name, module in model.named_modules()
-            if isinstance(module, (nn.Linear, Conv1D))
-            and (include_lm_head or name != "lm_head")]

@@ -93,7 +93,10 @@ def load_quantized_model(path: str | Path, dtype: str | torch.dtype = torch.bflo
         skip = (*skip, "lm_head")
     model = build_model(config)  # meta device
     # The checkpoint is validated against an unswapped twin (meta: free), whose keys are HF's.
-    tensors = checkpoint_tensors(path, build_model(config), dtype, device)
+    # Read in float32 and cast here: NF4 codes come from the checkpoint's own values (the same
+    # codes as quantizing a float32-loaded model), never from a bf16 rounding of them; one
+    # float32 tensor at a time is the only high-precision copy that ever exists.
+    tensors = checkpoint_tensors(path, build_model(config), torch.float32, device)
     quantize_model(model, skip=skip, block_size=block_size, double_quant=double_quant)
     modules = dict(model.named_modules())
     rest: dict[str, torch.Tensor] = {}
@@ -103,10 +106,13 @@ def load_quantized_model(path: str | Path, dtype: str | torch.dtype = torch.bflo
         if isinstance(layer, Linear4bit) and leaf == "weight":
             layer._buffers.update(_fresh_storage(layer, tensor))
             layer.dtype = dtype
-        elif isinstance(layer, Linear4bit) and leaf == "bias":
-            layer.bias = nn.Parameter(tensor, requires_grad=False)
         else:
-            rest[key] = tensor
+            tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            if isinstance(layer, Linear4bit) and leaf == "bias":
+                layer.bias = nn.Parameter(tensor, requires_grad=False)
+            else:
+                rest[key] = tensor
+        del tensor  # drop the float32 copy before the next one is read
     model.load_state_dict(rest, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()

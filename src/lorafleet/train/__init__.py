@@ -2,7 +2,8 @@
 checkpoints and resume, data parallelism. Entry point: `train(TrainConfig(...))`."""
 from lorafleet.train.data import DataConfig, load_dataset
 from lorafleet.train.methods import METHODS, MethodConfig, apply_method, load_trained, save_trained
-from lorafleet.train.trainer import TrainConfig, TrainResult, train
+from lorafleet.train.config import TrainConfig
+from lorafleet.train.trainer import TrainResult, train
 
 __all__ = ["DataConfig", "load_dataset", "METHODS", "MethodConfig", "apply_method",
            "load_trained", "save_trained", "TrainConfig", "TrainResult", "train"]

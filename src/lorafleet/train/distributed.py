@@ -1,20 +1,39 @@
-"""Data parallelism for `torchrun --nproc_per_node N lorafleet train ...`.
+"""Several processes: `torchrun --nproc_per_node N -m lorafleet.cli train ...`.
 
-Every process holds the whole model and takes its slice of each global batch; after backward the
-trainable parameters' gradients are averaged with one all-reduce per parameter (what DDP does,
-minus bucketing and overlap: at adapter sizes the gradients are small). gloo on CPU, NCCL on GPU.
-Without torchrun (no WORLD_SIZE) every function here is a no-op for a single process.
+Two ways to spread a run over processes, both torch's own:
+
+- **DDP** (DistributedDataParallel): every process holds the whole model and takes its slice of
+  each global batch; gradients are averaged in buckets while backward still runs (overlap), and
+  `no_sync` skips that for all but the last micro-batch of a step (gradient accumulation).
+- **FSDP2** (`fully_shard`): parameters, gradients and optimizer state are sharded over the
+  processes, each decoder layer gathered only while it runs. For full fine-tuning and for LoRA
+  over a base too large for one process (the frozen base is sharded; the adapters train). A 4-bit
+  base's packed NF4 storage is buffers, which FSDP replicates rather than shards.
+
+gloo on CPU, NCCL on GPU. Without torchrun (no WORLD_SIZE) the process-group functions are
+no-ops for a single process and `wrap` returns the model unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import torch.distributed as tdist
+from torch import nn
+
+from lorafleet.errors import ConfigError
+
+DECODER_LAYER_LISTS = ("layers", "h")  # Llama family, GPT-2: the ModuleList of decoder blocks
+
+
+def launched() -> bool:
+    """True when started by torchrun (or another launcher setting WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def setup() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not tdist.is_initialized():
+    if launched() and not tdist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         tdist.init_process_group(backend=backend)
         if torch.cuda.is_available():
@@ -48,20 +67,108 @@ def barrier() -> None:
         tdist.barrier()
 
 
-def average_gradients(params) -> None:
-    if not active():
-        return
-    for p in params:
-        if p.grad is not None:
-            tdist.all_reduce(p.grad, op=tdist.ReduceOp.SUM)  # gloo has no ReduceOp.AVG
-            p.grad /= world_size()
-
-
 def sum_scalar(value: torch.Tensor) -> torch.Tensor:
     if active():
         value = value.clone()
         tdist.all_reduce(value, op=tdist.ReduceOp.SUM)
     return value
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any: a stop request (SIGTERM, a callback) must
+    stop every process at the same step, or the next collective would hang."""
+    if not active():
+        return flag
+    value = torch.tensor([int(flag)], device=_collective_device())
+    tdist.all_reduce(value, op=tdist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _collective_device() -> torch.device:
+    return default_device() if tdist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def resolve_mode(requested: str) -> str:
+    """--parallel auto|none|ddp|fsdp -> none | ddp | fsdp for this launch."""
+    if requested in ("ddp", "fsdp") and not launched():
+        raise ConfigError(f"--parallel {requested} needs several processes: start the run with "
+                          "torchrun --nproc_per_node N -m lorafleet.cli train ...")
+    if requested == "auto":
+        return "ddp" if launched() else "none"
+    if requested == "none" and launched():
+        raise ConfigError("--parallel none under torchrun: every process would train alone; "
+                          "use --parallel ddp or fsdp")
+    return requested
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    return [layer for name, module in model.named_modules()
+            if isinstance(module, nn.ModuleList)
+            and name.rpartition(".")[2] in DECODER_LAYER_LISTS for layer in module]
+
+
+def wrap(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
+    """The module the loop calls: `model` itself (none, fsdp: sharded in place) or a DDP
+    wrapper. Parameters stay reachable through `model` in every case."""
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        # Every rank built the same model from the same seed, but DDP also broadcasts rank 0's
+        # parameters and buffers at construction, so the replicas start identical regardless.
+        return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
+                                       else None)
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        layers = decoder_layers(model)
+        if not layers:
+            raise ConfigError("--parallel fsdp: no decoder layer list (*.layers / *.h) to shard")
+        for layer in layers:  # one all-gather per layer, freed after its forward/backward
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    return model
+
+
+def no_sync(engine: nn.Module, last_micro_batch: bool):
+    """Skip the gradient all-reduce / reduce-scatter for all but a step's last micro-batch."""
+    if last_micro_batch:
+        return contextlib.nullcontext()
+    if hasattr(engine, "no_sync"):             # DDP
+        return engine.no_sync()
+    if hasattr(engine, "set_requires_gradient_sync"):  # FSDP2
+        return _fsdp_no_sync(engine)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(engine):
+    engine.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        engine.set_requires_gradient_sync(True)
+
+
+def full_norm(norm: torch.Tensor) -> float:
+    """clip_grad_norm_'s result as a float (a DTensor under FSDP)."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module, mode: str):
+    """Inside: every parameter of an FSDP-sharded `model` is whole and plain on every rank, so
+    the usual writers (PEFT folder, trainable.safetensors) work; resharded on exit."""
+    if mode != "fsdp":
+        yield model
+        return
+    from torch.distributed.fsdp import FSDPModule
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in sharded:
+        module.unshard()
+    try:
+        yield model
+    finally:
+        for module in sharded:
+            module.reshard()
 
 
 def cleanup() -> None:

@@ -25,7 +25,7 @@ others save `trainable.safetensors` (the trained tensors by parameter name). Eve
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +34,8 @@ from torch import nn
 
 import lorafleet
 from lorafleet.errors import ConfigError, TargetError
+from lorafleet.models.modules import (linear_features, linear_layer_names, modules_ending_with,
+                                      replace_submodule)
 
 METHOD_FILE = "method.json"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -53,15 +55,26 @@ PLACEHOLDER_TOKEN = 0  # any valid id: the wrapped modules overwrite what it pro
 PREFIX_INIT_STD = 0.02  # the usual transformer init scale (GPT-2's initializer_range)
 
 
+METHOD_NAMES = ("lora", "qlora", "full", "adapter", "prefix", "prompt", "bitfit")
+
+
+def _option(default, help: str, **argparse_kw):
+    # metadata = the `lorafleet train` flag's help (the CLI builds its flags from the fields)
+    return field(default=default, metadata={"help": help, "group": "method", **argparse_kw})
+
+
 @dataclass
 class MethodConfig:
-    method: str = "lora"
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: str = "q,v"           # comma-separated short names / module suffixes, or all-linear
-    bottleneck: int = 16           # adapter: hidden width of each bottleneck MLP
-    virtual_tokens: int = 8        # prefix / prompt: number of learned positions
+    method: str = _option("lora", "lora, qlora (NF4 base + lora), full, adapter (bottleneck "
+                          "layers), prefix, prompt, bitfit (biases only)", choices=METHOD_NAMES)
+    r: int = _option(8, "LoRA rank")
+    alpha: float = _option(16.0, "LoRA alpha; the update is scaled by alpha/r")
+    dropout: float = _option(0.0, "LoRA dropout")
+    targets: str = _option("q,v", "modules to adapt: comma-separated short names "
+                           "(q,k,v,o,gate,up,down) or module names, or all-linear (q,v: the "
+                           "LoRA paper's choice)")
+    bottleneck: int = _option(16, "adapter: hidden width of each bottleneck MLP")
+    virtual_tokens: int = _option(8, "prefix / prompt: number of learned positions")
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -73,46 +86,23 @@ class MethodConfig:
 
 # ---- module helpers ---------------------------------------------------------------------------
 
-def is_linear(module: nn.Module) -> bool:
-    # transformers' Conv1D (GPT-2) is a linear layer with weight [in, out].
-    return isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit")
-
-
-def linear_out_features(module: nn.Module) -> int:
-    if hasattr(module, "out_features"):
-        return module.out_features
-    return module.weight.shape[1]  # Conv1D: weight [in, out]
-
-
 def float_like(model: nn.Module) -> dict:
     """device/dtype for new trainable tensors: those of the model's floating-point params."""
     p = next(p for p in model.parameters() if p.is_floating_point())
     return {"device": p.device, "dtype": p.dtype}
 
 
-def modules_ending_with(model: nn.Module, suffixes) -> list[str]:
-    return [name for name, _ in model.named_modules()
-            if any(name == s or name.endswith("." + s) for s in suffixes)]
-
-
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def resolve_targets(model: nn.Module, targets: str) -> list[str]:
     """--targets -> the module-name suffixes present in this model (PEFT target_modules)."""
     if targets == "all-linear":
-        names = [n for n, m in model.named_modules() if is_linear(m)
-                 and n.rpartition(".")[2] not in OUTPUT_HEADS]
-        found = sorted({n.rpartition(".")[2] for n in names})
+        found = sorted({n.rpartition(".")[2] for n in linear_layer_names(model)})
     else:
         wanted = [t.strip() for t in targets.split(",") if t.strip()]
         found = []
         for t in wanted:
             present = [s for s in TARGET_ALIASES.get(t, [t]) if modules_ending_with(model, [s])]
             if not present:
-                sample = [n for n, m in model.named_modules() if is_linear(m)][:8]
+                sample = linear_layer_names(model, include_lm_head=True)[:8]
                 raise TargetError(f"--targets {t!r} matches no module; linear modules include "
                                   f"{sample}")
             found += [s for s in present if s not in found]
@@ -189,9 +179,17 @@ def apply_lora(model: nn.Module, cfg: MethodConfig, state: dict) -> nn.Module:
 
 
 def apply_qlora(model: nn.Module, cfg: MethodConfig, state: dict) -> nn.Module:
-    from lorafleet.quant import quantize_model
-    quantize_model(model, skip=OUTPUT_HEADS)
+    quantize_base(model)
     return apply_lora(model, cfg, state)
+
+
+def quantize_base(model: nn.Module) -> nn.Module:
+    """NF4 base for qlora, unless it already is one (the trainer streams the checkpoint straight
+    into NF4 with quant.load_quantized_model; a model passed in by the caller is swapped here)."""
+    from lorafleet.quant import Linear4bit, quantize_model
+    if not any(isinstance(m, Linear4bit) for m in model.modules()):
+        quantize_model(model, skip=OUTPUT_HEADS)
+    return model
 
 
 def apply_adapter(model: nn.Module, cfg: MethodConfig, state: dict) -> nn.Module:
@@ -201,8 +199,8 @@ def apply_adapter(model: nn.Module, cfg: MethodConfig, state: dict) -> nn.Module
     factory = float_like(model)
     for name in names:
         base = model.get_submodule(name)
-        set_submodule(model, name, BottleneckAdapter(base, linear_out_features(base),
-                                                     cfg.bottleneck, **factory))
+        replace_submodule(model, name, BottleneckAdapter(base, linear_features(base)[1],
+                                                         cfg.bottleneck, **factory))
     return model
 
 
@@ -213,11 +211,11 @@ def apply_prefix(model: nn.Module, cfg: MethodConfig, state: dict) -> nn.Module:
     factory = float_like(model)
     for name in names:
         base = model.get_submodule(name)
-        out = linear_out_features(base)
+        out = linear_features(base)[1]
         # GPT-2's fused c_attn outputs [q | k | v]: only the k and v columns are prefixes.
         start, width = (out // 3, 2 * out // 3) if name.endswith("c_attn") else (0, out)
         init = torch.randn(cfg.virtual_tokens, width, **factory) * PREFIX_INIT_STD
-        set_submodule(model, name, VirtualTokenOutput(base, init, start))
+        replace_submodule(model, name, VirtualTokenOutput(base, init, start))
     return VirtualTokenModel(model, cfg.virtual_tokens)
 
 
@@ -232,7 +230,7 @@ def apply_prompt(model: nn.Module, cfg: MethodConfig, state: dict) -> nn.Module:
     rows = torch.randint(0, embedding.num_embeddings, (cfg.virtual_tokens,),
                          generator=torch.Generator().manual_seed(0))
     init = embedding.weight.detach()[rows].clone().float().to(**float_like(model))
-    set_submodule(model, names[0], VirtualTokenOutput(embedding, init))
+    replace_submodule(model, names[0], VirtualTokenOutput(embedding, init))
     return VirtualTokenModel(model, cfg.virtual_tokens)
 
 
@@ -253,9 +251,8 @@ def apply_bitfit(model: nn.Module, cfg: MethodConfig, state: dict) -> nn.Module:
     return model
 
 
-METHODS = {"lora": apply_lora, "qlora": apply_qlora, "full": apply_full,
-           "adapter": apply_adapter, "prefix": apply_prefix, "prompt": apply_prompt,
-           "bitfit": apply_bitfit}
+METHODS = dict(zip(METHOD_NAMES, (apply_lora, apply_qlora, apply_full, apply_adapter,
+                                   apply_prefix, apply_prompt, apply_bitfit)))
 
 
 def apply_method(model: nn.Module, cfg: MethodConfig, state: dict | None = None) -> nn.Module:
@@ -298,8 +295,7 @@ def load_trained(model: nn.Module, path: str | Path) -> nn.Module:
     cfg = MethodConfig(**saved)
     if cfg.method in ("lora", "qlora"):
         if cfg.method == "qlora":
-            from lorafleet.quant import quantize_model
-            quantize_model(model, skip=OUTPUT_HEADS)
+            quantize_base(model)
         lorafleet.load_adapter(model, path, adapter_name="default")
         return model
     trained = apply_method(model, cfg, state)

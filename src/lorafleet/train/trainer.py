@@ -12,7 +12,6 @@ import functools
 import json
 import logging
 import math
-import os
 import random
 import signal
 import threading
@@ -27,73 +26,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorafleet.errors import ConfigError, TrainingError
+from lorafleet.models.dtype import AUTO, device_computes, parse_dtype, resolve_dtype
 from lorafleet.train import distributed as dist
-from lorafleet.train.checkpoint import (CHECKPOINT_DIR, Checkpoint, capture_rng, latest_checkpoint,
-                                        load_checkpoint, restore_rng, save_checkpoint)
-from lorafleet.train.data import IGNORE_INDEX, DataConfig, Sampler, collate, load_dataset
-from lorafleet.train.methods import MethodConfig, apply_method, save_trained, trainable_state
+from lorafleet.train.checkpoint import (CHECKPOINT_DIR, SHARDED, Checkpoint, capture_rng,
+                                        latest_checkpoint, load_checkpoint, load_sharded_state,
+                                        restore_rng, save_checkpoint, save_sharded_state)
+from lorafleet.train.config import TrainConfig
+from lorafleet.train.data import IGNORE_INDEX, Sampler, collate, load_dataset
+from lorafleet.train.methods import OUTPUT_HEADS, apply_method, save_trained, trainable_state
 
 logger = logging.getLogger(__name__)
 
 RUN_FILES = ("train_config.json", "log.jsonl", CHECKPOINT_DIR, "adapter", "tensorboard")
-SCHEDULES = ("cosine", "linear", "constant")
 MAX_LOG_PERPLEXITY = 50.0
-
-
-@dataclass
-class TrainConfig:
-    model: str                      # base model folder (Hugging Face layout)
-    data: str                       # training JSONL
-    out: str                        # output folder: adapter/, checkpoints/, log.jsonl
-    method: str = "lora"
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: str = "q,v"
-    bottleneck: int = 16
-    virtual_tokens: int = 8
-    steps: int | None = None        # optimizer steps; or epochs (default: 1 epoch)
-    epochs: float | None = None
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    batch_size: int = 4             # per process, per micro-batch
-    grad_accum: int = 1
-    warmup: int = 0                 # steps of linear warmup
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.1       # cosine/linear decay to lr * min_lr_ratio (nanoGPT: 0.1)
-    max_grad_norm: float = 1.0      # 0 disables clipping
-    max_len: int = 512
-    pack: bool = False
-    val_file: str | None = None
-    val_split: float = 0.0
-    eval_every: int = 0             # 0: evaluate only at the end (when there is validation data)
-    save_every: int = 0             # 0: checkpoint only on interrupt
-    bf16: bool = False
-    grad_checkpointing: bool = False
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    skip_bad_lines: bool = False
-    device: str | None = None       # None: cuda if available, else cpu
-
-    def __post_init__(self):
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {SCHEDULES} (found {self.schedule!r})")
-        if self.steps is not None and self.epochs is not None:
-            raise ConfigError("give steps or epochs, not both")
-        for name in ("batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1 (found {getattr(self, name)})")
-        if self.resume and self.overwrite:
-            raise ConfigError("resume and overwrite exclude each other")
-
-    def method_config(self) -> MethodConfig:
-        return MethodConfig(self.method, self.r, self.alpha, self.dropout, self.targets,
-                            self.bottleneck, self.virtual_tokens)
-
-    def data_config(self) -> DataConfig:
-        return DataConfig(self.data, self.max_len, self.pack, self.val_file, self.val_split,
-                          self.skip_bad_lines, seed=self.seed)
+# Methods whose frozen base may run in 16 bits; the others train in float32 (a bottleneck
+# adapter or a virtual-token tensor meeting a bf16 activation would need casts everywhere).
+HALF_BASE_METHODS = ("lora", "qlora")
 
 
 @dataclass
@@ -151,15 +99,44 @@ def enable_gradient_checkpointing(model: nn.Module) -> int:
     """Recompute each decoder layer's activations in backward instead of keeping them.
     Returns how many layers were wrapped (the ModuleList named *.layers or *.h)."""
     from torch.utils.checkpoint import checkpoint
-    wrapped = 0
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.rpartition(".")[2] in ("layers", "h"):
-            for layer in module:
-                layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
-                wrapped += 1
-    if not wrapped:
+    layers = dist.decoder_layers(model)
+    for layer in layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+    if not layers:
         raise ConfigError("grad_checkpointing: no decoder layer list (*.layers / *.h) found")
-    return wrapped
+    return len(layers)
+
+
+def load_base(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """The base model for `cfg.method`. qlora: streamed from the checkpoint straight into NF4
+    (QLoRA's point: the 16/32-bit base never exists in memory; embeddings, norms and lm_head in
+    the compute dtype). lora: the frozen base in --dtype. Other methods: float32."""
+    from lorafleet.models import load_model
+    method = cfg.method.method
+    requested = parse_dtype(cfg.dtype, "dtype")
+    if method not in HALF_BASE_METHODS:
+        if requested not in (AUTO, torch.float32):
+            raise ConfigError(f"--dtype {cfg.dtype}: only lora and qlora train over a 16-bit "
+                              f"base; --method {method} trains in float32 (use --bf16 for "
+                              "bf16 autocast)")
+        return load_model(cfg.model, dtype=torch.float32, device=device)
+    dtype = resolve_dtype(requested, cfg.model, device, field="--dtype")
+    if not device_computes(dtype, device):
+        raise ConfigError(f"--dtype {cfg.dtype}: {device} does not compute "
+                          f"{str(dtype).removeprefix('torch.')} matmuls well; use --dtype auto "
+                          "or float32")
+    if method == "qlora":
+        from lorafleet.quant import load_quantized_model
+        return load_quantized_model(cfg.model, dtype=dtype, device=device, skip=OUTPUT_HEADS)
+    return load_model(cfg.model, dtype=dtype, device=device)
+
+
+def trainable_in_float32(model: nn.Module) -> None:
+    """Trained weights in float32 over any base dtype (as PEFT and QLoRA do): AdamW's small
+    updates would round away in bf16."""
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 @torch.no_grad()
@@ -256,11 +233,13 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
           callback: Callable[[dict], bool | None] | None = None) -> TrainResult:
     """Train `cfg.method` on `cfg.data` and save the artifact to `cfg.out/adapter`.
 
-    `model`/`tokenizer` default to lorafleet.models.load_model/load_tokenizer(cfg.model); pass a
-    transformers model and tokenizer to train one of those. `callback(event)` receives a dict per
-    step ({"type": "step", "step", "total_steps", "loss", "lr", "tokens_per_s", ...}) and per
-    evaluation; returning True asks the run to stop (checkpoint saved, resumable).
+    `model`/`tokenizer` default to the base in cfg.model (see `load_base`) and its tokenizer;
+    pass a transformers model and tokenizer to train one of those. `callback(event)` receives a
+    dict per step ({"type": "step", "step", "total_steps", "loss", "lr", "tokens_per_s", ...})
+    and per evaluation; returning True asks the run to stop (checkpoint saved, resumable).
+    Under torchrun every process calls this; rank 0 writes logs and the artifact.
     """
+    mode = dist.resolve_mode(cfg.parallel)
     dist.setup()
     device = torch.device(cfg.device) if cfg.device else dist.default_device()
     out = prepare_out_dir(cfg)
@@ -270,13 +249,14 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
         tokenizer = load_tokenizer(cfg.model)
     train_set, val_set, stats = load_dataset(cfg.data_config(), tokenizer)
     if model is None:
-        from lorafleet.models import load_model
-        model = load_model(cfg.model, dtype=torch.float32, device=str(device))
+        model = load_base(cfg, device)
     method_state: dict = {}
-    trained = apply_method(model, cfg.method_config(), method_state).to(device)
+    trained = apply_method(model, cfg.method, method_state).to(device)
+    trainable_in_float32(trained)
     if cfg.grad_checkpointing:
         enable_gradient_checkpointing(trained)
-    params = [p for p in trained.parameters() if p.requires_grad]
+    engine = dist.wrap(trained, mode, device)  # what the loop calls; `trained` owns the params
+    params = [p for p in trained.parameters() if p.requires_grad]  # FSDP: the shards
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
@@ -286,36 +266,50 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
     total_steps = cfg.steps if cfg.steps is not None else \
         math.ceil((cfg.epochs or 1.0) * len(train_set) / global_batch)
     sampler = Sampler(len(train_set), cfg.seed)
+    trained_names = sorted(trainable_state(trained))
+    run_identity = {"method": asdict(cfg.method), "parallel": mode}
 
     step, loss_value, eval_loss, history = 0, float("nan"), None, []
     if cfg.resume:
-        ckpt = load_checkpoint(latest_checkpoint(out))
-        if set(ckpt.trainable) != set(trainable_state(trained)):
+        path = latest_checkpoint(out)
+        ckpt = load_checkpoint(path, rank, world)
+        saved_method = ckpt.extra.get("method")
+        if (saved_method not in (None, run_identity["method"])
+                or (ckpt.trainable_names or trained_names) != trained_names):
             raise TrainingError(f"--resume: the checkpoint in {out} does not fit this run's "
-                                f"method/targets ({cfg.method}, {cfg.targets}); use the "
-                                f"settings of {out / 'train_config.json'}")
-        trained.load_state_dict(ckpt.trainable, strict=False)
-        optimizer.load_state_dict(ckpt.optimizer)
+                                f"method/targets ({cfg.method.method}, {cfg.method.targets}); "
+                                f"use the settings of {out / 'train_config.json'}")
+        if mode == "fsdp":
+            load_sharded_state(trained, optimizer, path / SHARDED)
+        elif ckpt.trainable is None:
+            raise TrainingError(f"--resume: {path} holds sharded state; resume with "
+                                "--parallel fsdp under the same torchrun command")
+        else:
+            if set(ckpt.trainable) != set(trained_names):
+                raise TrainingError(f"--resume: the checkpoint in {out} does not fit this "
+                                    f"run's method/targets ({cfg.method.method}, "
+                                    f"{cfg.method.targets})")
+            trained.load_state_dict(ckpt.trainable, strict=False)
+            optimizer.load_state_dict(ckpt.optimizer)
         sampler.load_state_dict(ckpt.data_position)
         restore_rng(ckpt.rng)
         step, loss_value = ckpt.step, ckpt.extra.get("loss", float("nan"))
-        logger.info("resumed from %s (step %d)", latest_checkpoint(out), step)
+        logger.info("resumed from %s (step %d)", path, step)
     elif dist.is_main():
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        (out / "train_config.json").write_text(json.dumps(cfg.to_json(), indent=2))
     log = RunLog(out, enabled=dist.is_main())
-    logger.info("%s: %d trainable / %d parameters; %d train / %d val examples; %d steps",
-                cfg.method, sum(p.numel() for p in params),
+    logger.info("%s: %d trainable / %d parameters; %d train / %d val examples; %d steps; "
+                "%d process(es), parallel=%s", cfg.method.method, sum(p.numel() for p in params),
                 sum(p.numel() for p in trained.parameters()), len(train_set), len(val_set),
-                total_steps)
+                total_steps, world, mode)
 
-    def checkpoint(extra: dict) -> Path | None:
-        path = None
-        if dist.is_main():
-            path = save_checkpoint(out, Checkpoint(step, trainable_state(trained),
-                                                   optimizer.state_dict(), sampler.state_dict(),
-                                                   capture_rng(), extra))
-        dist.barrier()
-        return path
+    def checkpoint(extra: dict) -> Path:
+        sharded = mode == "fsdp"
+        ckpt = Checkpoint(step, None if sharded else trainable_state(trained),
+                          None if sharded else optimizer.state_dict(), sampler.state_dict(),
+                          capture_rng(), {**extra, **run_identity}, trained_names, world)
+        return save_checkpoint(out, ckpt, write_sharded=(
+            lambda folder: save_sharded_state(trained, optimizer, folder)) if sharded else None)
 
     trained.train()
     interrupted = False
@@ -330,19 +324,19 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
             mine = batch[rank * per_rank:(rank + 1) * per_rank]
             step_loss, n_tokens = torch.zeros((), device=device), 0
             for i in range(0, per_rank, cfg.batch_size):
-                input_ids, labels = (t.to(device) for t in collate(mine[i:i + cfg.batch_size],
-                                                                   pad_id))
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    micro_loss = loss_sum(logits_of(trained, input_ids), labels) / n_targets
-                # x world: all-reduce averages the ranks' gradients, we want their sum.
-                (micro_loss * world).backward()
+                chunk = mine[i:i + cfg.batch_size]
+                input_ids, labels = (t.to(device) for t in collate(chunk, pad_id))
+                with dist.no_sync(engine, last_micro_batch=i + cfg.batch_size >= per_rank):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                        micro_loss = loss_sum(logits_of(engine, input_ids), labels) / n_targets
+                    # x world: DDP and FSDP average the ranks' gradients; we want their sum.
+                    (micro_loss * world).backward()
                 step_loss += micro_loss.detach()
-                n_tokens += sum(len(e.input_ids) for e in mine[i:i + cfg.batch_size])
-            dist.average_gradients(params)
+                n_tokens += sum(len(e.input_ids) for e in chunk)
             step_loss = float(dist.sum_scalar(step_loss))
-            grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) \
-                if cfg.max_grad_norm > 0 else torch.zeros(())
-            if not (math.isfinite(step_loss) and math.isfinite(float(grad_norm))):
+            grad_norm = dist.full_norm(nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) \
+                if cfg.max_grad_norm > 0 else 0.0
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                 last = latest_checkpoint(out)
                 log.close()
                 raise TrainingError(
@@ -356,7 +350,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
             loss_value = step_loss
             elapsed = time.perf_counter() - t0
             event = {"type": "step", "step": step, "total_steps": total_steps, "loss": loss_value,
-                     "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens * world,
+                     "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens * world,
                      "tokens_per_s": n_tokens * world / elapsed, "step_time_s": elapsed}
             log.write(event)
             history.append(event)
@@ -372,7 +366,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
                 stop.requested = True
             if cfg.save_every and step % cfg.save_every == 0:
                 checkpoint({"loss": loss_value})
-            if stop.requested and step < total_steps:
+            if dist.any_rank(stop.requested) and step < total_steps:
                 path = checkpoint({"loss": loss_value})
                 logger.warning("stopped at step %d; checkpoint %s; continue with --resume",
                                step, path)
@@ -385,9 +379,10 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
             eval_loss = evaluate(trained, val_set, cfg, pad_id, device)
             log.write({"type": "eval", "step": step, "eval_loss": eval_loss,
                        "perplexity": perplexity(eval_loss)})
-        if dist.is_main():
-            artifact = out / "adapter"
-            save_trained(trained, cfg.method_config(), method_state, artifact)
+        artifact = out / "adapter"
+        with dist.unsharded(trained, mode):  # FSDP: gathered on every rank, written by rank 0
+            if dist.is_main():
+                save_trained(trained, cfg.method, method_state, artifact)
         dist.barrier()
     log.close()
     return TrainResult(out, artifact, step, loss_value, eval_loss, interrupted, history, trained)
