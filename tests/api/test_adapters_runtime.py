@@ -33,23 +33,28 @@ def wait_until(predicate, timeout=15.0):
 
 
 def test_load_use_unload(client, http, tokenizer, reference):
-    resp = http.post("/v1/load_lora_adapter", json={"lora_name": "gamma", "lora_path": "gamma"})
+    # Loaded under a name that is not a folder of --adapter-dir: once unloaded it is gone (a
+    # folder's own name would be found again on demand).
+    resp = http.post("/v1/load_lora_adapter", json={"lora_name": "gamma-rt",
+                                                    "lora_path": "gamma"})
     assert resp.status_code == 200, resp.text
-    assert "gamma" in {m.id for m in client.models.list().data}
+    assert "gamma-rt" in {m.id for m in client.models.list().data}
     prompt_ids = tokenizer.encode("to be or not")
     ids = reference(prompt_ids, "gamma", 6)
-    out = client.completions.create(model="gamma", prompt="to be or not", max_tokens=6,
+    out = client.completions.create(model="gamma-rt", prompt="to be or not", max_tokens=6,
                                     temperature=0)
     assert out.choices[0].text == tokenizer.decode([t for t in ids
                                                     if t != tokenizer.eos_token_id])
-    again = http.post("/v1/load_lora_adapter", json={"lora_name": "gamma",
+    # A second load of a loaded name is a conflict (409, issue 13), not a silent replace.
+    again = http.post("/v1/load_lora_adapter", json={"lora_name": "gamma-rt",
                                                      "lora_path": "gamma"})
-    assert again.status_code == 400 and again.json()["error"]["code"] == "already_loaded"
-    assert http.post("/v1/unload_lora_adapter", json={"lora_name": "gamma"}).status_code == 200
-    assert "gamma" not in {m.id for m in client.models.list().data}
+    assert again.status_code == 409 and again.json()["error"]["code"] == "already_loaded"
+    assert http.post("/v1/unload_lora_adapter",
+                     json={"lora_name": "gamma-rt"}).status_code == 200
+    assert "gamma-rt" not in {m.id for m in client.models.list().data}
     with pytest.raises(openai.NotFoundError):
-        client.completions.create(model="gamma", prompt="hi", max_tokens=2)
-    gone = http.post("/v1/unload_lora_adapter", json={"lora_name": "gamma"})
+        client.completions.create(model="gamma-rt", prompt="hi", max_tokens=2)
+    gone = http.post("/v1/unload_lora_adapter", json={"lora_name": "gamma-rt"})
     assert gone.status_code == 404
 
 

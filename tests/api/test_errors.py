@@ -91,10 +91,15 @@ def test_keys(server):
     assert {m.id for m in client("sk-alpha").models.list().data} == {"base", "alpha"}
     assert {m.id for m in client("sk-none").models.list().data} == {"base"}
     client("sk-alpha").completions.create(model="alpha", prompt="hi", max_tokens=1)
-    with pytest.raises(oa.PermissionDeniedError) as info:
+    # Another tenant's adapter answers exactly as a missing one (issue 13: a 403 here told a
+    # restricted key which adapter names exist).
+    with pytest.raises(oa.NotFoundError) as info:
         client("sk-alpha").completions.create(model="beta", prompt="hi", max_tokens=1)
-    assert info.value.body["code"] == "model_not_allowed"
-    with pytest.raises(oa.PermissionDeniedError):
+    with pytest.raises(oa.NotFoundError) as missing:
+        client("sk-alpha").completions.create(model="betb", prompt="hi", max_tokens=1)
+    assert info.value.body["code"] == missing.value.body["code"] == "model_not_found"
+    assert info.value.body["message"].replace("beta", "betb") == missing.value.body["message"]
+    with pytest.raises(oa.NotFoundError):
         client("sk-alpha").chat.completions.create(
             model="beta", messages=[{"role": "user", "content": "x"}], max_tokens=1)
     # only "*" keys manage adapters

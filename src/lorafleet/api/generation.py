@@ -1,53 +1,67 @@
 """POST /v1/completions and /v1/chat/completions: validate, admit, run on the engine, answer
-(one JSON body, or SSE `data: {...}` chunks ending with `data: [DONE]`).
+(one JSON body, or SSE `data: {...}` chunks ending with `data: [DONE]`; an error after the
+stream has started is one `data: {"error": ...}` event, then `[DONE]`).
 
 With `n` choices and a `seed`, choice i samples with `seed + i` so the choices differ yet the
-response is reproducible. The engine side of a request (and its abort on disconnect) is `Job`.
+response is reproducible. Tokenizing and chat-template rendering run in a worker thread: a
+multi-MB prompt must not stall the event loop (health checks, other streams). The engine side of
+a request (and its abort on disconnect) is `Job`.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Request
 
+from lorafleet.api.access import authorize, resolve_model
+from lorafleet.api.body import parse_body
 from lorafleet.api.job import Job, JobStreamingResponse, token_logprobs
 from lorafleet.api.protocol import (ChatChoiceLogprobs, ChatCompletionChoice,
                                     ChatCompletionChunk, ChatCompletionRequest,
                                     ChatCompletionResponse, ChatResponseMessage,
                                     ChatStreamChoice, ChatTokenLogprob, CompletionChoice,
                                     CompletionChunk, CompletionLogprobs, CompletionRequest,
-                                    CompletionResponse, DeltaMessage, error_body)
-from lorafleet.api.server import ApiError, ServerState, authorize, parse_body, resolve_model
-from lorafleet.errors import EngineError, LoraFleetError
+                                    CompletionResponse, DeltaMessage)
+from lorafleet.api.state import ApiError, ServerState
+from lorafleet.errors import LoraFleetError
+from lorafleet.serve import SamplingParams
+
+log = logging.getLogger(__name__)
 
 # How often a non-streaming request checks whether its client is still there.
 DISCONNECT_POLL_S = 0.25
 
+router = APIRouter()
+
 
 async def collect_unless_disconnected(request: Request, job: Job) -> None:
     """Run a non-streaming job to the end; abort it if the client hangs up first (nobody would
-    read the answer, and its pages are better spent on others)."""
+    read the answer, and its pages are better spent on others). If this handler is cancelled
+    (shutdown past --drain-timeout) the collecting task is cancelled with it, not left behind."""
     task = asyncio.create_task(job.collect())
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-        if done:
-            return task.result()
-        if await request.is_disconnected():
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ApiError(499, "client closed the request", code="client_closed")
+    finally:
+        if not task.done():
             task.cancel()
             try:
                 await task
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, ApiError):
                 pass
-            raise ApiError(499, "client closed the request", code="client_closed")
 
 
 # ---- request -> engine inputs ------------------------------------------------------------------
 
 def _sampling_params(body, max_tokens: int, logprobs: bool, top_logprobs: int,
-                     n: int) -> list[Any]:
-    from lorafleet.serve import SamplingParams
+                     n: int) -> list[SamplingParams]:
     return [SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                            top_k=body.top_k, seed=None if body.seed is None else body.seed + i,
                            stop=body.stop, logprobs=logprobs, top_logprobs=top_logprobs,
@@ -150,57 +164,70 @@ def _chat_logprobs(state, entries, top_n: int) -> ChatChoiceLogprobs:
     return ChatChoiceLogprobs(content=content)
 
 
-def add_generation_routes(app: FastAPI, state: ServerState) -> None:
+@router.post("/v1/completions")
+async def completions(request: Request):
+    state: ServerState = request.app.state.lorafleet
+    grant = authorize(request)
+    body = await parse_body(request, CompletionRequest)
+    adapter = await resolve_model(state, grant, body.model)
+    prompt_ids = await asyncio.to_thread(_encode_prompt, state, body.prompt)
+    max_tokens = _check_lengths(state, prompt_ids, body.max_tokens, "prompt")
+    want_logprobs = body.logprobs is not None
+    job = Job(state, "completions", adapter, prompt_ids,
+              _sampling_params(body, max_tokens, want_logprobs, body.logprobs or 0, body.n),
+              grant)
+    echo = ""
+    if body.echo:
+        echo = body.prompt if isinstance(body.prompt, str) else await asyncio.to_thread(
+            state.tokenizer.decode, prompt_ids)
+    job.admit()
+    if body.stream:
+        return JobStreamingResponse(_stream_completion(state, job, body, echo), job)
+    await collect_unless_disconnected(request, job)
+    choices = [CompletionChoice(
+        index=i, text=echo + c.text, finish_reason=c.finish_reason,
+        logprobs=_completion_logprobs(state, c.logprobs, len(echo)) if want_logprobs
+        else None) for i, c in enumerate(job.choices)]
+    return CompletionResponse(id=job.id, model=body.model, choices=choices,
+                              usage=job.usage()).model_dump()
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        grant = authorize(request)
-        body = await parse_body(request, CompletionRequest)
-        adapter = resolve_model(state, grant, body.model)
-        prompt_ids = _encode_prompt(state, body.prompt)
-        max_tokens = _check_lengths(state, prompt_ids, body.max_tokens, "prompt")
-        want_logprobs = body.logprobs is not None
-        job = Job(state, "completions", adapter, prompt_ids,
-                  _sampling_params(body, max_tokens, want_logprobs, body.logprobs or 0, body.n))
-        echo = (body.prompt if isinstance(body.prompt, str)
-                else state.tokenizer.decode(prompt_ids)) if body.echo else ""
-        job.admit()
-        if body.stream:
-            return JobStreamingResponse(_stream_completion(state, job, body, echo), job)
-        await collect_unless_disconnected(request, job)
-        choices = [CompletionChoice(
-            index=i, text=echo + c.text, finish_reason=c.finish_reason,
-            logprobs=_completion_logprobs(state, c.logprobs, len(echo)) if want_logprobs
-            else None) for i, c in enumerate(job.choices)]
-        return CompletionResponse(id=job.id, model=body.model, choices=choices,
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    state: ServerState = request.app.state.lorafleet
+    grant = authorize(request)
+    body = await parse_body(request, ChatCompletionRequest)
+    adapter = await resolve_model(state, grant, body.model)
+    prompt_ids = await asyncio.to_thread(_encode_chat, state, body)
+    requested = body.max_completion_tokens or body.max_tokens
+    max_tokens = _check_lengths(state, prompt_ids, requested, "messages")
+    job = Job(state, "chat", adapter, prompt_ids,
+              _sampling_params(body, max_tokens, body.logprobs, body.top_logprobs or 0, body.n),
+              grant)
+    job.admit()
+    if body.stream:
+        return JobStreamingResponse(_stream_chat(state, job, body), job)
+    await collect_unless_disconnected(request, job)
+    top_n = body.top_logprobs or 0
+    choices = [ChatCompletionChoice(
+        index=i, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason,
+        logprobs=_chat_logprobs(state, c.logprobs, top_n) if body.logprobs else None)
+        for i, c in enumerate(job.choices)]
+    return ChatCompletionResponse(id=job.id, model=body.model, choices=choices,
                                   usage=job.usage()).model_dump()
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        grant = authorize(request)
-        body = await parse_body(request, ChatCompletionRequest)
-        adapter = resolve_model(state, grant, body.model)
-        prompt_ids = _encode_chat(state, body)
-        requested = body.max_completion_tokens or body.max_tokens
-        max_tokens = _check_lengths(state, prompt_ids, requested, "messages")
-        job = Job(state, "chat", adapter, prompt_ids,
-                  _sampling_params(body, max_tokens, body.logprobs, body.top_logprobs or 0,
-                                   body.n))
-        job.admit()
-        if body.stream:
-            return JobStreamingResponse(_stream_chat(state, job, body), job)
-        await collect_unless_disconnected(request, job)
-        top_n = body.top_logprobs or 0
-        choices = [ChatCompletionChoice(
-            index=i, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason,
-            logprobs=_chat_logprobs(state, c.logprobs, top_n) if body.logprobs else None)
-            for i, c in enumerate(job.choices)]
-        return ChatCompletionResponse(id=job.id, model=body.model, choices=choices,
-                                      usage=job.usage()).model_dump()
 
 
 def _include_usage(body) -> bool:
-    return bool(body.stream_options and body.stream_options.get("include_usage"))
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+def _stream_error(exc: Exception) -> str:
+    """The error event that ends a stream whose 200 headers are already sent."""
+    if not isinstance(exc, ApiError):
+        log.exception("stream failed", exc_info=exc)
+        exc = ApiError(500, f"internal error: {type(exc).__name__}", type_="server_error",
+                       code="internal_error")
+    return _sse(exc.body())
 
 
 async def _stream_completion(state: ServerState, job: Job, body: CompletionRequest,
@@ -223,8 +250,8 @@ async def _stream_completion(state: ServerState, job: Job, body: CompletionReque
         if _include_usage(body):
             yield _sse(CompletionChunk(id=job.id, model=body.model, choices=[],
                                        usage=job.usage()))
-    except EngineError as exc:
-        yield _sse(error_body(str(exc), "invalid_request_error", code="engine_rejected"))
+    except Exception as exc:  # the client gets an error event, never a cut stream
+        yield _stream_error(exc)
     yield "data: [DONE]\n\n"
 
 
@@ -248,6 +275,6 @@ async def _stream_chat(state: ServerState, job: Job,
                                               finish_reason=job.choices[index].finish_reason)])
         if _include_usage(body):
             yield chunk([], usage=job.usage())
-    except EngineError as exc:
-        yield _sse(error_body(str(exc), "invalid_request_error", code="engine_rejected"))
+    except Exception as exc:  # the client gets an error event, never a cut stream
+        yield _stream_error(exc)
     yield "data: [DONE]\n\n"

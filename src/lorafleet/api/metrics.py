@@ -49,6 +49,8 @@ ENGINE_COUNTERS = {
     "cache_evictions": ("lorafleet_adapter_cache_evictions", "Adapters evicted from the pool"),
     "adapter_cache_evictions": ("lorafleet_adapter_cache_evictions",
                                 "Adapters evicted from the pool"),
+    "failed_steps": ("lorafleet_engine_failed_steps",
+                     "Engine steps that raised (their running requests failed with a 500)"),
 }
 
 
@@ -113,6 +115,9 @@ class ServerMetrics:
                                ["adapter"], registry=self.registry)
         self.rejected = Counter("lorafleet_rejected_requests", "Requests refused (by reason)",
                                 ["reason"], registry=self.registry)
+        self.throttled = Counter("lorafleet_throttled_requests",
+                                 "Requests refused by a per-key limit (429)", ["key"],
+                                 registry=self.registry)
         self.latency = Histogram("lorafleet_request_latency_seconds",
                                  "Time from request to last token", ["adapter"],
                                  buckets=LATENCY_BUCKETS, registry=self.registry)

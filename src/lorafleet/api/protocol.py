@@ -1,8 +1,11 @@
 """The OpenAI HTTP shapes the server speaks: requests, responses, stream chunks, errors.
 
 Field names and defaults follow the OpenAI API reference (and vLLM's `protocol.py` where the
-reference leaves room). Unknown request fields are ignored, as the OpenAI server does, so that
-clients sending newer options still work.
+reference leaves room). Requests are validated strictly: no bool where a number is expected
+(`max_tokens: true` is refused, not read as 1), a range for every number. Unknown fields are
+ignored, as vLLM does, so clients sending newer options still work; but fields we know and do
+not implement (penalties, logit_bias, tools, ...) are accepted only at their neutral value, and
+any other value is a 400 naming the field rather than being silently ignored.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 # OpenAI caps `n` at 128 and completions `logprobs` at 5; we keep the same ceilings so a client
 # tested against us behaves the same against OpenAI.
@@ -18,14 +21,45 @@ MAX_N = 128
 MAX_COMPLETION_LOGPROBS = 5
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_SEQUENCES = 4
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1   # OpenAI's and vLLM's range for `seed`
+MAX_PATH_BYTES = 4096                          # PATH_MAX on Linux
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def _is_neutral(field: str, value: Any, info: ValidationInfo) -> bool:
+    """Whether `value` of an unimplemented field leaves the request's meaning unchanged."""
+    if value is None:
+        return True
+    if field in ("presence_penalty", "frequency_penalty", "min_p", "min_tokens"):
+        return not isinstance(value, bool) and value == 0
+    if field in ("repetition_penalty", "length_penalty"):
+        return not isinstance(value, bool) and value == 1
+    if field in ("logit_bias", "tools", "functions", "stop_token_ids", "suffix"):
+        return value in ({}, [], "")
+    if field == "use_beam_search":
+        return value is False
+    if field in ("tool_choice", "function_call"):
+        return value in ("none", "auto")
+    if field == "response_format":
+        return value == {"type": "text"}
+    if field == "best_of":
+        return not isinstance(value, bool) and value in (1, info.data.get("n", 1))
+    if field == "modalities":
+        return value == ["text"]
+    return False
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    include_usage: bool = False
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -34,12 +68,23 @@ class _Request(BaseModel):
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stop: str | list[str] | None = Field(default=None, validate_default=True)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     user: str | None = None
-    stream_options: dict[str, Any] | None = None
-    # Extensions vLLM also accepts: generate exactly max_tokens (benchmarks), top-k sampling.
+    stream_options: StreamOptions | None = None
+    # Extensions vLLM also accepts: generate exactly max_tokens (benchmarks), top-k sampling
+    # (-1 or 0: no limit; a k above the vocabulary is no limit either).
     ignore_eos: bool = False
-    top_k: int = Field(default=0, ge=0)
+    top_k: int = Field(default=0, ge=-1, le=INT64_MAX)
+    # Known, not implemented: only their neutral values are accepted (see _is_neutral).
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = None
+    logit_bias: Any = None
+    min_p: float | None = None
+    min_tokens: int | None = None
+    stop_token_ids: Any = None
+    use_beam_search: Any = None
+    length_penalty: float | None = None
 
     @field_validator("stop")
     @classmethod
@@ -51,6 +96,16 @@ class _Request(BaseModel):
             raise ValueError("stop sequences must be non-empty")
         return stops
 
+    @field_validator("presence_penalty", "frequency_penalty", "repetition_penalty",
+                     "logit_bias", "min_p", "min_tokens", "stop_token_ids", "use_beam_search",
+                     "length_penalty")
+    @classmethod
+    def _neutral_only(cls, value, info: ValidationInfo):
+        if not _is_neutral(info.field_name, value, info):
+            raise ValueError(f"{info.field_name}={value!r} is not supported by this server "
+                             f"(only its neutral value is accepted)")
+        return value
+
 
 class CompletionRequest(_Request):
     prompt: str | list[int] | list[str] | list[list[int]]
@@ -58,6 +113,8 @@ class CompletionRequest(_Request):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool = False
     max_tokens: int | None = Field(default=16, ge=1)  # the OpenAI default for completions
+    best_of: int | None = None
+    suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -72,12 +129,18 @@ class CompletionRequest(_Request):
             raise ValueError("prompt must not be empty")
         return value
 
+    @field_validator("best_of", "suffix")
+    @classmethod
+    def _completion_neutral_only(cls, value, info: ValidationInfo):
+        return _Request._neutral_only.__func__(cls, value, info)
+
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
 
     def text(self) -> str:
         """The message's text; content parts other than text are refused by the validator."""
@@ -85,7 +148,7 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.get("text", "") for part in self.content)
+        return "".join(part["text"] for part in self.content)
 
     @field_validator("content")
     @classmethod
@@ -94,7 +157,9 @@ class ChatMessage(BaseModel):
             for part in value:
                 if part.get("type") != "text":
                     raise ValueError(f"only text content parts are supported, got "
-                                     f"{part.get('type')!r}")
+                                     f"{str(part.get('type'))[:64]!r}")
+                if not isinstance(part.get("text"), str):
+                    raise ValueError("a text content part needs \"text\": a string")
         return value
 
 
@@ -103,6 +168,12 @@ class ChatCompletionRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    modalities: Any = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -110,6 +181,12 @@ class ChatCompletionRequest(_Request):
         if value and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs: true")
         return value
+
+    @field_validator("response_format", "tools", "tool_choice", "functions", "function_call",
+                     "modalities")
+    @classmethod
+    def _chat_neutral_only(cls, value, info: ValidationInfo):
+        return _Request._neutral_only.__func__(cls, value, info)
 
 
 class UsageInfo(BaseModel):
@@ -219,16 +296,16 @@ class ModelList(BaseModel):
 
 
 class LoadLoraRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     lora_name: str = Field(min_length=1, max_length=256)
-    lora_path: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1, max_length=MAX_PATH_BYTES)
 
 
 class UnloadLoraRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
-    lora_name: str = Field(min_length=1)
+    lora_name: str = Field(min_length=1, max_length=256)
 
 
 class ErrorInfo(BaseModel):

@@ -6,10 +6,16 @@ each request's outputs reach its `stream` through an asyncio queue.
 
 Calls that touch the engine from the event loop (`add_request`, `abort`) run in a worker thread,
 because they wait for the engine's lock, which a step holds for its whole forward pass.
+
+The thread is watched: a step that raises fails the requests it was running (their state is
+unknown) and is counted (`failed_steps`); if the thread itself dies, every waiting stream is
+woken with an error and `health_problem()` says why, so a server can answer 503 and be
+restarted instead of hanging its clients.
 """
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import threading
 from typing import AsyncIterator
@@ -29,8 +35,21 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="lorafleet-engine", daemon=True)
+        self.failed_steps = 0
+        self.last_step_failed = False
+        self.dead: str | None = None      # why the step thread stopped unexpectedly
+        self._takes_tenant = "tenant" in inspect.signature(engine.add_request).parameters
+        self._thread = threading.Thread(target=self._run, name="lorafleet-engine", daemon=True)
         self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # the thread is dying: nobody would wake the waiters
+            self.dead = f"the engine thread stopped: {type(exc).__name__}: {exc}"
+            log.critical("%s", self.dead, exc_info=True)
+            self._fail_streams(self.dead)
+            raise
 
     def _loop(self) -> None:
         while not self._stopping:
@@ -40,20 +59,29 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
+                self.last_step_failed = False
             except Exception as exc:  # a bug must not hang every client: fail what was running
                 log.exception("engine step failed; failing the running requests")
-                outputs = self._fail_running(f"engine step failed: {exc}")
+                self.failed_steps += 1
+                self.last_step_failed = True
+                outputs = self.engine.fail_running(f"engine step failed: {exc}")
             for out in outputs:
                 self._deliver(out)
 
-    def _fail_running(self, message: str) -> list[RequestOutput]:
-        outputs = []
-        with self.engine.lock:
-            for seq in list(self.engine.scheduler.running):
-                self.engine.scheduler.finish(seq, "error")
-                seq.error = message
-                outputs.append(self.engine._output(seq))
-        return outputs
+    def _fail_streams(self, message: str) -> None:
+        for request_id in list(self._streams):
+            self._deliver(RequestOutput(request_id, [], "", True, "error", None, 0, 0,
+                                        error=message))
+
+    def health_problem(self) -> str | None:
+        """None when the engine is serving; else what is wrong (for /health)."""
+        if self.dead is not None:
+            return self.dead
+        if not self._thread.is_alive() and not self._stopping:
+            return "the engine thread is not running"
+        if self.last_step_failed:
+            return f"the last engine step failed ({self.failed_steps} failed steps so far)"
+        return None
 
     def _deliver(self, out: RequestOutput) -> None:
         target = self._streams.get(out.request_id)
@@ -62,11 +90,15 @@ class AsyncEngine:
             loop.call_soon_threadsafe(queue.put_nowait, out)
 
     async def stream(self, request_id: str, prompt_ids, adapter: str | None = None,
-                     params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
+                     params: SamplingParams | None = None,
+                     tenant: str | None = None) -> AsyncIterator[RequestOutput]:
         """Add a request and yield its outputs until the finished one. Raises RequestError at
-        once for a request the engine refuses. Leaving the loop early aborts the request."""
+        once for a request the engine refuses. Leaving the loop early aborts the request.
+        `tenant` (who sent it) lets the engine share admission fairly between senders."""
         if self._stopping:
             raise EngineError("the engine is shutting down")
+        if self.dead is not None:
+            raise EngineError(self.dead)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), queue)
         finished = False
@@ -74,8 +106,9 @@ class AsyncEngine:
         # the engine's lock, add_request still runs later. Shielding keeps a handle on it so the
         # abort below runs only once the request is in (else it would abort nothing and the
         # request would run to the end with no reader).
+        kwargs = {"tenant": tenant} if self._takes_tenant and tenant is not None else {}
         added = asyncio.ensure_future(asyncio.to_thread(
-            self.engine.add_request, request_id, prompt_ids, adapter, params))
+            self.engine.add_request, request_id, prompt_ids, adapter, params, **kwargs))
         try:
             await asyncio.shield(added)
             self._wake.set()
@@ -103,12 +136,14 @@ class AsyncEngine:
                 await self.abort(request_id)
         while self.engine.has_work() and self._thread.is_alive():
             await asyncio.sleep(IDLE_WAIT_S)
+        self._fail_streams("the engine stopped")  # none left after a drain; else wake them
         self._stopping = True
         self._wake.set()
         await asyncio.to_thread(self._thread.join)
 
     def stats(self) -> dict:
-        return self.engine.stats()
+        return {**self.engine.stats(), "failed_steps": self.failed_steps,
+                "engine_healthy": self.health_problem() is None}
 
 
 async def _settled(future: asyncio.Future) -> None:
