@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorafleet.errors import AdapterError, ShapeError
+from lorafleet.models.modules import is_conv1d, linear_features
 
 
 # -- the math ------------------------------------------------------------------------------------
@@ -42,21 +43,6 @@ def lora_embedding_delta(ids: torch.Tensor, A: torch.Tensor, B: torch.Tensor, sc
 def delta_weight(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
     """The merged update `scaling * B A`: [out, in] (LoRA sec. 4.1: W = W0 + BA)."""
     return (B @ A) * scaling
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' `Conv1D` (GPT-2): a linear layer whose weight is stored `[in, out]`."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
-
-
-def linear_features(module: nn.Module) -> tuple[int, int] | None:
-    """(in_features, out_features) of a linear-like module, or None if it is not one."""
-    if is_conv1d(module):
-        return int(module.nx), int(module.nf)
-    if isinstance(getattr(module, "in_features", None), int) and isinstance(
-            getattr(module, "out_features", None), int):
-        return module.in_features, module.out_features
-    return None
 
 
 def _param_home(module: nn.Module) -> tuple[torch.device, torch.dtype]:

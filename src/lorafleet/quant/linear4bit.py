@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorafleet.errors import ConfigError
+from lorafleet.models.modules import is_conv1d
 
 from .kernel import nf4_kernel_linear
 from .nf4 import (DOUBLE_QUANT_BLOCK, NF4Tensor, _byte_pair_table, _check_block_size, decode_nf4,
@@ -166,6 +167,10 @@ class Linear4bit(nn.Module):
     it is `[in, out]` and is transposed first.
     """
 
+    # A projection to models.modules.is_projection (LoRA's all-linear, the serving runner's
+    # shells), which cannot import this class: models sits left of quant.
+    linear_projection = True
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  block_size: int = 64, double_quant: bool = True, fan_in_fan_out: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
@@ -308,8 +313,3 @@ class Embedding4bit(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self._rows(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """GPT-2's Conv1D (ours or transformers'): a linear layer with weight [in, out]."""
-    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorafleet.models import ForwardBatch, linear_layer_names
-from lorafleet.quant.linear4bit import Linear4bit
+from lorafleet.models import ForwardBatch
+from lorafleet.models.modules import linear_layer_names, replace_submodule
 
 from .adapter_cache import AdapterCache
 from .attention import PagedAttention, kv_view
@@ -31,42 +31,40 @@ from .packed_linear import prepack_projections
 from .sequence import Sequence
 
 
-def projection_names(model: nn.Module) -> list[str]:
-    """Every projection: nn.Linear, GPT-2 Conv1D, and 4-bit Linear4bit (a QLoRA base), lm_head
-    included."""
-    four_bit = [name for name, module in model.named_modules() if isinstance(module, Linear4bit)]
-    return linear_layer_names(model, include_lm_head=True) + four_bit
-
-
 def wrap_projections(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """Swap every projection (lm_head included: it is called through `project` too) for a
-    BatchedLoraLinear. Returns module name -> (in_features, out_features). Idempotent."""
+    """Swap every projection (models.modules.is_projection: nn.Linear, GPT-2 Conv1D, a 4-bit
+    Linear4bit of a QLoRA base; lm_head included: it is called through `project` too) for a
+    BatchedLoraLinear. Returns module name -> (in_features, out_features). Idempotent: a shell
+    from an earlier call stands for its base layer."""
     targets = {}
-    for name in projection_names(model):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        module = getattr(parent, child)
-        if isinstance(parent, BatchedLoraLinear):
-            continue                      # the base layer of a shell from an earlier call
+    candidates = ((name, module.base_layer if isinstance(module, BatchedLoraLinear) else module)
+                  for name, module in model.named_modules())
+    for name in linear_layer_names(model, include_lm_head=True, modules=candidates):
+        module = model.get_submodule(name)
+        if name.endswith(".base_layer") and isinstance(
+                model.get_submodule(name.rpartition(".")[0]), BatchedLoraLinear):
+            continue                      # inside a shell: the shell's own name is listed
         if not isinstance(module, BatchedLoraLinear):
             module = BatchedLoraLinear(module, name)
-            setattr(parent, child, module)
+            replace_submodule(model, name, module)
         targets[name] = (module.in_features, module.out_features)
     return targets
 
 
 class ModelRunner:
     def __init__(self, model: nn.Module, num_pages: int, block_tokens: int,
-                 prepack_weights: bool = True):
-        """prepack_weights: hold bf16 CPU projection weights in oneDNN's packed layout as well
-        (packed_linear.py: ~1.4x faster decode matmuls, twice the projection weight memory)."""
+                 prepack_weights: bool = True, keep_plain_weights: bool = True):
+        """prepack_weights: hold bf16 CPU projection weights in oneDNN's packed layout
+        (packed_linear.py: ~1.4x faster decode matmuls), beside the plain weights (twice the
+        projection weight memory) or, keep_plain_weights=False, instead of them (memory.py)."""
         self.model = model
         config = model.config
         self.param = next(model.parameters())
         self.dtype, self.device = self.param.dtype, self.param.device
         self.targets = wrap_projections(model)
         if prepack_weights:
-            prepack_projections([m for m in model.modules() if isinstance(m, BatchedLoraLinear)])
+            prepack_projections([m for m in model.modules() if isinstance(m, BatchedLoraLinear)],
+                                keep_plain_weights, model)
         self.layout = KVLayout(config.num_hidden_layers,
                                config.num_key_value_heads * config.head_dim,
                                config.hidden_size, block_tokens)
