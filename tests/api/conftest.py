@@ -113,7 +113,7 @@ def server(llama_dir, tokenizer, adapter_root, tmp_path_factory):
                           api_keys=ApiKeys.from_file(keys_file), vocab_size=384)
     app = create_app(async_engine, tokenizer, config)
     thread = ServerThread(app).start()
-    thread.engine = async_engine.engine
+    thread.engine, thread.adapter_dir = async_engine.engine, adapter_root
     yield thread
     thread.stop()
 

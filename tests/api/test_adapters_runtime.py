@@ -93,11 +93,18 @@ def _bad_adapters(adapter_root):
 
 def test_bad_adapter_files_are_reported_and_server_keeps_serving(client, http, adapter_root):
     for kind, folder in _bad_adapters(adapter_root).items():
+        # (named apart from the folder: the folder itself is listed as resolvable, issue 12)
         resp = http.post("/v1/load_lora_adapter",
-                         json={"lora_name": f"bad-{kind}", "lora_path": folder.name})
+                         json={"lora_name": f"x-bad-{kind}", "lora_path": folder.name})
         assert resp.status_code == 400, (kind, resp.text)
         assert resp.json()["error"]["code"] == "adapter_load_failed"
-        assert f"bad-{kind}" not in {m.id for m in client.models.list().data}
+        assert f"x-bad-{kind}" not in {m.id for m in client.models.list().data}
+        # named by a request, the folder fails to resolve with the same clear error
+        on_demand = http.post("/v1/completions", json={"model": folder.name, "prompt": "hi",
+                                                       "max_tokens": 1})
+        assert on_demand.status_code in (400, 404), on_demand.text
+        if on_demand.status_code == 400:
+            assert on_demand.json()["error"]["code"] == "adapter_load_failed"
         assert client.completions.create(model="alpha", prompt="hi", max_tokens=2).choices
 
 

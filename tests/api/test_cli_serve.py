@@ -69,7 +69,10 @@ def test_serve_cli_matches_generate_and_drains_on_sigterm(serve_process, llama_d
         assert expected in log, log
     client = openai.OpenAI(base_url=serve_process.url + "/v1", api_key="unused", max_retries=0,
                            timeout=60)
-    assert {m.id for m in client.models.list().data} == {"tiny", "alpha"}
+    # the registered adapter, and the folders of --adapter-dir that a request may name
+    listed = {m.id for m in client.models.list().data}
+    assert {"tiny", "alpha", "beta", "gamma"} <= listed
+    assert all((adapter_root / name).is_dir() for name in listed - {"tiny"})
     for adapter in ("alpha", None):
         args = ["--model", llama_dir, "--prompt", "the quick brown fox", "--max-tokens", 12]
         ref = lorafleet_generate(capsys, *args, *(["--adapter", adapter_root / adapter]
@@ -107,6 +110,14 @@ def test_serve_cli_bad_arguments(llama_dir, capsys):
     assert "--adapter expects NAME=DIR" in capsys.readouterr().err
     assert cli_main(["serve", "--model", str(llama_dir), "--api-keys", "/nonexistent.json"]) == 1
     assert "does not exist" in capsys.readouterr().err
+    # an adapter named like the served model would be shadowed by it (issue 13)
+    assert cli_main(["serve", "--model", str(llama_dir), "--served-model-name", "tiny",
+                     "--adapter", "tiny=/x"]) == 1
+    assert "served model's name" in capsys.readouterr().err
+    assert cli_main(["serve", "--model", str(llama_dir), "--adapter", "../up=/x"]) == 1
+    assert "adapter name '../up'" in capsys.readouterr().err
+    assert cli_main(["serve", "--model", str(llama_dir), "--max-model-len", "100000"]) == 1
+    assert "max_position_embeddings" in capsys.readouterr().err
 
 
 def test_serve_scheduler_flags_reach_engine_config(llama_dir):

@@ -15,9 +15,11 @@ def expected_text(tokenizer, reference, prompt_ids, adapter, max_tokens):
     return tokenizer.decode([t for t in ids if t != tokenizer.eos_token_id]), ids
 
 
-def test_models_list_base_and_adapters(client):
+def test_models_list_base_and_adapters(client, server):
     models = {m.id: m for m in client.models.list().data}
-    assert set(models) == {"base", "alpha", "beta"}
+    # registered adapters, and gamma: a folder of --adapter-dir, resolvable on demand
+    assert {"base", "alpha", "beta", "gamma"} <= set(models)
+    assert all((server.adapter_dir / m).is_dir() for m in set(models) - {"base"})
     assert models["alpha"].parent == "base" and models["beta"].parent == "base"
     assert getattr(models["base"], "parent", None) is None
 

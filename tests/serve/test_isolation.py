@@ -4,13 +4,15 @@ Each ordinary request must produce exactly what it produces in a clean run, the 
 fail alone with a clear error (or finish), and the pool ends all free."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 
 from lorafleet.models.sampling import MIN_TEMPERATURE, SamplingParams
 from lorafleet.serve import Engine, EngineConfig
-from lorafleet.serve.adapter_cache import read_peft_folder
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13], [20, 21], [30, 31, 32, 33]]
 CLEAN_ADAPTERS = [None, "a00", "a01"]
@@ -25,7 +27,8 @@ def engine(small_fleet):
         engine.register_adapter(name, adapters[name])
     # Finite weights, so any load-time check of finiteness passes; 1e30 overflows float32 in
     # the forward pass, which is what a NaN or Inf adapter does to the logits.
-    config, tensors = read_peft_folder(adapters["a02"])
+    config = json.loads((adapters["a02"] / "adapter_config.json").read_text())
+    tensors = load_file(adapters["a02"] / "adapter_model.safetensors")
     engine.register_adapter_tensors("overflow", config,
                                     {k: v * 1e30 for k, v in tensors.items()})
     return engine

@@ -12,7 +12,7 @@ import logging
 
 from fastapi import Request
 
-from lorafleet.adapters.store import AdapterStore, check_name
+from lorafleet.adapters.store import check_name
 from lorafleet.api.auth import (OPEN, ApiKeys, BadPathError, Grant, PathOutsideError,
                                 bearer_token, confine_folder_files, resolve_adapter_path)
 from lorafleet.api.metrics import BASE_LABEL
@@ -100,49 +100,25 @@ async def resolve_model(state: ServerState, grant: Grant, model: str) -> str | N
         raise model_not_found(state, model) from None
     if model in RESERVED_NAMES:
         raise model_not_found(state, model)
-    resolver = getattr(engine, "resolve_adapter", None)
+    if adapter_folder(state.config, model) is None:
+        raise model_not_found(state, model)
     try:
-        if resolver is not None:
-            if adapter_folder(state.config, model) is None:
-                raise model_not_found(state, model)
-            found = await asyncio.to_thread(resolver, model)
-        else:
-            found = await _register_from_dir(state, model)
+        # Reads the folder's config and header: blocking I/O, off the event loop.
+        found = await asyncio.to_thread(engine.resolve_adapter, model)
     except LoraFleetError as exc:
         log.warning("adapter %s could not be resolved: %s", model, exc)
         raise ApiError(400, f"adapter {model!r} failed to load: {exc}", param="model",
                        code="adapter_load_failed") from exc
     if not found:
         raise model_not_found(state, model)
+    log.info("resolved adapter %s on demand", model)
     return model
-
-
-async def _register_from_dir(state: ServerState, name: str) -> bool:
-    """On-demand resolution for an engine without a lazy registry: register the folder now."""
-    path = adapter_folder(state.config, name)
-    if path is None:
-        return False
-    if name in state.loading:
-        raise model_not_found(state, name)
-    state.loading.add(name)
-    try:
-        if name not in state.engine.adapters():
-            await asyncio.to_thread(state.engine.register_adapter, name, str(path))
-            log.info("resolved adapter %s on demand from %s", name, path)
-    finally:
-        state.loading.discard(name)
-    return True
 
 
 def visible_models(state: ServerState, grant: Grant) -> list[str]:
     """Adapters this key may use: registered or resolvable from --adapter-dir, nothing else.
     Reads the folder: call it off the event loop."""
-    names = set(state.engine.adapters()) - state.unloading
-    lister = getattr(state.engine, "resolvable_adapters", None)
-    if lister is not None:
-        names.update(lister())
-    elif state.config.adapter_dir is not None:
-        names.update(AdapterStore(state.config.adapter_dir).names())
+    names = set(state.engine.resolvable_adapters()) - state.unloading
     registered = set(state.engine.adapters())
     # A folder is listed only if a request for it would be served: its name follows the rule
     # and its files stay inside the dir.

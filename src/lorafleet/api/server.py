@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException
@@ -35,6 +36,12 @@ def create_app(engine: Engine | AsyncEngine, tokenizer, config: ServerConfig | N
     else:
         async_engine = AsyncEngine(engine)
     config.fill_from(engine)
+    if config.adapter_dir is not None and not any(
+            Path(store.root).resolve() == Path(config.adapter_dir).resolve()
+            for store in engine.stores):
+        # Requests may name any adapter folder of the dir (resolved on demand, access.py).
+        # (`lorafleet serve` attaches it before its --adapter registrations, which then win.)
+        engine.register_store(config.adapter_dir, lazy=True)
     state = ServerState(engine, async_engine, tokenizer, config, ServerMetrics(async_engine.stats))
 
     @contextlib.asynccontextmanager

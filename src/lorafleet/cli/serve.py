@@ -62,6 +62,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-chunked-prefill", dest="chunked_prefill", action="store_false",
                    help="a step is all prefill or all decode (default: steps mix decode rows "
                         "with prompt chunks, long prompts over several steps)")
+    p.add_argument("--max-body-bytes", type=int,
+                   help="largest request body accepted; larger ones get 413 (default 8 MiB)")
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="seconds SIGTERM waits for in-flight requests before exiting")
     p.set_defaults(func=run)
@@ -81,6 +83,7 @@ def parse_adapter_args(values: list[str]) -> dict[str, Path]:
 
 def build(args):
     """The engine, tokenizer and app the arguments describe (also used by tests)."""
+    from lorafleet.adapters.store import check_name
     from lorafleet.api.auth import ApiKeys
     from lorafleet.api.server import ServerConfig, create_app
     from lorafleet.models import load_model, load_tokenizer
@@ -90,25 +93,40 @@ def build(args):
     keys = ApiKeys.from_file(args.api_keys) if args.api_keys else None
     if args.adapter_dir and not Path(args.adapter_dir).is_dir():
         raise ConfigError(f"--adapter-dir {args.adapter_dir} is not a folder")
+    served_name = args.served_model_name or Path(args.model).resolve().name
+    for name in adapters:
+        check_name(name)
+        if name == served_name:
+            raise ConfigError(f"--adapter {name!r}: the name is the served model's name; a "
+                              f"request for {name!r} could not tell them apart")
     tokenizer = load_tokenizer(args.model)
     if args.quantize == "nf4":
         from lorafleet.quant import load_quantized_model  # lazily: only NF4 users pay for it
         model = load_quantized_model(args.model, dtype=args.dtype, device=args.device)
     else:
         model = load_model(args.model, dtype=args.dtype, device=args.device)
+    positions = model.config.max_position_embeddings
+    if args.max_model_len is not None and args.max_model_len > positions:
+        raise ConfigError(f"--max-model-len {args.max_model_len} exceeds the model's "
+                          f"max_position_embeddings ({positions})")
     engine = Engine(model, tokenizer, EngineConfig(
         num_pages=args.num_pages, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.chunked_prefill,
         max_model_len=args.max_model_len, dtype=args.dtype, device=args.device))
+    if args.adapter_dir:
+        # Every folder of the dir can be named by a request (resolved on demand); an explicit
+        # --adapter of the same name, registered after, wins.
+        engine.register_store(args.adapter_dir, lazy=True)
     for name, folder in adapters.items():
         engine.register_adapter(name, str(folder))
     max_model_len = args.max_model_len or engine.max_model_len
     config = ServerConfig(
-        model_name=args.served_model_name or Path(args.model).resolve().name,
+        model_name=served_name,
         max_model_len=max_model_len, max_tokens_limit=args.max_tokens_limit,
         max_queue=args.max_queue, adapter_dir=args.adapter_dir, api_keys=keys,
-        vocab_size=model.config.vocab_size)
+        vocab_size=model.config.vocab_size,
+        **({"max_body_bytes": args.max_body_bytes} if args.max_body_bytes else {}))
     return engine, tokenizer, create_app(engine, tokenizer, config), config
 
 

@@ -15,7 +15,6 @@ restarted instead of hanging its clients.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import threading
 from typing import AsyncIterator
@@ -38,7 +37,6 @@ class AsyncEngine:
         self.failed_steps = 0
         self.last_step_failed = False
         self.dead: str | None = None      # why the step thread stopped unexpectedly
-        self._takes_tenant = "tenant" in inspect.signature(engine.add_request).parameters
         self._thread = threading.Thread(target=self._run, name="lorafleet-engine", daemon=True)
         self._thread.start()
 
@@ -106,9 +104,8 @@ class AsyncEngine:
         # the engine's lock, add_request still runs later. Shielding keeps a handle on it so the
         # abort below runs only once the request is in (else it would abort nothing and the
         # request would run to the end with no reader).
-        kwargs = {"tenant": tenant} if self._takes_tenant and tenant is not None else {}
         added = asyncio.ensure_future(asyncio.to_thread(
-            self.engine.add_request, request_id, prompt_ids, adapter, params, **kwargs))
+            self.engine.add_request, request_id, prompt_ids, adapter, params, tenant))
         try:
             await asyncio.shield(added)
             self._wake.set()
