@@ -7,6 +7,8 @@ weight as it arrives, so the full-precision model never exists in memory.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +115,7 @@ def load_quantized_model(path: str | Path, dtype: str | torch.dtype = torch.bflo
             else:
                 rest[key] = tensor
         del tensor  # drop the float32 copy before the next one is read
+        _return_freed_memory()
     model.load_state_dict(rest, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()
@@ -121,6 +124,25 @@ def load_quantized_model(path: str | Path, dtype: str | torch.dtype = torch.bflo
     if leftover:
         raise ConfigError(f"{path}: not loaded after quantization: {', '.join(leftover[:5])}")
     return model.eval()
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Hand the freed float32 tensor and quantization temporaries back to the OS. glibc's
+    malloc raises its mmap threshold after the first large free, so later tensors of that size
+    come from the heap, where the small NF4 results between them fragment it and the freed
+    space stays in RSS: measured on a 4-layer, 1024-wide Llama, loading held 127 MB instead of
+    the 35 MB stored. malloc_trim releases every free page of the heap (a few ms)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _fresh_storage(layer: Linear4bit, weight: torch.Tensor) -> dict[str, torch.Tensor]:
