@@ -1,401 +1,379 @@
-"""The S-LoRA workload on lorafleet's engine, against the ways people serve many adapters today.
+"""The S-LoRA workload on lorafleet's engine with adapters beyond memory, against the ways people
+serve many adapters today.
 
-    lorafleet bench serve [--adapters 1,10,100,1000,2000] [--requests 64] [--rate 100]
-                          [--repeats 2] [--json out.json] [--plot out.png]
+    lorafleet bench serve [--adapters 10,100,1000,5000] [--requests 1000] [--rate 100]
+                          [--json docs/results/serve-DATE.json] [--plot-dir docs/img]
+    lorafleet bench serve --report docs/results/serve-*.json [--update-doc docs/benchmarks.md]
 
-Base model: a random Llama (GQA) with weights dominating (hidden 1024, 4 layers, bf16 by
-default). Workload (S-LoRA sec. 7): N adapters with power-law popularity (p_i ~ (i+1)^-alpha),
-Poisson arrivals at --rate requests/s, input and output lengths uniform in the given ranges,
-ranks drawn from --ranks; 3/4 of the adapters target q_proj, v_proj, 1/4 q, k, v, o_proj.
+Setup: a random Llama (hidden 1024, 4 layers, GQA, saved in bf16) and a store of random PEFT
+adapter folders on disk (ranks 8-64, a quarter on every linear layer, the rest on q,k,v,o:
+workloads.py). Each run registers the store's first N adapters (lazily where the engine can:
+headers only) and replays a trace of Poisson arrivals with power-law or uniform popularity, in
+its own process (serve_run.py: peak RSS per run). The engine runs with its defaults
+(`EngineConfig()`, the out-of-the-box configuration a user gets) unless a row says otherwise.
 
-The default rate saturates the engine (throughput is then the engine's, not the arrival
-rate's). The lorafleet runs (base-only first and last, then each N) are repeated --repeats times,
-interleaved, and each configuration's best run is reported: on a shared machine other processes
-slow single runs at random, and the best of interleaved runs is the least disturbed estimate.
-
-Side by side, on the same requests:
-- lorafleet with N adapters, for each N;
-- lorafleet serving the base model only (no LoRA: the upper bound);
-- merge-and-swap: the same engine serving one adapter at a time merged into the weights,
-  switching (unmerge, merge) when the oldest queued request needs another adapter;
-- PEFT + transformers: static batches with per-row `adapter_names` (few requests: it is slow).
-Reported: tokens/s, requests/s, mean and p99 latency, mean time to first token, and the mean
-decode step time as a ratio to the roofline floor (DESIGN.md sec. 4) with memory bandwidth and
-bf16 matmul rate measured in the same run.
+Runs, in this order (so that a run cut short has the most important ones):
+1. base model only and lorafleet for each N and popularity, at the saturating rate --rate;
+2. a hand-sized configuration (--hand-config) beside the default, at --hand-adapters;
+3. merge-and-swap and PEFT per-row on a subset (--merge-swap-requests, --peft-requests);
+4. the heavy mix (64 running, long prompts, ranks up to 64 on q,k,v,o: --heavy-requests);
+5. the rate sweep at N = --rate-adapters: fractions (--rate-fractions) of the base model's
+   measured request rate, both popularities;
+6. the base model again (the machine's drift over the run; left out of the ratios).
+The machine's roofline (bf16 matmul, memory copy) is measured at the start and the end.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
+import subprocess
+import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
-from .workloads import drive, make_adapter, make_requests, summarize
+from .serve_report import best_runs, markdown, plot, update_doc
+from .workloads import (ALL_LINEAR_SHARE, ATTENTION, RANKS, adapter_name, adapter_spec,
+                        link_store, make_random_llama, write_adapter_store)
+
+__all__ = ["add_arguments", "run", "best_runs"]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--adapters", default="1,10,100,1000,2000",
-                        help="comma-separated numbers of registered adapters")
-    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--report", type=Path, nargs="+", default=None,
+                        help="only render tables and plots from these results JSON files")
+    parser.add_argument("--update-doc", type=Path, default=None,
+                        help="with --report: replace the generated section of this markdown")
+    parser.add_argument("--adapters", default="10,100,1000,5000",
+                        help="comma-separated numbers N of adapters in the store")
+    parser.add_argument("--popularity", default="power-law,uniform")
+    parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=100.0,
-                        help="Poisson arrivals per second (the default saturates the engine)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="interleaved repetitions of the lorafleet runs (best one reported)")
-    parser.add_argument("--alpha", type=float, default=1.0, help="power-law popularity exponent")
+                        help="Poisson arrivals per second of the scaling runs (saturating)")
+    parser.add_argument("--rate-adapters", type=int, default=1000,
+                        help="N of the rate sweep (0 skips it)")
+    parser.add_argument("--rate-fractions", default="0.25,0.5,0.75",
+                        help="rates of the sweep, as fractions of the base model's req/s")
+    parser.add_argument("--alpha", type=float, default=1.0, help="power-law exponent")
     parser.add_argument("--input-len", default="8,64", help="uniform range of prompt lengths")
     parser.add_argument("--output-len", default="8,32", help="uniform range of output lengths")
-    parser.add_argument("--ranks", default="8,16,32")
+    parser.add_argument("--ranks", default=",".join(map(str, RANKS)))
+    parser.add_argument("--slo-ttft", type=float, default=1.0,
+                        help="SLO: first token within this many seconds of arrival")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
-    parser.add_argument("--max-num-seqs", type=int, default=32)
-    parser.add_argument("--peft-requests", type=int, default=16,
-                        help="requests for the PEFT baseline (0 skips it)")
+    parser.add_argument("--model-dtype", default="bfloat16", help="dtype the checkpoint declares")
+    parser.add_argument("--engine", default="{}",
+                        help="EngineConfig fields (JSON) of the main runs; {} = the defaults")
+    parser.add_argument("--hand-config", default=None,
+                        help="JSON EngineConfig of the hand-sized comparison rows (default: "
+                             "bf16 with a pool sized for the batch's KV plus 200 mean adapters)")
+    parser.add_argument("--hand-adapters", type=int, default=1000, help="0 skips the hand rows")
+    parser.add_argument("--merge-swap-requests", type=int, default=200)
+    parser.add_argument("--merge-swap-adapters", type=int, default=10)
+    parser.add_argument("--peft-requests", type=int, default=128)
     parser.add_argument("--peft-adapters", type=int, default=10)
-    parser.add_argument("--no-merge-swap", action="store_true")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (1 is much faster on a contended machine)")
+    parser.add_argument("--heavy-requests", type=int, default=256, help="0 skips the heavy mix")
+    parser.add_argument("--heavy-adapters", type=int, default=100)
+    parser.add_argument("--heavy-input-len", default="8,256")
+    parser.add_argument("--heavy-output-len", default="16,64")
+    parser.add_argument("--heavy-ranks", default="8,16,32,64")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="keep the model and the adapter store here (reused when present)")
+    parser.add_argument("--note", action="append", default=[],
+                        help="a line about the conditions of this run, kept in the JSON")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run everything in this process (fast, for tests; peak RSS is then "
+                             "the whole benchmark's, not each run's)")
     parser.add_argument("--json", "--out", dest="json", type=Path, default=None)
-    parser.add_argument("--plot", type=Path, default=None, help="PNG: throughput vs N")
+    parser.add_argument("--plot-dir", type=Path, default=None, help="PNG plots go here")
 
 
-def decode_roofline(engine, step_log, bandwidth: float, flops: float, adapter_bytes) -> dict:
-    """Mean decode step time and its ratio to max(bytes / bandwidth, FLOPs / matmul rate)."""
-    model = engine.model
-    params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
-    elem = next(model.parameters()).element_size()
-    layout = engine.kv.layout
-    ratios, times = [], []
-    for rec in step_log:
-        if rec.is_prefill:
-            continue
-        kv_bytes = rec.context_tokens * layout.num_layers * 2 * layout.kv_dim * elem
-        lora_bytes = sum(adapter_bytes(a) for a in rec.adapters)
-        floor = max((params * elem + kv_bytes + lora_bytes) / bandwidth,
-                    2 * params * rec.num_tokens / flops)
-        ratios.append(rec.seconds / floor)
-        times.append(rec.seconds)
-    if not times:
-        return {}
-    return {"decode_step_ms": 1e3 * statistics.fmean(times),
-            "decode_batch": statistics.fmean(r.num_seqs for r in step_log if not r.is_prefill),
-            "decode_vs_roofline": statistics.fmean(ratios)}
-
-
-def run_lorafleet(model_dir, dtype, requests, num_adapters, args, roofline) -> dict:
-    from lorafleet.serve import Engine, EngineConfig
-
-    engine = Engine(model_dir, config=EngineConfig(
-        num_pages=args.num_pages, dtype=dtype, max_num_seqs=args.max_num_seqs))
-    names = [f"adapter{i}" for i in range(num_adapters)]
-    ranks = [int(r) for r in args.ranks.split(",")]
-    started = time.perf_counter()
-    for i, name in enumerate(names):
-        engine.register_adapter_tensors(name, *make_adapter(i, engine.model.config, ranks,
-                                                            args.seed))
-    register_s = time.perf_counter() - started
-    engine.step_log = []
-    result = drive(engine, requests, names)
-    page_bytes = engine.runner.page_bytes
-    result.update(decode_roofline(
-        engine, engine.step_log, *roofline,
-        adapter_bytes=lambda a: engine.cache.host[a].num_pages * page_bytes))
-    result["register_s"] = register_s
-    result.update({k: engine.stats()[k] for k in ("cache_hits", "cache_misses",
-                                                  "cache_evictions", "preemptions")})
-    return result
-
-
-def run_merge_swap(model_dir, dtype, requests, num_adapters, args, roofline) -> dict:
-    """One adapter at a time merged into the base weights (W += s B A), served by the same
-    engine with no LoRA; switching waits for the running batch to drain."""
+def measure_roofline() -> dict:
+    """bf16 matmul FLOP/s (2048^3, best of 5) and copy bandwidth (256 MB fp32 tensor, read +
+    write bytes, best of 5): the machine's two ceilings (DESIGN.md sec. 4)."""
     import torch
 
-    from lorafleet.serve import Engine, EngineConfig
-
-    engine = Engine(model_dir, config=EngineConfig(
-        num_pages=args.num_pages, dtype=dtype, max_num_seqs=args.max_num_seqs))
-    ranks = [int(r) for r in args.ranks.split(",")]
-    adapters = [make_adapter(i, engine.model.config, ranks, args.seed)
-                for i in range(num_adapters)]
-    modules = dict(engine.model.named_modules())
-    state = {"current": None, "saved": {}, "swaps": 0}
-
-    def swap_to(index):
-        for name, weight in state["saved"].items():
-            modules[name].base_layer.weight.copy_(weight)
-        state["saved"] = {}
-        config, tensors = adapters[index]
-        scaling = config["lora_alpha"] / config["r"]
-        for key, a in tensors.items():
-            if not key.endswith("lora_A.weight"):
-                continue
-            module = key[len("base_model.model."):-len(".lora_A.weight")]
-            b = tensors[key.replace("lora_A", "lora_B")]
-            weight = modules[module].base_layer.weight
-            state["saved"][module] = weight.clone()
-            weight.add_((scaling * (b @ a)).to(weight.dtype))
-        state["current"] = index
-        state["swaps"] += 1
-
-    def before_admit(r):
-        if r["adapter"] == state["current"]:
-            return True
-        if engine.has_work():
-            return False               # drain the running batch before swapping
-        with torch.inference_mode():
-            swap_to(r["adapter"])
-        return True
-
-    requests = [dict(r, adapter_index=r["adapter"]) for r in requests]
-    # Requests are added as base-model rows: the merged weights carry the adapter.
-    wrapped = [dict(r) for r in requests]
-    for r in wrapped:
-        r["adapter"] = r["adapter_index"]
-    result = drive(_BaseOnly(engine), wrapped, list(range(num_adapters)),
-                   before_admit=before_admit)
-    result["swaps"] = state["swaps"]
-    return result
-
-
-class _BaseOnly:
-    """Adds every request without an adapter (merge-and-swap puts the adapter in the weights)."""
-
-    def __init__(self, engine):
-        self.engine = engine
-
-    def add_request(self, request_id, prompt, adapter, params):
-        self.engine.add_request(request_id, prompt, None, params)
-
-    def has_work(self):
-        return self.engine.has_work()
-
-    def step(self):
-        return self.engine.step()
-
-
-def run_peft(model_dir, dtype, requests, args) -> dict:
-    """transformers + PEFT with per-row adapter_names, static batches of --max-num-seqs in
-    arrival order (no continuous batching), left-padded."""
-    import torch
-    import transformers
-    from peft import LoraConfig, get_peft_model
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-    ranks = [int(r) for r in args.ranks.split(",")]
-    peft_model = None
-    for i in range(args.peft_adapters):
-        config, tensors = make_adapter(i, _cfg(model), ranks, args.seed)
-        lora_config = LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"],
-                                 target_modules=config["target_modules"])
-        if peft_model is None:
-            peft_model = get_peft_model(model, lora_config, adapter_name=f"adapter{i}")
-        else:
-            peft_model.add_adapter(f"adapter{i}", lora_config)
-        from peft import set_peft_model_state_dict
-        set_peft_model_state_dict(peft_model, {k: v.to(dtype) for k, v in tensors.items()},
-                                  adapter_name=f"adapter{i}")
-    peft_model.eval()
-    first, done, start = {}, {}, time.perf_counter()
-    batch_size = args.max_num_seqs
-    for b in range(0, len(requests), batch_size):
-        batch = requests[b:b + batch_size]
-        wait = batch[-1]["arrival"] - (time.perf_counter() - start)
-        if wait > 0:
-            time.sleep(wait)
-        width = max(len(r["prompt"]) for r in batch)
-        ids = torch.tensor([[0] * (width - len(r["prompt"])) + r["prompt"] for r in batch])
-        mask = torch.tensor([[0] * (width - len(r["prompt"])) + [1] * len(r["prompt"])
-                             for r in batch])
-        names = [f"adapter{r['adapter']}" for r in batch]
-        with torch.inference_mode():
-            peft_model.generate(input_ids=ids, attention_mask=mask, adapter_names=names,
-                                max_new_tokens=max(r["output_len"] for r in batch),
-                                do_sample=False, pad_token_id=0, eos_token_id=None)
-        t = time.perf_counter() - start
-        for r in batch:   # static batching: first token and end arrive with the batch
-            first[r["id"]] = t
-            done[r["id"]] = t
-    return summarize(requests, first, done, time.perf_counter() - start)
-
-
-def _cfg(hf_model):
-    """Our ModelConfig for a transformers model (make_adapter needs sizes only)."""
-    from lorafleet.models import ModelConfig
-
-    return ModelConfig.from_dict(hf_model.config.to_dict())
-
-
-def measure_roofline(dtype) -> tuple[float, float]:
-    """(memory bandwidth bytes/s from a 256 MB copy, matmul FLOP/s of 2048^3 in `dtype`)."""
-    import torch
-
-    src = torch.empty(64 * 2**20, dtype=torch.float32).fill_(1.0)
+    src = torch.ones(64 * 2**20, dtype=torch.float32)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    start = time.perf_counter()
+    copies = []
     for _ in range(5):
+        start = time.perf_counter()
         dst.copy_(src)
-    bandwidth = 5 * 2 * src.nbytes / (time.perf_counter() - start)
-    a = torch.randn(2048, 2048).to(dtype)
+        copies.append(time.perf_counter() - start)
+    a = torch.randn(2048, 2048).to(torch.bfloat16)
     a @ a
-    start = time.perf_counter()
+    matmuls = []
     for _ in range(5):
+        start = time.perf_counter()
         a @ a
-    flops = 5 * 2 * 2048**3 / (time.perf_counter() - start)
-    return bandwidth, flops
+        matmuls.append(time.perf_counter() - start)
+    return {"bandwidth_bytes_per_s": 2 * src.nbytes / min(copies),
+            "matmul_flops": 2 * 2048**3 / min(matmuls)}
 
 
-# ---- the program --------------------------------------------------------------------------
+def _loadavg() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def prepare(args, work: Path, counts: list[int]) -> dict:
+    """The model and the adapter stores (one per N, hard links into the largest); reused when
+    `work` already holds them for the same parameters."""
+    from lorafleet.models import ModelConfig
+
+    ranks = _ints(args.ranks)
+    key = {k: getattr(args, k) for k in ("hidden", "layers", "heads", "kv_heads", "vocab",
+                                         "model_dtype", "seed", "ranks")}
+    key.update(largest=max(counts + [args.heavy_adapters]),
+               heavy=[args.heavy_adapters, args.heavy_ranks])
+    marker = work / "prepared.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+        return json.loads(marker.read_text())["info"]
+    model_dir = work / "model"
+    started = time.perf_counter()
+    make_random_llama(model_dir, args.hidden, args.layers, args.heads, args.kv_heads,
+                      args.vocab, args.model_dtype)
+    config = ModelConfig.from_dict(json.loads((model_dir / "config.json").read_text()))
+    largest = max(counts)
+    full = work / "stores" / f"n{largest}"
+    store = write_adapter_store(full, largest, config, args.seed, ranks)
+    for n in counts:
+        if n != largest:
+            link_store(full, work / "stores" / f"n{n}", [adapter_name(i) for i in range(n)])
+    heavy = {}
+    if args.heavy_requests:
+        heavy = write_adapter_store(work / "stores" / "heavy", args.heavy_adapters, config,
+                                    args.seed, _ints(args.heavy_ranks), targets=ATTENTION)
+    import math
+
+    import safetensors
+
+    with safetensors.safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    info = {"model": {"parameters": params, "dir": str(model_dir)},
+            "store": store, "heavy_store": heavy, "prepare_s": time.perf_counter() - started}
+    marker.write_text(json.dumps({"key": key, "info": info}))
+    return info
+
+
+def default_hand_config(args) -> dict:
+    """bf16, 64 running sequences, a pool of the batch's KV at its longest plus 200 adapters of
+    the mean size: a configuration sized by hand for this workload."""
+    from lorafleet.models import ModelConfig
+
+    from .workloads import adapter_pool_pages
+
+    config = ModelConfig(hidden_size=args.hidden,
+                         intermediate_size=int(args.hidden * 8 / 3) // 64 * 64,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.kv_heads, vocab_size=args.vocab)
+    kv_dim = args.kv_heads * config.head_dim
+    max_tokens = _ints(args.input_len)[1] + _ints(args.output_len)[1]
+    kv_pages = 64 * (max_tokens + 16) * 2 * args.layers * kv_dim // args.hidden
+    mean_adapter = sum(adapter_pool_pages(config, *adapter_spec(i, args.seed, _ints(args.ranks)))
+                       for i in range(200)) / 200
+    return {"dtype": "bfloat16", "max_num_seqs": 64, "num_pages": int(kv_pages +
+                                                                      200 * mean_adapter)}
+
+
+def plan(args, counts: list[int], popularities: list[str]) -> list[dict]:
+    """Every run of the benchmark, in order, as specs for serve_run (rates of the rate sweep
+    filled in once the base model's rate is measured)."""
+    engine = json.loads(args.engine)
+    specs = [dict(system="base-only", adapters=0, rate=args.rate, sweep="scaling",
+                  engine=engine)]
+    for n in counts:
+        for popularity in popularities:
+            specs.append(dict(system="lorafleet", adapters=n, popularity=popularity,
+                              rate=args.rate, sweep="scaling", engine=engine))
+    if args.hand_adapters:
+        hand = json.loads(args.hand_config) if args.hand_config else default_hand_config(args)
+        specs.append(dict(system="base-only", adapters=0, rate=args.rate, sweep="baselines",
+                          engine=hand, config="hand-sized"))
+        for popularity in popularities:
+            specs.append(dict(system="lorafleet", adapters=args.hand_adapters,
+                              popularity=popularity, rate=args.rate, sweep="baselines",
+                              engine=hand, config="hand-sized"))
+    if args.merge_swap_requests:
+        specs.append(dict(system="merge-swap", adapters=args.merge_swap_adapters,
+                          popularity="power-law", rate=args.rate, sweep="baselines",
+                          engine=engine, requests=args.merge_swap_requests))
+    if args.peft_requests:
+        specs.append(dict(system="peft", adapters=args.peft_adapters, popularity="power-law",
+                          rate=args.rate, sweep="baselines", engine={"max_num_seqs": 64},
+                          requests=args.peft_requests))
+    if args.heavy_requests:
+        heavy = dict(json.loads(args.engine), max_num_seqs=64)
+        for system, n in (("base-only", 0), ("lorafleet", args.heavy_adapters)):
+            specs.append(dict(system=system, adapters=n, popularity="power-law" if n else None,
+                              rate=1e6, sweep="heavy", workload="heavy", engine=heavy,
+                              requests=args.heavy_requests))
+    if args.rate_adapters:
+        for fraction in _ints_or_floats(args.rate_fractions):
+            for popularity in popularities:
+                specs.append(dict(system="lorafleet", adapters=args.rate_adapters,
+                                  popularity=popularity, rate_fraction=fraction, sweep="rate",
+                                  engine=engine))
+    specs.append(dict(system="base-only", adapters=0, rate=args.rate, sweep="scaling",
+                      engine=engine, spread_check=True))
+    for s in specs:
+        s.setdefault("config", "default")
+        s.setdefault("popularity", None)
+        s.setdefault("workload", None)
+    return specs
+
+
+def _ints_or_floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def run_one(spec: dict, tmp: Path, in_process: bool = False) -> dict:
+    """One run in a fresh process (serve_run.py); its result dict, or the error it raised."""
+    if in_process:
+        from .serve_run import run as run_spec
+        return run_spec(spec)
+    spec_file, result_file = tmp / "spec.json", tmp / "result.json"
+    result_file.unlink(missing_ok=True)
+    spec_file.write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, "-m", "lorafleet.bench.serve_run", str(spec_file),
+                           str(result_file)], capture_output=True, text=True)
+    if proc.returncode != 0 or not result_file.is_file():
+        return {"error": proc.stderr.strip().splitlines()[-1:] or ["no result"],
+                "stderr_tail": proc.stderr[-2000:]}
+    return json.loads(result_file.read_text())
+
+
+def _line(r: dict) -> str:
+    if "error" in r:
+        return f"{r['system']:>10} N={r['adapters']:<5} FAILED: {r['error']}"
+    return (f"{r['system']:>10} {r.get('config', ''):>10} N={r['adapters']:<5} "
+            f"{(r.get('popularity') or ''):>9} rate {r['rate']:7.1f}: "
+            f"{r['tokens_per_s']:7.1f} tok/s {r['requests_per_s']:5.2f} req/s TTFT p50/p99 "
+            f"{r['p50_ttft_s'] or 0:.2f}/{r['p99_ttft_s'] or 0:.2f} s, distinct "
+            f"{r.get('distinct_adapters')}, loads {r.get('loads')}, evictions "
+            f"{r.get('evictions')}, RSS {r.get('peak_rss_bytes', 0) / 2**20:.0f} MiB, "
+            f"{r['seconds']:.0f} s")
+
 
 def run(args) -> int:
+    if args.report:
+        return report(args)
+    counts, popularities = _ints(args.adapters), [p for p in args.popularity.split(",") if p]
+    started = time.perf_counter()
+    results = {"started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+               "commit": _commit(), "notes": list(args.note),
+               "workload": {k: v for k, v in vars(args).items()
+                            if k not in ("json", "plot_dir", "report", "update_doc", "work_dir",
+                                         "note", "func", "in_process") and not callable(v)},
+               "runs": []}
+    w = results["workload"]
+    for k in ("input_len", "output_len", "ranks", "heavy_input_len", "heavy_output_len",
+              "heavy_ranks"):
+        w[k] = _ints(w[k])
+    w["all_linear_share"] = ALL_LINEAR_SHARE
     import torch
-
-    from lorafleet.bench.model import make_random_llama
-    from lorafleet.models import parse_dtype
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = parse_dtype(args.dtype)
-    counts = [int(n) for n in args.adapters.split(",") if n]
-    input_len = tuple(int(x) for x in args.input_len.split(","))
-    output_len = tuple(int(x) for x in args.output_len.split(","))
-    args.num_pages = 64 * 1024            # 128 MB of bf16 pages at hidden 1024
-    roofline = measure_roofline(dtype)
-    print(f"machine: {torch.get_num_threads()} threads, memory bandwidth "
-          f"{roofline[0] / 1e9:.1f} GB/s, {args.dtype} matmul {roofline[1] / 1e9:.0f} GFLOP/s")
-    results = {"workload": {k: v for k, v in vars(args).items()
-                            if k not in ("json", "plot") and not callable(v)},
-               "bandwidth_bytes_per_s": roofline[0], "matmul_flops": roofline[1], "runs": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "llama"
-        make_random_llama(model_dir, args.hidden, args.layers, args.heads, args.kv_heads,
-                          args.vocab)
-
-        def requests_for(n):
-            return make_requests(args.requests, args.rate, n, args.alpha, input_len,
-                                 output_len, args.vocab, args.seed)
-
-        def record(system, n, result):
-            result.update(system=system, adapters=n)
+    roofline = measure_roofline()
+    results["machine"] = dict(roofline, cpus=os.cpu_count(), threads=torch.get_num_threads(),
+                              loadavg_start=_loadavg())
+    print(f"roofline: bf16 matmul {roofline['matmul_flops'] / 1e9:.0f} GFLOP/s, copy "
+          f"{roofline['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; load average {_loadavg()}",
+          flush=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        work = args.work_dir or Path(scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        info = prepare(args, work, counts + ([args.rate_adapters] if args.rate_adapters
+                                                   else []) +
+                             ([args.hand_adapters] if args.hand_adapters else []) +
+                             [args.merge_swap_adapters, args.peft_adapters])
+        results.update(info)
+        print(f"model {info['model']['parameters'] / 1e6:.1f}M parameters; store "
+              f"{info['store']['count']} adapters, {info['store']['mean_bytes'] / 2**20:.2f} MiB "
+              f"per folder on average ({info['store']['total_bytes'] / 1e9:.2f} GB)", flush=True)
+        base_rps = None
+        for spec in plan(args, counts, popularities):
+            n = spec["adapters"]
+            if spec.get("rate_fraction"):
+                if not base_rps:
+                    continue
+                spec["rate"] = round(spec["rate_fraction"] * base_rps, 2)
+            heavy = spec["workload"] == "heavy"
+            store = work / "stores" / ("heavy" if heavy else f"n{n}")
+            full = dict(spec, model_dir=info["model"]["dir"], store_dir=str(store),
+                        num_adapters=n, threads=args.threads, slo_ttft_s=args.slo_ttft,
+                        bandwidth=roofline["bandwidth_bytes_per_s"],
+                        flops=roofline["matmul_flops"],
+                        ranks=w["heavy_ranks"] if heavy else w["ranks"],
+                        targets=list(ATTENTION) if heavy else None,
+                        trace=dict(requests=spec.get("requests", args.requests),
+                                   input_len=w["heavy_input_len" if heavy else "input_len"],
+                                   output_len=w["heavy_output_len" if heavy else "output_len"],
+                                   vocab=args.vocab, seed=args.seed, alpha=args.alpha))
+            result = run_one(full, Path(scratch), args.in_process)
+            result.update({k: spec[k] for k in ("system", "adapters", "popularity", "rate",
+                                                "sweep", "config", "workload")},
+                          spread_check=spec.get("spread_check", False))
             results["runs"].append(result)
-            print(f"{system:>14} N={n:<5} {result['tokens_per_s']:8.1f} tok/s "
-                  f"{result['requests_per_s']:6.2f} req/s  latency mean "
-                  f"{result['mean_latency_s']:.2f}s p99 {result['p99_latency_s']:.2f}s  TTFT "
-                  f"{result['mean_ttft_s']:.2f}s"
-                  + (f"  decode {result['decode_step_ms']:.1f} ms (batch "
-                     f"{result['decode_batch']:.1f}) = {result['decode_vs_roofline']:.2f}x "
-                     f"roofline" if "decode_step_ms" in result else ""), flush=True)
-
-        base_requests = [dict(r, adapter=None) for r in requests_for(1)]
-        for repeat in range(max(1, args.repeats)):
-            record("base-only", 0, run_lorafleet(model_dir, dtype, base_requests, 0, args,
-                                                 roofline))
-            for n in counts:
-                record("lorafleet", n, run_lorafleet(model_dir, dtype, requests_for(n), n,
-                                                     args, roofline))
-        # Base-only again at the end: the spread of the base runs shows the machine's noise.
-        # Shown for the spread, left out of the best/median (every configuration gets the same
-        # number of runs there: an extra base run would bias the ratios down).
-        record("base-only", 0, run_lorafleet(model_dir, dtype, base_requests, 0, args,
-                                             roofline))
-        results["runs"][-1]["spread_check"] = True
-        if not args.no_merge_swap:
-            n = min(10, max(counts))
-            record("merge-swap", n, run_merge_swap(model_dir, dtype, requests_for(n), n, args,
-                                                   roofline))
-        if args.peft_requests:
-            n = args.peft_adapters
-            peft_requests = make_requests(args.peft_requests, args.rate, n, args.alpha,
-                                          input_len, output_len, args.vocab, args.seed)
-            record("peft", n, run_peft(model_dir, dtype, peft_requests, args))
-    results["best"] = best_runs(results["runs"])
-    print_summary(results["best"])
+            print(_line(result), flush=True)
+            if spec["system"] == "base-only" and spec["sweep"] == "scaling" and "error" not in \
+                    result and base_rps is None:
+                base_rps = result["requests_per_s"]
+            results["total_s"] = time.perf_counter() - started
+            if args.json:     # after every run: a run cut short keeps what it measured
+                _write(results, args.json)
+    end = measure_roofline()
+    results["machine"].update(matmul_flops_end=end["matmul_flops"],
+                              bandwidth_bytes_per_s_end=end["bandwidth_bytes_per_s"],
+                              loadavg_end=_loadavg())
+    results["total_s"] = time.perf_counter() - started
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-    if args.plot:
-        plot(results, args.plot)
+        _write(results, args.json)
+    print(markdown(_ok(results), str(args.json or "-")))
+    if args.plot_dir:
+        plot(_ok(results), args.plot_dir)
     return 0
 
 
-def best_runs(runs: list[dict]) -> list[dict]:
-    """Each (system, N)'s run with the highest tokens/s, with its ratio to the best base-only
-    run, and the median tokens/s of its runs with the ratio of medians (`vs_base_median`)."""
-    best: dict[tuple, dict] = {}
-    samples: dict[tuple, list[float]] = {}
-    cpu_samples: dict[tuple, list] = {}
-    for r in runs:
-        if r.get("spread_check"):
-            continue
-        key = (r["system"], r["adapters"])
-        samples.setdefault(key, []).append(r["tokens_per_s"])
-        cpu_samples.setdefault(key, []).append(r.get("tokens_per_cpu_s"))
-        if key not in best or r["tokens_per_s"] > best[key]["tokens_per_s"]:
-            best[key] = r
-    base = best.get(("base-only", 0))
-    base_median = statistics.median(samples[("base-only", 0)]) if base else None
-
-    def cpu_median(key):
-        values = [v for v in cpu_samples[key] if v is not None]
-        return statistics.median(values) if values else None
-
-    base_cpu = cpu_median(("base-only", 0)) if base else None
-    out = []
-    for key, r in best.items():
-        r = dict(r, runs=len(samples[key]), median_tokens_per_s=statistics.median(samples[key]))
-        if base:
-            r["vs_base"] = r["tokens_per_s"] / base["tokens_per_s"]
-            r["vs_base_median"] = r["median_tokens_per_s"] / base_median
-        if base_cpu and cpu_median(key):
-            r["median_tokens_per_cpu_s"] = cpu_median(key)
-            r["vs_base_cpu"] = r["median_tokens_per_cpu_s"] / base_cpu
-        out.append(r)
-    return out
+def _ok(results: dict) -> dict:
+    return dict(results, runs=[r for r in results["runs"] if "error" not in r])
 
 
-def print_summary(best: list[dict]) -> None:
-    print("\nbest run of each configuration, the median of its runs, and the median of its "
-          "output tokens per CPU second of this process:")
-    print(f"{'system':>12} {'N':>5} {'tok/s':>8} {'vs base':>8} {'median':>8} {'vs base':>8} "
-          f"{'tok/CPU-s':>9} {'vs base':>8} "
-          f"{'req/s':>6} {'mean s':>6} {'p99 s':>6} {'TTFT s':>6} {'decode ms':>9} "
-          f"{'x roofline':>10}")
-    for r in best:
-        print(f"{r['system']:>12} {r['adapters']:>5} {r['tokens_per_s']:8.1f} "
-              f"{r.get('vs_base', float('nan')):8.2f} {r['median_tokens_per_s']:8.1f} "
-              f"{r.get('vs_base_median', float('nan')):8.2f} "
-              f"{r.get('median_tokens_per_cpu_s', float('nan')):9.1f} "
-              f"{r.get('vs_base_cpu', float('nan')):8.2f} {r['requests_per_s']:6.2f} "
-              f"{r['mean_latency_s']:6.2f} {r['p99_latency_s']:6.2f} {r['mean_ttft_s']:6.2f} "
-              f"{r.get('decode_step_ms', float('nan')):9.1f} "
-              f"{r.get('decode_vs_roofline', float('nan')):10.2f}")
+def _write(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
 
 
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = results.get("best") or results["runs"]
-    ours = sorted((r["adapters"], r["tokens_per_s"]) for r in runs if r["system"] == "lorafleet")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([n for n, _ in ours], [t for _, t in ours], "o-", label="lorafleet (S-LoRA)")
-    for system, style in (("base-only", "--"), ("merge-swap", ":"), ("peft", "-.")):
-        for r in runs:
-            if r["system"] == system:
-                ax.axhline(r["tokens_per_s"], linestyle=style,
-                           label=f"{system} (N={r['adapters']})", color="gray")
-    ax.set_xscale("log")
-    ax.set_xlabel("registered adapters N")
-    ax.set_ylabel("output tokens / s")
-    ax.set_title("S-LoRA workload, random Llama, CPU")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def report(args) -> int:
+    generated = []
+    for path in args.report:
+        results = _ok(json.loads(path.read_text()))
+        generated.append(markdown(results, str(path)))
+        if args.plot_dir:
+            plot(results, args.plot_dir, stem="serve")
+    text = "\n".join(generated)
+    print(text)
+    if args.update_doc:
+        update_doc(args.update_doc, text)
+    return 0
