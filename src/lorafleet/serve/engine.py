@@ -2,7 +2,7 @@
 
 `step()` reads like nano-vllm's: schedule -> run -> postprocess.
 
-    engine = Engine("path/to/model", config=EngineConfig(num_pages=4096))
+    engine = Engine("path/to/model", config=EngineConfig(memory_budget="8GiB"))
     engine.register_adapter("sql", "adapters/sql")
     engine.generate(["SELECT"], adapters=["sql"], params=SamplingParams(max_tokens=32))
 
@@ -21,12 +21,19 @@ from pathlib import Path
 
 import torch
 
+from lorafleet.adapters.store import check_name, is_valid_name
 from lorafleet.errors import AdapterError, ConfigError, EngineError, RequestError
 from lorafleet.models import load_model
+from lorafleet.models.dtype import parse_dtype, resolve_dtype
 from lorafleet.models.sampling import SamplingParams, sample, token_and_top_logprobs
 
-from .adapter_cache import AdapterCache, build_host_adapter, read_peft_folder
+from .adapter_cache import LOAD_AHEAD, AdapterCache, build_host_adapter
+from .adapter_loader import AdapterLoader, HostCache
+from .adapter_registry import BaseLayout, read_spec
 from .kv_cache import KVCacheManager
+from .memory import (available_memory, kv_tokens, parse_memory_size, plan_for_model,
+                     weight_bytes)
+from .output import Completion, OutputProcessor, RequestOutput, TokenLogprob
 from .pool import PagePool
 from .runner import ModelRunner
 from .scheduler import Scheduler, SchedulerConfig
@@ -34,9 +41,17 @@ from .sequence import Sequence, SeqStatus
 
 log = logging.getLogger(__name__)
 
+# When a step has nothing to run but adapter reads in flight, it waits this long for one
+# (releasing the lock) instead of returning at once: callers that loop on step() do not spin.
+ADAPTER_LOAD_WAIT_S = 0.05
+
 @dataclass
 class EngineConfig:
-    num_pages: int = 8192              # pool size in pages of hidden_size numbers each
+    # Memory for weights + packed copies + page pool: bytes (or "12GiB"), or a fraction (<= 1.0)
+    # of the memory available at start. None: the pool holds the running batch's KV and
+    # adapters, within memory.DEFAULT_MEMORY_FRACTION of available memory (memory.py).
+    memory_budget: int | float | str | None = None
+    num_pages: int | None = None       # override: pool size in pages of hidden_size numbers each
     block_tokens: int = 16             # KV tokens added per allocation (kv_cache.py)
     max_num_seqs: int = 64             # running batch size cap
     max_num_batched_tokens: int = 2048 # tokens per step: decode rows + prefill chunks
@@ -44,14 +59,29 @@ class EngineConfig:
     max_adapters_per_step: int | None = None
     first_token_deadline_s: float | None = None
     max_model_len: int | None = None   # default: the model's max_position_embeddings
-    dtype: str | torch.dtype = torch.float32
+    # auto: bf16 where the device computes it (a CPU with bf16 instructions, a GPU that has
+    # it), else the checkpoint's 16-bit dtype where computed, else float32 (models/dtype.py).
+    dtype: str | torch.dtype = "auto"
     device: str = "cpu"
     # Steps mix decode rows with prefill chunks, long prompts over several steps (scheduler.py);
     # False: a step is all prefill or all decode.
     enable_chunked_prefill: bool = True
-    # bf16 on CPU: base projections also held in oneDNN's packed layout (packed_linear.py):
-    # faster decode matmuls, twice the projection weights' memory.
+    # bf16 on CPU: base projections held in oneDNN's packed layout (packed_linear.py): faster
+    # decode matmuls; beside the plain weights when the memory budget allows, else instead.
     prepack_weights: bool = True
+    # Host tier of adapters (adapter_loader.py): page copies kept in memory after they enter the
+    # pool, LRU, at most this many (vLLM's max_cpu_loras) and bytes. None: no host cache (an
+    # evicted adapter is read from disk again; docs/engine.md measures what the cache saves).
+    max_cpu_loras: int | None = None
+    max_cpu_lora_bytes: int | None = None
+
+    def __post_init__(self):
+        self.dtype = parse_dtype(self.dtype, "dtype")
+        if self.memory_budget is not None:
+            self.memory_budget = parse_memory_size(self.memory_budget, "memory_budget")
+        for name in ("block_tokens", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -66,53 +96,37 @@ class StepRecord:
     num_decode_seqs: int = 0
 
 
-# Per token, with params.logprobs: its logprob; with params.top_logprobs = N as well, a dict
-# {token id: logprob} of the N most likely tokens and the chosen one (N or N + 1 entries).
-TokenLogprob = float | dict[int, float]
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    finished: bool
-    finish_reason: str | None          # "stop", "length", "abort", "deadline", "error"
-    logprobs: list[TokenLogprob] | None
-    prompt_tokens: int
-    completion_tokens: int
-    error: str | None = None
-
-
-@dataclass
-class Completion:
-    request_id: str
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None
-    logprobs: list[TokenLogprob] | None
-    prompt_tokens: int
-    completion_tokens: int
-    error: str | None = None
-
-
 class Engine:
     def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
         """model: a checkpoint folder or a loaded lorafleet model (its projections are swapped
         for BatchedLoraLinear shells, which behave as before when called without LoRA)."""
         self.config = config = config or EngineConfig()
         if isinstance(model, (str, Path)):
+            available = available_memory(config.device)       # before the weights take theirs
             if tokenizer is None and (Path(model) / "tokenizer.json").is_file():
                 from lorafleet.models.tokenizer import load_tokenizer
                 tokenizer = load_tokenizer(model)
-            model = load_model(model, dtype=config.dtype, device=config.device)
+            dtype = resolve_dtype(config.dtype, model, config.device, prefer_half=True)
+            model = load_model(model, dtype=dtype, device=config.device)
+        else:       # already loaded: its weights count in the budget as if not yet loaded
+            available = available_memory(str(next(model.parameters()).device))
+            available = None if available is None else available + weight_bytes(model)
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
-        self.pool = PagePool(config.num_pages)
-        self.runner = ModelRunner(model, config.num_pages, config.block_tokens,
-                                  config.prepack_weights)
+        self.memory = plan_for_model(model, config, self.max_model_len, available)
+        self.pool = PagePool(self.memory.num_pages)
+        self.runner = ModelRunner(model, self.memory.num_pages, config.block_tokens,
+                                  config.prepack_weights,
+                                  keep_plain_weights=not self.memory.release_plain_weights)
+        self.kv_token_capacity = kv_tokens(self.memory.num_pages, self.runner.layout)
+        log.info("engine: %s, %s", self.runner.dtype, self.memory.summary(self.kv_token_capacity))
         self.kv = KVCacheManager(self.pool, self.runner.layout)
-        self.cache = AdapterCache(self.pool, self.runner.write_pages)
+        self.adapter_layout = BaseLayout(self.runner.targets, self.runner.pages.shape[1],
+                                         config.max_lora_rank, frozenset({"lm_head"}))
+        self.cache = AdapterCache(
+            self.pool, self.runner.write_pages, AdapterLoader(self.runner.dtype),
+            HostCache(config.max_cpu_loras, config.max_cpu_lora_bytes, LOAD_AHEAD))
+        self.stores: list = []            # attached AdapterStores (register_store)
         self.runner.attach(self.cache)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
@@ -121,6 +135,7 @@ class Engine:
             self.kv, self.cache)
         eos = getattr(tokenizer, "eos_token_ids", None) or model.config.eos_token_id
         self.eos_ids = set([eos] if isinstance(eos, int) else eos or [])
+        self.output = OutputProcessor(tokenizer)
         self.requests: dict[str, Sequence] = {}
         # Public methods take this lock: AsyncEngine steps in a thread while the HTTP server
         # registers adapters and adds requests from others.
@@ -132,29 +147,80 @@ class Engine:
 
     # ---- adapters ----------------------------------------------------------------------------
 
-    def register_adapter(self, name: str, path) -> None:
-        """Register a PEFT folder under `name` (validated against the base model now)."""
-        config, tensors = read_peft_folder(path)
-        self.register_adapter_tensors(name, config, tensors)
+    def register_adapter(self, name: str, path, lazy: bool = False) -> None:
+        """Register a PEFT folder under `name`, checked against the base model now. lazy: from
+        its adapter_config.json and safetensors header only; else every tensor is read and
+        checked as well (finite floats), then dropped. Either way the weights are read again
+        when a request needs them (adapter_loader.py)."""
+        check_name(name)
+        spec = read_spec(name, path, self.adapter_layout, header_only=lazy)   # file IO: no lock
+        with self.lock:
+            self.cache.register(spec)
 
-    def register_store(self, store) -> list[str]:
-        """Register every adapter of an `AdapterStore` (or a folder of PEFT folders)."""
+    def register_store(self, store, lazy: bool = True) -> list[str]:
+        """Attach an `AdapterStore` (or a folder of PEFT folders) and register its adapters
+        (lazily: config and header only). Folders added later are found by `resolve_adapter`.
+        A folder that is not a valid adapter is skipped with a warning. Returns the names."""
         from lorafleet.adapters.store import AdapterStore
 
         store = store if isinstance(store, AdapterStore) else AdapterStore(store)
-        names = store.names()
-        for name in names:
-            self.register_adapter(name, store.path(name))
+        with self.lock:
+            if all(Path(s.root).resolve() != Path(store.root).resolve() for s in self.stores):
+                self.stores.append(store)
+        names = []
+        for name in store.names():
+            try:
+                spec = read_spec(name, store.root / name, self.adapter_layout, store.root,
+                                 header_only=lazy)
+            except AdapterError as exc:
+                log.warning("adapter store %s: skipping %r: %s", store.root, name, exc)
+                continue
+            with self.lock:
+                self.cache.register(spec)
+            names.append(name)
         return names
 
-    def register_adapter_tensors(self, name: str, config: dict, tensors: dict) -> None:
-        """Same from an adapter_config dict and PEFT-keyed tensors already in memory."""
+    def resolve_adapter(self, name: str) -> bool:
+        """True if `name` is registered, or is a valid folder of an attached store and is now
+        registered (lazily: config and header, no tensors; safe from any thread). False if
+        there is no such adapter; AdapterError if the folder exists but is not a valid adapter
+        for this base, or one of its files resolves outside the store."""
+        from lorafleet.adapters.store import is_valid_name
+
         with self.lock:
-            if not name:
-                raise AdapterError("an adapter needs a non-empty name")
-            self.cache.register(build_host_adapter(
-                name, config, tensors, self.runner.targets, self.runner.pages.shape[1],
-                self.config.max_lora_rank, self.runner.dtype, exclude=frozenset({"lm_head"})))
+            if name in self.cache:
+                return True
+            stores = list(self.stores)
+        if not is_valid_name(name):
+            return False
+        for store in stores:
+            if name not in store:
+                continue
+            spec = read_spec(name, store.root / name, self.adapter_layout, store.root)
+            with self.lock:
+                if name not in self.cache:       # another thread may have resolved it first
+                    self.cache.register(spec)
+            return True
+        return False
+
+    def resolvable_adapters(self) -> list[str]:
+        """Registered adapters and the valid-looking folders of attached stores (not checked
+        until resolved), sorted."""
+        with self.lock:
+            names, stores = set(self.cache.names()), list(self.stores)
+        for store in stores:
+            names.update(store.names())
+        return sorted(names)
+
+    def register_adapter_tensors(self, name: str, config, tensors: dict) -> None:
+        """Same from an adapter_config dict (or LoraConfig) and PEFT-keyed tensors in memory;
+        the page copy stays in memory (there is no file to read it from again)."""
+        check_name(name)
+        host = build_host_adapter(name, config, tensors, self.runner.targets,
+                                  self.runner.pages.shape[1], self.config.max_lora_rank,
+                                  self.runner.dtype, exclude=self.adapter_layout.exclude)
+        with self.lock:
+            self.cache.register(host)
 
     def unregister_adapter(self, name: str) -> None:
         with self.lock:
@@ -170,7 +236,8 @@ class Engine:
     # ---- requests ----------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_ids, adapter: str | None = None,
-                    params: SamplingParams | None = None) -> None:
+                    params: SamplingParams | None = None, tenant: str | None = None) -> None:
+        """tenant: who sends it (an API key id); admission round-robins across tenants."""
         with self.lock:
             params = params or SamplingParams()
             if request_id in self.requests:
@@ -185,7 +252,7 @@ class Engine:
             vocab = self.model.config.vocab_size
             if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
                 raise RequestError(f"prompt token ids must be in [0, {vocab})")
-            if adapter is not None and adapter not in self.cache:
+            if adapter is not None and (not is_valid_name(adapter) or adapter not in self.cache):
                 raise RequestError(f"unknown adapter {adapter!r}; registered: "
                                    f"{', '.join(self.adapters()[:8]) or 'none'}")
             if len(prompt_ids) >= self.max_model_len:
@@ -196,12 +263,13 @@ class Engine:
             max_tokens = min(params.max_tokens, self.max_model_len - len(prompt_ids))
             pages = self.kv.layout.pages_for_tokens(len(prompt_ids) + max_tokens)
             if adapter is not None:
-                pages += self.cache.host[adapter].num_pages
+                pages += self.cache.specs[adapter].num_pages
             if pages > self.pool.num_pages:
                 raise RequestError(f"request needs {pages} pages (prompt {len(prompt_ids)} + "
                                    f"max_tokens {max_tokens} tokens of KV, plus its adapter); the "
                                    f"pool has {self.pool.num_pages}")
-            seq = Sequence(request_id, prompt_ids, adapter, params, time.monotonic(), max_tokens)
+            seq = Sequence(request_id, prompt_ids, adapter, params, time.monotonic(), max_tokens,
+                           tenant=tenant)
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
             self.requests[request_id] = seq
@@ -225,6 +293,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         with self.lock:
             outputs, self._pending = self._pending, []
+            self._finish_adapter_loads(outputs)
             batch = self.scheduler.schedule()
             for seq in batch.aborted:
                 seq.error = "first-token deadline exceeded while queued"
@@ -244,7 +313,16 @@ class Engine:
                 self.num_steps += 1
                 if self.step_log is not None:
                     self.step_log.append(self._record(batch, time.perf_counter() - started))
-            return outputs
+            waiting_for_loads = not batch.seqs and not outputs and bool(self.cache.loading)
+        if waiting_for_loads:       # nothing could run: wait for a read, without the lock
+            self.cache.loader.wait(ADAPTER_LOAD_WAIT_S)
+        return outputs
+
+    def _finish_adapter_loads(self, outputs: list[RequestOutput]) -> None:
+        """Take the loader's finished reads; a file found bad fails its queued requests alone."""
+        for name, error in self.cache.poll():
+            for seq in self.scheduler.fail_waiting(name, error):
+                outputs.append(self._final(seq))
 
     @staticmethod
     def _record(batch, seconds: float) -> StepRecord:
@@ -320,56 +398,19 @@ class Engine:
 
     def _postprocess(self, seq: Sequence, token: int,
                      logprob: TokenLogprob | None) -> RequestOutput:
+        """EOS, stop strings, max_tokens and text (output.py) for one sampled token."""
         self.num_generated += 1
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
-        reason = None
-        eos_ids = self.eos_ids if seq.params.eos_token_ids is None else seq.params.eos_token_ids
-        if token in eos_ids and not seq.params.ignore_eos:
-            reason = "stop"           # EOS ends the completion and is not part of it
-        else:
-            seq.output_ids.append(token)
-            if logprob is not None:
-                seq.logprobs.append(logprob)
-            if seq.params.stop:
-                reason = self._check_stop(seq)
-            if reason is None and len(seq.output_ids) >= seq.max_tokens:
-                reason = "length"
+        reason = self.output.append(seq, token, logprob, self.eos_ids)
         if reason is not None:
             self.scheduler.finish(seq, reason)
         return self._output(seq)
 
-    def _check_stop(self, seq: Sequence) -> str | None:
-        seq.text = self.tokenizer.decode(seq.output_ids)
-        cuts = [i for i in (seq.text.find(s) for s in seq.params.stop) if i >= 0]
-        if cuts:
-            seq.text = seq.text[:min(cuts)]
-            return "stop"
-        return None
-
     def _output(self, seq: Sequence) -> RequestOutput:
-        """The tokens and text not yet handed out. Text that may still change (an incomplete
-        UTF-8 character, or a possible beginning of a stop string) is held back."""
-        finished = seq.is_finished
-        new_ids = seq.output_ids[seq.sent_token_count:]
-        new_logprobs = seq.logprobs[seq.sent_token_count:] if seq.params.logprobs else None
-        seq.sent_token_count = len(seq.output_ids)
-        new_text = ""
-        if self.tokenizer is not None:
-            if not seq.params.stop or (finished and seq.finish_reason != "stop"):
-                seq.text = self.tokenizer.decode(seq.output_ids)
-            visible = len(seq.text)
-            if not finished:
-                if seq.text.endswith("\ufffd"):
-                    visible -= 1
-                hold = max((len(s) - 1 for s in seq.params.stop), default=0)
-                visible = max(seq.sent_text_len, visible - hold)
-            new_text = seq.text[seq.sent_text_len:visible]
-            seq.sent_text_len = visible
-        if finished:
+        """The tokens and text not yet handed out (output.py holds back text that may change)."""
+        out = self.output.output(seq)
+        if out.finished:
             self.requests.pop(seq.request_id, None)
-        return RequestOutput(seq.request_id, new_ids, new_text, finished, seq.finish_reason,
-                             new_logprobs, len(seq.prompt_ids), len(seq.output_ids), seq.error)
+        return out
 
     def _final(self, seq: Sequence) -> RequestOutput:
         seq.status = SeqStatus.FINISHED
@@ -393,15 +434,9 @@ class Engine:
         while finished < len(ids):
             for out in self.step():
                 finished += out.finished
-                done = results.setdefault(out.request_id, Completion(
-                    out.request_id, [], "", None, [] if out.logprobs is not None else None,
-                    out.prompt_tokens, 0))
-                done.token_ids += out.new_token_ids
-                done.text += out.new_text
-                if out.logprobs is not None:
-                    done.logprobs += out.logprobs
-                done.finish_reason, done.error = out.finish_reason, out.error
-                done.completion_tokens = out.completion_tokens
+                if out.request_id not in results:
+                    results[out.request_id] = Completion.start(out)
+                results[out.request_id].add(out)
         return [results[i] for i in ids]
 
     def stats(self) -> dict:
@@ -410,4 +445,18 @@ class Engine:
                     "queue_depth": len(self.scheduler.waiting),
                     "running": len(self.scheduler.running),
                     "preemptions": self.scheduler.num_preemptions,
-                    "steps": self.num_steps, "generated_tokens": self.num_generated}
+                    "queue_wait_seconds_sum": self.scheduler.queue_wait_seconds,
+                    "queue_wait_seconds_count": self.scheduler.num_admitted,
+                    "steps": self.num_steps, "generated_tokens": self.num_generated,
+                    **self.memory_stats()}
+
+    def memory_stats(self) -> dict:
+        """How the memory plan (memory.py) came out: bytes of the pool, the weights and their
+        packed copies, the budget, and the tokens of KV the pool holds."""
+        plan = self.memory
+        stats = {"page_bytes": plan.page_bytes, "pool_bytes": plan.pool_bytes,
+                 "weight_bytes": plan.weight_bytes, "packed_weight_bytes": plan.packed_bytes,
+                 "kv_token_capacity": self.kv_token_capacity}
+        if plan.budget_bytes is not None:
+            stats["memory_budget_bytes"] = plan.budget_bytes
+        return stats

@@ -8,10 +8,15 @@ with the serve benchmark's shapes). `PackedLinear` reorders once, when the engin
 calls oneDNN's linear on the packed weight (the op PyTorch's own CPU inference compiler uses for
 frozen weights). The results are bit-identical to `F.linear` (tested).
 
-Cost: the packed copy is held beside the original weight (which merges, saving and the tied
-embedding still use), so the projection weights take twice the memory; `prepack_weights=False`
-in the runner turns it off. An in-place change of the weight (merge-and-swap, a merged adapter)
-is noticed through the tensor's version counter and the weight is packed again.
+Cost: by default the packed copy is held beside the original weight (which merges, saving and
+the tied embedding still use), so the projection weights take twice the memory. An in-place
+change of the weight (merge-and-swap, a merged adapter) is noticed through the tensor's version
+counter and the weight is packed again. When the memory budget has no room for both
+(memory.py), `keep_weight=False` releases the plain weight: the packed copy is the same size
+and bit-exact, `dense_weight()` / `unpack()` give the plain layout back for a fallback (to
+merge into, to save), and reading `.weight` raises instead of handing out a copy that in-place
+changes would silently miss. A tied weight (the output head sharing the embedding) is never
+released: the embedding still reads it. `prepack_weights=False` in the runner turns packing off.
 """
 from __future__ import annotations
 
@@ -29,32 +34,74 @@ def can_prepack(linear: nn.Module) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b with W held in oneDNN's packed layout. Frozen (serving only)."""
+    """y = x W^T + b with W held in oneDNN's packed layout. Frozen (serving only).
+    keep_weight=False: the plain weight is released after packing (see the module docstring)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, keep_weight: bool = True):
         super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias     # shared, not copied
+        self.keep_weight = keep_weight
+        self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._pack()
+        if keep_weight:
+            self.weight = linear.weight                      # shared, not copied
+            self._pack()
+        else:
+            self._pack(linear.weight)
 
-    def _pack(self) -> None:
+    def _pack(self, weight: torch.Tensor | None = None) -> None:
+        weight = self.weight if weight is None else weight
         with torch.no_grad():
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(),
-                                                                   BATCH_HINT)
-        self._packed_version = self.weight._version
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), BATCH_HINT)
+        self._packed_version = weight._version
+
+    def __getattr__(self, name: str):
+        if name == "weight" and not self.__dict__.get("keep_weight", True):
+            raise AttributeError(
+                "PackedLinear.weight was released after prepacking (the memory budget had no "
+                "room for both copies); use dense_weight() to read it or unpack() for a plain "
+                "nn.Linear to change it")
+        return super().__getattr__(name)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight [out, in] in the plain layout (a copy when it was released; bit-exact)."""
+        return self.weight if self.keep_weight else self._packed.to_dense()
+
+    def unpack(self) -> nn.Linear:
+        """A plain nn.Linear with this weight and bias: the fallback path (merging, saving)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device="meta")
+        linear.weight = (self.weight if self.keep_weight
+                         else nn.Parameter(self.dense_weight(), requires_grad=False))
+        linear.bias = self.bias
+        return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight._version != self._packed_version:     # merged into since packing
+        if self.keep_weight and self.weight._version != self._packed_version:    # merged into
             self._pack()
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
 
 
-def prepack_projections(shells: list[nn.Module]) -> int:
+def is_tied(linear: nn.Module, model: nn.Module) -> bool:
+    """Whether the module's weight is also another module's (an output head tied to the
+    embedding): releasing it would free nothing."""
+    weight = linear.weight
+    return any(p is weight and m is not linear
+               for m in model.modules() for p in m.parameters(recurse=False))
+
+
+def prepack_projections(shells: list[nn.Module], keep_weights: bool = True,
+                        model: nn.Module | None = None) -> int:
     """Swap the base layer of each BatchedLoraLinear shell for a PackedLinear where possible.
-    Returns how many were packed."""
+    keep_weights=False: release the plain weights (memory.py); a tied weight (`model` given)
+    is then left unpacked, since its plain copy stays for the embedding anyway. Returns how
+    many were packed."""
     packed = 0
     for shell in shells:
-        if can_prepack(shell.base_layer):
-            shell.base_layer = PackedLinear(shell.base_layer)
-            packed += 1
+        base = shell.base_layer
+        if not can_prepack(base):
+            continue
+        if not keep_weights and model is not None and is_tied(base, model):
+            continue
+        shell.base_layer = PackedLinear(base, keep_weight=keep_weights)
+        packed += 1
     return packed
