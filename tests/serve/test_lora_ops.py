@@ -1,55 +1,119 @@
-"""The fast batched LoRA paths (grouped per segment, dense masked) equal the per-row reference,
-for random shapes, ranks, segment layouts and base rows (hypothesis)."""
+"""The torch fallback for batched LoRA (`sgmv_torch`, and its grouped and dense-masked paths
+over the stacks `gather_segments` copies out of the pool) equals the per-row reference, for
+random shapes, ranks, page layouts, base rows and rank-0 segments (hypothesis); with mixed
+dtypes it equals the paged reference; and the shell hands each module to the batch's kernel."""
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
-from lorafleet.serve.lora_ops import (ModuleLora, Segment, lora_delta_dense,
-                                      lora_delta_grouped, lora_delta_reference, segment_mask)
+from lorafleet.serve.lora_batch import LoraBatch
+from lorafleet.serve.lora_ops import (BatchedLoraLinear, PagedModuleLora, gather_segments,
+                                      lora_delta_dense, lora_delta_grouped,
+                                      lora_delta_paged_reference, lora_delta_reference,
+                                      paged_weights, segment_mask, sgmv_torch)
 
 
-@st.composite
-def batches(draw):
-    in_features = draw(st.integers(1, 40))
-    out_features = draw(st.integers(1, 40))
-    ranks = draw(st.lists(st.integers(1, 9), min_size=1, max_size=5))
-    # Row runs: each run uses an adapter index or None (base rows).
-    runs = draw(st.lists(st.tuples(st.one_of(st.none(), st.integers(0, len(ranks) - 1)),
-                                   st.integers(1, 6)), min_size=1, max_size=8))
-    scalings = draw(st.lists(st.floats(0.1, 4.0), min_size=len(ranks), max_size=len(ranks)))
-    return in_features, out_features, ranks, runs, scalings, draw(st.integers(0, 2**16))
+def paged_batch(seed, page_size, in_features, out_features, runs, dtype):
+    """(pages, module, x, y, row_weights): runs = [(rank or None for base rows, rows)], each
+    adapter's pages scattered over a pool with unused pages; row_weights[i] = row i's
+    (A, B^T, scaling) as the per-row reference takes them (None: no delta)."""
+    gen = torch.Generator().manual_seed(seed)
+    a_ppr, b_ppr = -(-in_features // page_size), -(-out_features // page_size)
+    need = sum(rank * (a_ppr + b_ppr) for rank, _ in runs if rank)
+    pages = torch.randn(need + 5, page_size, generator=gen, dtype=torch.float64).to(dtype)
+    free = torch.randperm(need + 5, generator=gen).tolist()
+    page_ids, seg_rows, ranks, seg_a, seg_b, row = [], [], [], [], [], 0
+    for rank, rows in runs:
+        if rank is not None:
+            seg_a.append(len(page_ids))
+            page_ids += [free.pop() for _ in range(rank * a_ppr)]
+            seg_b.append(len(page_ids))
+            page_ids += [free.pop() for _ in range(rank * b_ppr)]
+            seg_rows.append((row, row + rows))
+            ranks.append(rank)
+        row += rows
+    int32 = dict(dtype=torch.int32)
+    scales = torch.rand(len(ranks), generator=gen) * 3 + 0.1
+    module = PagedModuleLora(in_features, out_features, a_ppr, b_ppr,
+                             torch.tensor(seg_rows, **int32).view(-1, 2),
+                             torch.tensor(ranks, **int32), scales, torch.tensor(seg_a, **int32),
+                             torch.tensor(seg_b, **int32), torch.tensor(page_ids, **int32),
+                             max(ranks, default=0), max((e - s for s, e in seg_rows), default=0))
+    row_weights = [None] * row
+    for s, (start, end) in enumerate(seg_rows):
+        if ranks[s]:                     # rank 0: the adapter does not adapt this module
+            row_weights[start:end] = [paged_weights(pages, module, s)] * (end - start)
+    x = torch.randn(row, in_features, generator=gen, dtype=torch.float64).to(dtype)
+    y = torch.randn(row, out_features, generator=gen, dtype=torch.float64).to(dtype)
+    return pages, module, x, y, row_weights
+
+
+batches = st.tuples(
+    st.integers(0, 2**16),
+    st.sampled_from([4, 8, 16]),                            # page size (hidden size)
+    st.integers(1, 40), st.integers(1, 40),                 # in, out: up to 10 pages per row
+    st.lists(st.tuples(st.one_of(st.none(), st.integers(0, 9)), st.integers(1, 6)),
+             min_size=1, max_size=8))
 
 
 @settings(max_examples=60, deadline=None)
-@given(batches())
-def test_fast_paths_equal_reference(batch):
-    in_features, out_features, ranks, runs, scalings, seed = batch
-    gen = torch.Generator().manual_seed(seed)
-    a = torch.randn(sum(ranks), in_features, generator=gen, dtype=torch.float64)
-    bt = torch.randn(sum(ranks), out_features, generator=gen, dtype=torch.float64)
-    starts = [sum(ranks[:i]) for i in range(len(ranks))]
-    segments, row_weights, row = [], [], 0
-    for adapter, n in runs:
-        if adapter is not None:
-            segments.append(Segment(row, row + n, starts[adapter], ranks[adapter],
-                                    scalings[adapter]))
-            s, r = starts[adapter], ranks[adapter]
-            row_weights += [(a[s:s + r], bt[s:s + r], scalings[adapter])] * n
-        else:
-            row_weights += [None] * n
-        row += n
-    x = torch.randn(row, in_features, generator=gen, dtype=torch.float64)
-    expected = lora_delta_reference(x, out_features, row_weights)
-    module = ModuleLora(a, bt, segments)
-    grouped = torch.zeros(row, out_features, dtype=torch.float64)
-    lora_delta_grouped(grouped, x, module)
-    module.mask = segment_mask(row, segments, sum(ranks), torch.float64, x.device)
-    dense = torch.zeros(row, out_features, dtype=torch.float64)
-    lora_delta_dense(dense, x, module)
-    torch.testing.assert_close(grouped, expected)
-    torch.testing.assert_close(dense, expected)
-    base_rows = [i for i, w in enumerate(row_weights) if w is None]
-    assert not dense[base_rows].any()
+@given(batches)
+def test_torch_paths_equal_row_reference(batch):
+    pages, module, x, y, row_weights = paged_batch(*batch, dtype=torch.float64)
+    expected = y + lora_delta_reference(x, module.out_features, row_weights)
+    a, bt, segments = gather_segments(pages, module)
+    grouped, dense, fallback = y.clone(), y.clone(), y.clone()
+    lora_delta_grouped(grouped, x, a, bt, segments)
+    lora_delta_dense(dense, x, a, bt, segment_mask(x.shape[0], segments, a.shape[0],
+                                                   torch.float64, x.device))
+    sgmv_torch(fallback, x, pages, module)       # whichever of the two the cost model picks
+    for got in (grouped, dense, fallback):
+        torch.testing.assert_close(got, expected)
+        untouched = [i for i, w in enumerate(row_weights) if w is None]
+        assert torch.equal(got[untouched], y[untouched])   # base rows, rank-0 segments: bits
+
+
+@settings(max_examples=20, deadline=None)
+@given(batches, st.sampled_from([(torch.float32, torch.bfloat16),
+                                 (torch.bfloat16, torch.float32)]))
+def test_torch_fallback_with_mixed_dtypes_equals_paged_reference(batch, dtypes):
+    """x, y in one dtype and the pool in another (a 4-bit base computing in its own dtype)."""
+    compute, pool = dtypes
+    pages, module, x, y, _ = paged_batch(*batch, dtype=compute)
+    pages = pages.to(pool)
+    expected, got = y.clone(), y.clone()
+    lora_delta_paged_reference(expected, x, pages, module)
+    sgmv_torch(got, x, pages, module)
+    assert got.dtype == compute
+    scale = expected.float().abs().max().item() + 1
+    tolerance = 1e-5 if compute == torch.float32 else 2 ** -6
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=tolerance * scale)
+
+
+def test_shell_hands_its_module_to_the_batch_kernel():
+    pages, module, x, _, _ = paged_batch(3, 8, 12, 10, [(None, 2), (4, 3), (2, 1)],
+                                         dtype=torch.float32)
+    linear = nn.Linear(12, 10)
+    shell = BatchedLoraLinear(linear, "proj")
+    calls = []
+
+    def kernel(y, x2d, pool, lora_module):
+        calls.append(lora_module)
+        lora_delta_paged_reference(y, x2d, pool, lora_module)
+
+    batch = LoraBatch({"proj": module}, pages, kernel)
+    expected = linear(x)
+    lora_delta_paged_reference(expected, x, pages, module)
+    torch.testing.assert_close(shell(x, batch), expected.detach())
+    assert calls == [module]
+    assert torch.equal(shell(x, LoraBatch({"other": module}, pages, kernel)), linear(x))
+    # x in another dtype than the pool's: the torch fallback, not the kernel
+    bf16_expected = linear.bfloat16()(x.bfloat16())
+    lora_delta_paged_reference(bf16_expected, x.bfloat16(), pages, module)
+    got = shell(x.bfloat16(), batch)
+    assert calls == [module] and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), bf16_expected.float(), rtol=0.02, atol=0.05)
 
 
 def test_reference_is_the_lora_formula():

@@ -2,10 +2,11 @@
 replace, on the serve benchmark's shapes, side by side in one process.
 
 - batched heterogeneous LoRA for one projection: the C SGMV kernel reading pool pages in place
-  (sgmv_cpu.py) vs gathering the step's adapters (`index_select`) + the dense masked torch path
-  vs the grouped torch path (one shrink + expand per segment); decode (one row per sequence,
-  few sequences per adapter) and prefill (many rows per adapter); with the base projection's
-  own matmul for scale;
+  (sgmv_cpu.py) vs the torch fallback (`sgmv_torch`, the same call) and its parts: copying the
+  module's adapters out of the pool (`gather_segments`, one `index_select`), the dense masked
+  path and the grouped path (one shrink + expand per segment) on the copied stacks; decode (one
+  row per sequence, few sequences per adapter) and prefill (many rows per adapter); with the
+  base projection's own matmul for scale;
 - paged decode attention: the C kernel (attention_cpu.py) vs gather + `decode_attention`;
 - a base projection at decode batch sizes: oneDNN-prepacked weights (packed_linear.py) vs
   `F.linear`.
@@ -51,39 +52,28 @@ def _time(fn, repeats: int) -> float:
 
 def _lora_case(torch, hidden, ranks, rows_per_segment, seed):
     """A pool with one adapter per segment (pages shuffled), the PagedModuleLora for a hidden x
-    hidden projection, and the same adapters gathered for the torch paths."""
-    from lorafleet.serve.lora_ops import ModuleLora, PagedModuleLora, Segment, segment_mask
+    hidden projection, and x."""
+    from lorafleet.serve.lora_ops import PagedModuleLora
 
     gen = torch.Generator().manual_seed(seed)
     num_pages = 2 * sum(ranks) + 64
     pages = (torch.randn(num_pages, hidden, generator=gen) * 0.02).bfloat16()
     free = torch.randperm(num_pages, generator=gen).tolist()
-    page_ids, seg_rows, seg_a, seg_b, segments, row, rank_start = [], [], [], [], [], 0, 0
+    page_ids, seg_rows, seg_a, seg_b, row = [], [], [], [], 0
     for rank, rows in zip(ranks, rows_per_segment):
         seg_a.append(len(page_ids))
         page_ids += [free.pop() for _ in range(rank)]
         seg_b.append(len(page_ids))
         page_ids += [free.pop() for _ in range(rank)]
         seg_rows.append((row, row + rows))
-        segments.append(Segment(row, row + rows, rank_start, rank, 2.0))
-        row, rank_start = row + rows, rank_start + rank
+        row += rows
     i32 = dict(dtype=torch.int32)
     paged = PagedModuleLora(hidden, hidden, 1, 1, torch.tensor(seg_rows, **i32),
                             torch.tensor(ranks, **i32), torch.full((len(ranks),), 2.0),
                             torch.tensor(seg_a, **i32), torch.tensor(seg_b, **i32),
                             torch.tensor(page_ids, **i32), max(ranks), max(rows_per_segment))
-    a_index = torch.tensor([p for s, r in zip(seg_a, ranks) for p in page_ids[s:s + r]])
-    b_index = torch.tensor([p for s, r in zip(seg_b, ranks) for p in page_ids[s:s + r]])
-    gather_index = torch.cat([a_index, b_index])
-
-    def gather():
-        stacked = pages.index_select(0, gather_index)
-        return ModuleLora(stacked[:rank_start], stacked[rank_start:], segments)
-
-    gathered = gather()
-    gathered.mask = segment_mask(row, segments, rank_start, torch.bfloat16, pages.device)
     x = torch.randn(row, hidden, generator=gen).bfloat16()
-    return pages, paged, gathered, gather, x
+    return pages, paged, x
 
 
 def run(args) -> int:
@@ -93,7 +83,8 @@ def run(args) -> int:
 
     from lorafleet.serve.attention import decode_attention
     from lorafleet.serve.attention_cpu import decode_kernel_available, paged_decode_attention
-    from lorafleet.serve.lora_ops import lora_delta_dense, lora_delta_grouped
+    from lorafleet.serve.lora_ops import (gather_segments, lora_delta_dense, lora_delta_grouped,
+                                          segment_mask, sgmv_torch)
     from lorafleet.serve.packed_linear import PackedLinear, can_prepack
     from lorafleet.serve.sgmv_cpu import sgmv_cpu, sgmv_cpu_available
 
@@ -115,24 +106,27 @@ def run(args) -> int:
     cases = {"decode": decode_rows, "prefill": [rows] * segments}
     for case, rows_per_segment in cases.items():
         case_ranks = [rng.choice(ranks) for _ in rows_per_segment]
-        pages, paged, gathered, gather, x = _lora_case(torch, hidden, case_ranks,
-                                                       rows_per_segment, args.seed)
+        pages, paged, x = _lora_case(torch, hidden, case_ranks, rows_per_segment, args.seed)
         y = torch.zeros(x.shape[0], hidden, dtype=torch.bfloat16)
+        a, bt, segments = gather_segments(pages, paged)
+        mask = segment_mask(x.shape[0], segments, a.shape[0], torch.bfloat16, pages.device)
         timing = {"rows": x.shape[0], "adapters": len(case_ranks), "sum_rank": sum(case_ranks),
                   "base_matmul_us": us(_time(lambda: F.linear(x, weight), repeats)),
-                  "torch_dense_us": us(_time(lambda: lora_delta_dense(y, x, gathered),
+                  "torch_dense_us": us(_time(lambda: lora_delta_dense(y, x, a, bt, mask),
                                              repeats)),
-                  "torch_grouped_us": us(_time(lambda: lora_delta_grouped(y, x, gathered),
+                  "torch_grouped_us": us(_time(lambda: lora_delta_grouped(y, x, a, bt, segments),
                                                repeats)),
-                  "gather_us": us(_time(gather, repeats))}
+                  "gather_us": us(_time(lambda: gather_segments(pages, paged), repeats)),
+                  "torch_fallback_us": us(_time(lambda: sgmv_torch(y, x, pages, paged),
+                                                repeats))}
         if sgmv_cpu_available(pages):
             timing["sgmv_kernel_us"] = us(_time(lambda: sgmv_cpu(y, x, pages, paged), repeats))
         results[f"lora_{case}"] = timing
         print(f"LoRA {case:7} ({timing['rows']} rows, {timing['adapters']} adapters, sum of "
               f"ranks {timing['sum_rank']}): kernel {timing.get('sgmv_kernel_us', 'n/a')} us | "
-              f"torch dense {timing['torch_dense_us']} + gather {timing['gather_us']} us | "
-              f"grouped {timing['torch_grouped_us']} us | base matmul "
-              f"{timing['base_matmul_us']} us")
+              f"torch fallback {timing['torch_fallback_us']} us (dense "
+              f"{timing['torch_dense_us']} + gather {timing['gather_us']} us, grouped "
+              f"{timing['torch_grouped_us']} us) | base matmul {timing['base_matmul_us']} us")
     # ---- paged decode attention -------------------------------------------------------------
     n_heads, n_kv = (int(v) for v in args.heads.split(","))
     head_dim, batch = hidden // n_heads, args.decode_rows

@@ -1,33 +1,20 @@
-"""The step's LoRA metadata (`ForwardBatch.lora`): for each target module, the weights of the
-step's distinct adapters read from the pool, and which rows use which.
+"""The step's LoRA metadata (`ForwardBatch.lora`): for each target module, a `PagedModuleLora`
+naming the pool pages of the step's distinct adapters and which rows use which, and the kernel
+that multiplies through it: the C kernel on CPU (sgmv_cpu.py), Triton on CUDA (triton_ops.py),
+or, for pools neither serves, `sgmv_torch` (lora_ops.py), a function of the same signature.
 
-With a paged kernel (the C kernel on CPU, sgmv_cpu.py; Triton on CUDA, triton_ops.py) nothing is
-copied: each module gets a `PagedModuleLora` and the kernel reads the weights in place. Built so
-that the Python work per step does not grow with the number of modules times adapters:
+Nothing is copied for the kernels: they read the weights in place. Built so that the Python work
+per step does not grow with the number of modules times adapters:
 - per resident adapter, once per load: its page ids (int32) and, for every projection of the
   model, (first A page, first B^T page, rank) and the scaling, rank 0 where it has no LoRA;
 - per adapter set: one table of every adapter's page ids (`torch.cat`) and those per-module rows
   stacked, their page offsets moved into the table;
 - per batch composition: the row segments, and each module's segment columns taken from the
   stacked rows with one indexing op for all modules. A segment whose adapter does not adapt a
-  module has rank 0 there (the kernels skip it).
-
-Without one (`kernel=None`, or the kernel unavailable) the torch paths of lora_ops.py need the
-weights contiguous, and the batch is built in two parts:
-- a *plan* per set of resident adapters (cached while the set and their pages stay the same):
-  the page ids of every (module, adapter) A and B^T, gathered from the pool with one indexed copy
-  into a `[n, H]` buffer, module by module, so each module's stacked `a [sum_r, in]` and
-  `bt [sum_r, out]` are views of that buffer;
-- the row segments and, for the dense path, the masks (cached per batch composition, so decode
-  steps that keep the same requests rebuild nothing).
+  module has rank 0 there (every kernel skips it).
 
 `gather_module_reference` reads one adapter's A and B^T straight from its pool pages: the
-definition the gathered stacks are tested against (test_lora_batch.py).
-
-Tried and measured slower (CPU time of a fixed workload, 1000 adapters): an incremental working
-set (copy only the adapters that join the batch, reuse departed ones' rows, rebuild past 25%
-holes). The per-adapter slice copies and the hole rows the dense path then multiplies cost more
-than one `index_select` of every adapter of the step.
+definition the page tables are tested against (test_lora_batch.py).
 """
 from __future__ import annotations
 
@@ -38,7 +25,7 @@ from typing import Callable
 import torch
 
 from .adapter_cache import AdapterCache, ModuleSlice
-from .lora_ops import ModuleLora, PagedModuleLora, Segment, choose_dense, segment_mask
+from .lora_ops import PagedModuleLora, sgmv_torch
 
 PLAN_CACHE_SIZE = 8      # distinct recent adapter sets kept (decode steps repeat the same one)
 
@@ -48,9 +35,9 @@ PagedKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PagedModuleLor
 
 @dataclass
 class LoraBatch:
-    modules: dict[str, ModuleLora | PagedModuleLora]
-    pages: torch.Tensor | None = None       # the pool, for paged modules
-    kernel: PagedKernel | None = None
+    modules: dict[str, PagedModuleLora]     # target module name -> its segments and pages
+    pages: torch.Tensor                     # the pool [num_pages, H]
+    kernel: PagedKernel                     # adds a module's delta: kernel(y, x, pages, module)
 
 
 def paged_kernel(pages: torch.Tensor) -> PagedKernel | None:
@@ -77,15 +64,8 @@ def gather_module_reference(pages: torch.Tensor, page_ids: list[int], s: ModuleS
 
 
 @dataclass
-class _ModulePlan:
-    a: torch.Tensor                              # [sum_r, in] view of the gathered buffer
-    bt: torch.Tensor                             # [sum_r, out]
-    adapters: dict[int, tuple[int, int, float]]  # adapter index -> (rank_start, rank, scaling)
-
-
-@dataclass
 class _AdapterRows:
-    """One resident adapter in the paged form (module index as in LoraBatchBuilder.modules)."""
+    """One resident adapter's page table (module index as in LoraBatchBuilder.modules)."""
     page_ids: torch.Tensor      # int32 [n]: the adapter's pool pages
     rows: torch.Tensor          # int32 [M, 3]: (first A page, first B^T page, rank), relative
     scaling: torch.Tensor       # float32 [M]
@@ -93,7 +73,7 @@ class _AdapterRows:
 
 
 @dataclass
-class _PagedPlan:
+class _Plan:
     page_ids: torch.Tensor      # int32 [K]: every adapter's pages, adapter after adapter
     rows: torch.Tensor          # int32 [A, M, 3]: offsets into page_ids, and ranks
     scaling: torch.Tensor       # float32 [A, M]
@@ -105,7 +85,7 @@ class LoraBatchBuilder:
     def __init__(self, pages: torch.Tensor, cache: AdapterCache,
                  targets: dict[str, tuple[int, int]], kernel="auto"):
         """targets: every projection that adapters may adapt -> (in_features, out_features).
-        kernel: a PagedKernel, None (the torch paths, weights gathered), or "auto"
+        kernel: a PagedKernel, None (no kernel: `sgmv_torch`), or "auto"
         (`paged_kernel(pages)`)."""
         self.pages, self.cache = pages, cache
         self.kernel = paged_kernel(pages) if kernel == "auto" else kernel
@@ -115,9 +95,9 @@ class LoraBatchBuilder:
         self._shapes = [(fan_in, fan_out, -(-fan_in // page_size), -(-fan_out // page_size))
                         for fan_in, fan_out in targets.values()]
         self._adapter_rows: dict[tuple[str, int], _AdapterRows] = {}
-        self._plans: OrderedDict[tuple, dict] = OrderedDict()
+        self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
         self._batches: OrderedDict[tuple, LoraBatch] = OrderedDict()
-        self.gathers = 0       # pool gathers (one per new adapter set): tests, benchmarks
+        self.gathers = 0       # sgmv_torch calls, each a copy out of the pool: tests, benchmarks
 
     def build(self, runs: list[tuple[str | None, int]]) -> LoraBatch | None:
         """runs: (adapter or None, number of rows) for consecutive row ranges, in row order.
@@ -130,17 +110,20 @@ class LoraBatchBuilder:
         if batch_key in self._batches:
             self._batches.move_to_end(batch_key)
             return self._batches[batch_key]
-        if self.kernel is not None:
-            batch = self._build_paged(self._paged_plan(plan_key, names), names, runs)
-        else:
-            batch = self._build_gathered(self._plan(plan_key, names), names, runs)
+        batch = self._build(self._plan(plan_key), names, runs)
         self._batches[batch_key] = batch
         if len(self._batches) > PLAN_CACHE_SIZE:
             self._batches.popitem(last=False)
         return batch
 
-    def _build_paged(self, plan: _PagedPlan, names: list[str],
-                     runs: list[tuple[str | None, int]]) -> LoraBatch:
+    def _sgmv_torch(self, y: torch.Tensor, x: torch.Tensor, pages: torch.Tensor,
+                    module: PagedModuleLora) -> None:
+        """The kernel where none serves the pool: `sgmv_torch`, its gathers counted."""
+        self.gathers += 1
+        sgmv_torch(y, x, pages, module)
+
+    def _build(self, plan: _Plan, names: list[str],
+               runs: list[tuple[str | None, int]]) -> LoraBatch:
         index_of = {name: i for i, name in enumerate(names)}
         device, seg_rows, seg_adapter, row = self.pages.device, [], [], 0
         for name, n in runs:
@@ -161,13 +144,13 @@ class LoraBatchBuilder:
             modules[self.modules[m]] = PagedModuleLora(
                 fan_in, fan_out, a_ppr, b_ppr, rows, rank, scaling[m], seg_a, seg_b,
                 plan.page_ids, plan.max_rank[m], max_rows)
-        return LoraBatch(modules, self.pages, self.kernel)
+        return LoraBatch(modules, self.pages, self.kernel or self._sgmv_torch)
 
-    def _paged_plan(self, plan_key: tuple, names: list[str]) -> _PagedPlan:
+    def _plan(self, plan_key: tuple) -> _Plan:
         if plan_key in self._plans:
             self._plans.move_to_end(plan_key)
             return self._plans[plan_key]
-        adapters = [self._paged_adapter(name, load_id) for name, load_id in plan_key]
+        adapters = [self._adapter_rows_of(name, load_id) for name, load_id in plan_key]
         offsets, total = [], 0
         for adapter in adapters:
             offsets.append(total)
@@ -175,7 +158,7 @@ class LoraBatchBuilder:
         device = self.pages.device
         rows = torch.stack([a.rows for a in adapters])
         rows[:, :, :2] += torch.tensor(offsets, dtype=torch.int32, device=device)[:, None, None]
-        plan = _PagedPlan(torch.cat([a.page_ids for a in adapters]), rows,
+        plan = _Plan(torch.cat([a.page_ids for a in adapters]), rows,
                           torch.stack([a.scaling for a in adapters]),
                           sorted(frozenset().union(*(a.modules for a in adapters))),
                           rows[:, :, 2].amax(0).tolist())
@@ -184,7 +167,7 @@ class LoraBatchBuilder:
             self._plans.popitem(last=False)
         return plan
 
-    def _paged_adapter(self, name: str, load_id: int) -> _AdapterRows:
+    def _adapter_rows_of(self, name: str, load_id: int) -> _AdapterRows:
         key = (name, load_id)
         if key not in self._adapter_rows:
             rows = [[0, 0, 0] for _ in self.modules]
@@ -201,72 +184,3 @@ class LoraBatchBuilder:
                 torch.tensor(scaling, dtype=torch.float32, device=device),
                 frozenset(self._module_index[m] for m in self.cache.host[name].modules))
         return self._adapter_rows[key]
-
-    def _build_gathered(self, plan: dict[str, _ModulePlan], names: list[str],
-                        runs: list[tuple[str | None, int]]) -> LoraBatch:
-        index_of = {name: i for i, name in enumerate(names)}
-        num_rows = sum(n for _, n in runs)
-        modules, masks = {}, {}
-        for module, module_plan in plan.items():
-            segments, row = [], 0
-            for name, n in runs:
-                if name is not None and index_of[name] in module_plan.adapters:
-                    rank_start, rank, scaling = module_plan.adapters[index_of[name]]
-                    segments.append(Segment(row, row + n, rank_start, rank, scaling))
-                row += n
-            if not segments:
-                continue
-            lora = ModuleLora(module_plan.a, module_plan.bt, segments)
-            sum_rank = module_plan.a.shape[0]
-            if choose_dense(num_rows, sum_rank, segments, module_plan.a.shape[1],
-                            module_plan.bt.shape[1]):
-                # q_proj of every layer (typically) has the same segments: one mask for all.
-                signature = (sum_rank, *((s.row_start, s.row_end, s.rank_start, s.rank,
-                                          s.scaling) for s in segments))
-                if signature not in masks:
-                    masks[signature] = segment_mask(num_rows, segments, sum_rank,
-                                                    self.pages.dtype, self.pages.device)
-                lora.mask = masks[signature]
-            modules[module] = lora
-        return LoraBatch(modules)
-
-    def _plan(self, plan_key: tuple, names: list[str]) -> dict[str, _ModulePlan]:
-        if plan_key in self._plans:
-            self._plans.move_to_end(plan_key)
-            return self._plans[plan_key]
-        layout: dict[str, list] = {}
-        for i, name in enumerate(names):
-            for module, slice_ in self.cache.host[name].modules.items():
-                layout.setdefault(module, []).append((i, slice_))
-        page_ids, spans = [], {}
-        for module, entries in layout.items():
-            sum_rank = sum(s.rank for _, s in entries)
-            a_start = len(page_ids)
-            for i, s in entries:
-                resident = self.cache.resident[names[i]]
-                page_ids += resident[s.a_page:s.a_page + s.rank * s.a_pages_per_row]
-            b_start = len(page_ids)
-            for i, s in entries:
-                resident = self.cache.resident[names[i]]
-                page_ids += resident[s.b_page:s.b_page + s.rank * s.b_pages_per_row]
-            spans[module] = (a_start, b_start, len(page_ids), sum_rank)
-        # index_select, not `pages[index]`: advanced indexing takes a slower generic path on
-        # CPU (about 9 ms against 1-2 ms for 5,700 pages of 1024 bf16 numbers).
-        gathered = self.pages.index_select(0, torch.tensor(page_ids, device=self.pages.device))
-        self.gathers += 1
-        plan = {}
-        for module, entries in layout.items():
-            a_start, b_start, end, sum_rank = spans[module]
-            first = entries[0][1]
-            a = gathered[a_start:b_start].view(sum_rank, -1)[:, :first.in_features]
-            bt = gathered[b_start:end].view(sum_rank, -1)[:, :first.out_features]
-            adapters, rank_start = {}, 0
-            for i, s in entries:
-                adapters[i] = (rank_start, s.rank, s.scaling)
-                rank_start += s.rank
-            plan[module] = _ModulePlan(a, bt, adapters)
-        self._plans[plan_key] = plan
-        if len(self._plans) > PLAN_CACHE_SIZE:
-            self._plans.popitem(last=False)
-        return plan
-

@@ -4,44 +4,47 @@
     shrink:  h = x @ A^T            x [T, in], A [r, in]    -> h [T, r]
     expand:  y += scaling * h @ B^T                 B^T [r, out] -> y [T, out]
 
-The step's adapters for one target module come as one `ModuleLora`: their `A`s stacked along
-the rank axis (`a [sum_r, in]`, each adapter with its own rank, no padding to a maximum) and
-their `B^T`s likewise, plus *segments*: contiguous row ranges that use one adapter (the runner
-orders sequences by adapter, so a prefill segment is a sequence's tokens and a decode segment is
-the rows of all sequences sharing an adapter).
+The step's adapters for one target module come as one `PagedModuleLora`: *segments*
+(contiguous row ranges that use one adapter; the runner orders sequences by adapter, so a
+prefill segment is a sequence's tokens and a decode segment is the rows of all sequences sharing
+an adapter), each with its rank (no padding to a maximum) and scaling, and a page table naming
+the pool pages that hold each segment's A and B^T rows, read where they are.
 
-Three implementations, held equal by tests:
-- `lora_delta_reference`: a loop over rows, the definition;
-- `lora_delta_grouped`: one shrink and one expand per segment (MBGMM-like; no wasted FLOPs, a few
-  framework calls per distinct adapter);
-- `lora_delta_dense`: one shrink and one expand for the whole batch against every adapter of the
-  step, with a `[T, sum_r]` mask that keeps each row's own adapter's columns (and holds the
-  scaling). Wastes `T * (sum_r - r_row)` multiply-adds but makes three calls in all, which is
-  faster while `T * sum_r` is small (decode).
-`choose_dense` picks by a cost model.
+Every implementation is a function `kernel(y, x, pages, module)` that adds the delta into y in
+place, held equal by tests:
+- `lora_delta_paged_reference`: the definition, a loop over segments in float32;
+- `sgmv_cpu` (sgmv_cpu.py, C) and `sgmv_triton` (triton_ops.py, CUDA): read the pages in place,
+  one call per module;
+- `sgmv_torch`: the fallback for pools no kernel serves (a CPU without a C compiler, a float16
+  pool, a GPU without Triton, `LORAFLEET_SGMV_KERNEL=0`). PyTorch cannot multiply through a
+  page table, so it copies the module's segments out of the pool (one `index_select` into
+  stacks `a [sum_r, in]`, `bt [sum_r, out]`) and then either runs one shrink + expand per
+  segment (*grouped*, MBGMM-like: no wasted FLOPs, a few framework calls per segment) or
+  multiplies every row by every segment's ranks with a `[T, sum_r]` mask that keeps each row's
+  own columns and holds the scaling (*dense*: wastes `T * (sum_r - r_row)` multiply-adds but
+  makes three calls in all, faster while `T * sum_r` is small, i.e. decode). `choose_dense`
+  picks by a cost model.
 
-The fast paths proper read the weights where they are: `PagedModuleLora` names each segment's
-A and B^T rows by page id, and a kernel (sgmv_cpu.py on CPU, triton_ops.py on CUDA) multiplies
-through that table with no copy; `lora_delta_paged_reference` is their definition. The stacked
-paths above stay as the torch twins for pools no kernel serves.
-
-Tried and measured slower on CPU (bench model: hidden 1024, 4 layers, bf16, 300 adapters of
-ranks 8/16/32, 48 requests, decode batch ~21 rows, ~17 adapters per step): an MBGMV path that
-groups rows by rank, gathers each row's own A and scaled B^T (one index_select per rank group)
-and runs two `bmm` per group. bf16 `bmm` of such tiny batches is ~3x slower than float32 here
-(24 against 7 us for 7 x [1 x 1024] @ [1024 x 16]), so the gathered rows had to be float32; per
-module it then beats dense (93 against 112 us for q_proj, 84 against 94 us for v_proj), but the
-decode batch's composition changes almost every step (a request finishes or joins), and the
-per-row gather + cast (0.2-1 ms per module) costs far more than it saves: decode step 20.0 ms
-against 17.3 ms for dense (forced paths, alternated in one process). It needs a kernel that reads
-each row's pages in place (Punica BGMV / S-LoRA MBGMV in Triton), which CPU PyTorch lacks.
+Tried and measured slower on CPU for the torch path (bench model: hidden 1024, 4 layers, bf16,
+300 adapters of ranks 8/16/32, 48 requests, decode batch ~21 rows, ~17 adapters per step): an
+MBGMV path that groups rows by rank, gathers each row's own A and scaled B^T (one index_select
+per rank group) and runs two `bmm` per group. bf16 `bmm` of such tiny batches is ~3x slower than
+float32 here (24 against 7 us for 7 x [1 x 1024] @ [1024 x 16]), so the gathered rows had to be
+float32; per module it then beats dense (93 against 112 us for q_proj, 84 against 94 us for
+v_proj), but the per-row gather + cast (0.2-1 ms per module) costs far more than it saves:
+decode step 20.0 ms against 17.3 ms for dense (forced paths, alternated in one process). What
+it needed is a kernel that reads each row's pages in place: sgmv_cpu / sgmv_triton.
 """
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from lorafleet.models.modules import linear_features
 
 # Cost model for choosing the dense path: one framework call (dispatch + a tiny matmul) costs
 # about as much time as this many multiply-adds of a bf16 matmul. Measured on the 2-core dev
@@ -49,24 +52,6 @@ from torch import nn
 # larger, which favours the dense path even more.
 CALL_COST_MACS = 2_000_000
 CALLS_PER_SEGMENT = 6          # 4 slicing views + shrink + expand
-
-
-@dataclass
-class Segment:
-    row_start: int
-    row_end: int
-    rank_start: int            # the adapter's first row in ModuleLora.a / .bt
-    rank: int
-    scaling: float
-
-
-@dataclass
-class ModuleLora:
-    """One target module's share of a step's adapters."""
-    a: torch.Tensor            # [sum_r, in]
-    bt: torch.Tensor           # [sum_r, out]
-    segments: list[Segment]
-    mask: torch.Tensor | None = None   # [T, sum_r] scaled selection; set means "use dense"
 
 
 @dataclass
@@ -94,6 +79,7 @@ class PagedModuleLora:
     max_rows: int              # longest segment
 
 
+# -- the definitions --------------------------------------------------------------------------
 def paged_weights(pages: torch.Tensor, module: PagedModuleLora, segment: int
                   ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(A [r, in], B^T [r, out], scaling) of one segment, read from its pages: the definition."""
@@ -122,6 +108,62 @@ def lora_delta_paged_reference(y: torch.Tensor, x: torch.Tensor, pages: torch.Te
         y[start:end] = (y[start:end].float() + scaling * delta).to(y.dtype)
 
 
+def lora_delta_reference(x: torch.Tensor, out_features: int,
+                         row_weights: list[tuple[torch.Tensor, torch.Tensor, float] | None]
+                         ) -> torch.Tensor:
+    """The definition row by row: for each row i with weights (A [r, in], B^T [r, out],
+    scaling), delta[i] = scaling * (x[i] @ A^T) @ B^T; rows with None get zero."""
+    delta = x.new_zeros(x.shape[0], out_features)
+    for i, weights in enumerate(row_weights):
+        if weights is not None:
+            a, bt, scaling = weights
+            delta[i] = scaling * ((x[i] @ a.t()) @ bt)
+    return delta
+
+
+# -- the torch fallback ---------------------------------------------------------------------------
+class Segment(NamedTuple):
+    """A segment of the stacks `gather_segments` returns (the torch fallback's working form)."""
+    row_start: int
+    row_end: int
+    rank_start: int            # the segment's first row in a / bt
+    rank: int
+    scaling: float
+
+
+def _index(values: array, device: torch.device) -> torch.Tensor:
+    """An int64 tensor of `values` (read in place: `torch.tensor(list)` converts element by
+    element, ~50 us for the 600 page ids of a decode step's module on the dev CPU)."""
+    if not values:   # frombuffer refuses an empty buffer
+        return torch.empty(0, dtype=torch.int64, device=device)
+    return torch.frombuffer(values, dtype=torch.int64).to(device)
+
+
+def gather_segments(pages: torch.Tensor, module: PagedModuleLora
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[Segment]]:
+    """Copy the A and B^T rows of `module`'s segments (rank 0 left out) out of the pool with one
+    `index_select`: (a [sum_r, in], bt [sum_r, out], the segments, in row order)."""
+    a_ppr, b_ppr = module.a_pages_per_row, module.b_pages_per_row
+    rows, ranks = module.seg_rows.tolist(), module.seg_rank.tolist()
+    seg_a, seg_b, scales = module.seg_a.tolist(), module.seg_b.tolist(), module.seg_scale.tolist()
+    a_entries, b_entries, segments = array("q"), array("q"), []     # positions in page_ids
+    for s, rank in enumerate(ranks):
+        if rank:
+            a_entries.extend(range(seg_a[s], seg_a[s] + rank * a_ppr))
+            b_entries.extend(range(seg_b[s], seg_b[s] + rank * b_ppr))
+            start = segments[-1].rank_start + segments[-1].rank if segments else 0
+            segments.append(Segment(rows[s][0], rows[s][1], start, rank, scales[s]))
+    sum_rank, split = len(a_entries) // a_ppr, len(a_entries)
+    # index_select, not `pages[index]`: advanced indexing takes a slower generic path on CPU
+    # (about 9 ms against 1-2 ms for 5,700 pages of 1024 bf16 numbers).
+    page_ids = module.page_ids.index_select(0, _index(a_entries + b_entries, pages.device))
+    stacked = pages.index_select(0, page_ids)
+    hidden = pages.shape[1]
+    a = stacked[:split].view(sum_rank, a_ppr * hidden)[:, :module.in_features]
+    bt = stacked[split:].view(sum_rank, b_ppr * hidden)[:, :module.out_features]
+    return a, bt, segments
+
+
 def lora_shrink(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """x [T, in], a [r, in] -> [T, r]."""
     return x @ a.t()
@@ -132,57 +174,36 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, bt: torch.Tensor, scaling: flo
     y.addmm_(h, bt, alpha=scaling)
 
 
-def lora_delta_reference(x: torch.Tensor, out_features: int,
-                         row_weights: list[tuple[torch.Tensor, torch.Tensor, float] | None]
-                         ) -> torch.Tensor:
-    """The definition: for each row i with weights (A [r, in], B^T [r, out], scaling),
-    delta[i] = scaling * (x[i] @ A^T) @ B^T; rows with None get zero."""
-    delta = x.new_zeros(x.shape[0], out_features)
-    for i, weights in enumerate(row_weights):
-        if weights is not None:
-            a, bt, scaling = weights
-            delta[i] = scaling * ((x[i] @ a.t()) @ bt)
-    return delta
-
-
-def lora_delta_grouped(y: torch.Tensor, x: torch.Tensor, module: ModuleLora) -> None:
+def lora_delta_grouped(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor,
+                       segments: list[Segment]) -> None:
     """y [T, out] += each segment's low-rank product, one shrink + expand per segment."""
-    for seg in module.segments:
+    for seg in segments:
         rows = slice(seg.row_start, seg.row_end)
         ranks = slice(seg.rank_start, seg.rank_start + seg.rank)
-        lora_expand(y[rows], lora_shrink(x[rows], module.a[ranks]), module.bt[ranks],
-                    seg.scaling)
+        lora_expand(y[rows], lora_shrink(x[rows], a[ranks]), bt[ranks], seg.scaling)
 
 
-def lora_delta_dense(y: torch.Tensor, x: torch.Tensor, module: ModuleLora) -> None:
-    """y [T, out] += ((x @ a^T) * mask) @ bt: every row against every adapter, masked."""
-    h = lora_shrink(x, module.a)
-    h.mul_(module.mask)
-    y.addmm_(h, module.bt)
+def lora_delta_dense(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor,
+                     mask: torch.Tensor) -> None:
+    """y [T, out] += ((x @ a^T) * mask) @ bt: every row against every segment, masked."""
+    h = lora_shrink(x, a)
+    h.mul_(mask)
+    y.addmm_(h, bt)
 
 
 def segment_mask(num_rows: int, segments: list[Segment], sum_rank: int,
                  dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[T, sum_r]: mask[i, j] = scaling of row i's adapter if column j is one of its ranks.
+    """[T, sum_r]: mask[i, j] = scaling of row i's segment if column j is one of its ranks.
     Built with a few vectorised calls whatever the number of segments."""
-    run_lengths, run_blocks, col_block = [], [], [-2] * sum_rank
-    col_scale = [0.0] * sum_rank
-    cursor = 0
-    for seg in segments:
-        if seg.row_start > cursor:
-            run_lengths.append(seg.row_start - cursor)
-            run_blocks.append(-1)
-        run_lengths.append(seg.row_end - seg.row_start)
-        run_blocks.append(seg.rank_start)
-        cursor = seg.row_end
-        col_block[seg.rank_start:seg.rank_start + seg.rank] = [seg.rank_start] * seg.rank
-        col_scale[seg.rank_start:seg.rank_start + seg.rank] = [seg.scaling] * seg.rank
-    if num_rows > cursor:
-        run_lengths.append(num_rows - cursor)
-        run_blocks.append(-1)
-    row_block = torch.repeat_interleave(torch.tensor(run_blocks), torch.tensor(run_lengths))
-    same = row_block[:, None] == torch.tensor(col_block)[None, :]
-    return (same * torch.tensor(col_scale)[None, :]).to(dtype=dtype, device=device)
+    row_segment = array("q", [-1]) * num_rows        # -1: a base row
+    column_segment = array("q", [0]) * sum_rank
+    for s, seg in enumerate(segments):
+        row_segment[seg.row_start:seg.row_end] = array("q", [s]) * (seg.row_end - seg.row_start)
+        column_segment[seg.rank_start:seg.rank_start + seg.rank] = array("q", [s]) * seg.rank
+    columns = _index(column_segment, device)
+    same = _index(row_segment, device)[:, None] == columns[None, :]
+    scaling = torch.tensor([seg.scaling for seg in segments], device=device)
+    return (same * scaling[columns][None, :]).to(dtype)
 
 
 def choose_dense(num_rows: int, sum_rank: int, segments: list[Segment], in_features: int,
@@ -193,12 +214,24 @@ def choose_dense(num_rows: int, sum_rank: int, segments: list[Segment], in_featu
     return wasted_macs <= CALL_COST_MACS * CALLS_PER_SEGMENT * (len(segments) - 1)
 
 
-def add_lora(y: torch.Tensor, x: torch.Tensor, module: ModuleLora) -> None:
-    """y [T, out] += the batch's heterogeneous LoRA delta for x [T, in] (fast path)."""
-    if module.mask is not None:
-        lora_delta_dense(y, x, module)
+def sgmv_torch(y: torch.Tensor, x: torch.Tensor, pages: torch.Tensor,
+               module: PagedModuleLora) -> None:
+    """y [T, out] += the batch's heterogeneous LoRA delta for x [T, in], in place, in PyTorch:
+    the kernels' signature and result, for any pool. Computes in the wider of x's and the
+    pool's dtypes (a 4-bit base may compute in another dtype than the pool's)."""
+    a, bt, segments = gather_segments(pages, module)
+    if not segments:
+        return
+    dtype = torch.promote_types(x.dtype, pages.dtype)
+    a, bt, x = a.to(dtype), bt.to(dtype), x.to(dtype)
+    out = y if y.dtype == dtype else torch.zeros(y.shape, dtype=dtype, device=y.device)
+    if choose_dense(x.shape[0], a.shape[0], segments, module.in_features, module.out_features):
+        mask = segment_mask(x.shape[0], segments, a.shape[0], dtype, x.device)
+        lora_delta_dense(out, x, a, bt, mask)
     else:
-        lora_delta_grouped(y, x, module)
+        lora_delta_grouped(out, x, a, bt, segments)
+    if out is not y:
+        y += out.to(y.dtype)
 
 
 class BatchedLoraLinear(nn.Module):
@@ -209,7 +242,7 @@ class BatchedLoraLinear(nn.Module):
     def __init__(self, base_layer: nn.Module, name: str):
         super().__init__()
         self.base_layer, self.name = base_layer, name
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = linear_features(base_layer)
 
     def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
         y = self.base_layer(x)
@@ -217,10 +250,7 @@ class BatchedLoraLinear(nn.Module):
         if module is None:
             return y
         y2d, x2d = y.view(-1, self.out_features), x.reshape(-1, self.in_features)
-        if not isinstance(module, PagedModuleLora):
-            add_lora(y2d, x2d, module)
-        elif x2d.dtype == y2d.dtype == lora.pages.dtype:
-            lora.kernel(y2d, x2d, lora.pages, module)
-        else:   # e.g. a 4-bit base computing in another dtype than the pool's: the slow twin
-            lora_delta_paged_reference(y2d, x2d, lora.pages, module)
+        # The kernels take x, y and the pool in one dtype; a 4-bit base may compute in another.
+        kernel = lora.kernel if x2d.dtype == y2d.dtype == lora.pages.dtype else sgmv_torch
+        kernel(y2d, x2d, lora.pages, module)
         return y

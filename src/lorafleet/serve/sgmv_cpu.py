@@ -2,11 +2,11 @@
 MBGMM+MBGMV as one C function), built on first use.
 
 PyTorch on CPU has no operator that multiplies each row by its own adapter's weights where those
-weights sit scattered over pool pages: the torch paths (lora_ops.py) first gather the step's
-adapters into one contiguous stack (~1 ms per change of adapter set at 1000 adapters) and then
-either multiply every row by every adapter (dense, masked) or pay two framework calls per
-adapter (grouped). This kernel does neither: one call per module, and for each segment (rows
-sharing an adapter) it
+weights sit scattered over pool pages: the torch fallback (lora_ops.sgmv_torch) copies a
+module's segments out of the pool into one contiguous stack on every call and then either
+multiplies every row by every adapter (dense, masked) or pays two framework calls per adapter
+(grouped). This kernel does neither: one call per module, and for each segment (rows sharing an
+adapter) it
 
     shrink:  h[t, k] = sum_i x[t, i] * A[k, i]            A row k read from its pages
     expand:  y[t, o] = round(y[t, o] + scaling * sum_k h[t, k] * Bt[k, o])
