@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from lorafleet.errors import AdapterError
-from lorafleet.serve.adapter_cache import build_host_adapter, read_peft_folder
+from lorafleet.lora.peft_format import read_adapter
+from lorafleet.serve.adapter_cache import build_host_adapter
 from lorafleet.serve.engine import Engine, EngineConfig, SamplingParams
 
 from .conftest import make_peft_adapter, merged_oracle, oracle_greedy
@@ -40,7 +41,7 @@ def test_exclude_is_what_refuses_it(small_fleet, lm_head_adapter):
     from a shape or name mismatch."""
     base_dir, _, _ = small_fleet
     engine = Engine(base_dir, config=EngineConfig(num_pages=64, block_tokens=4))
-    config, tensors = read_peft_folder(lm_head_adapter)
+    config, tensors = read_adapter(lm_head_adapter)
     assert "base_model.model.lm_head.base_layer.weight" in tensors
     lora_only = {key: t for key, t in tensors.items() if ".lora_" in key}
     args = (config, lora_only, engine.runner.targets, 64, 8, torch.float32)

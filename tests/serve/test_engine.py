@@ -193,6 +193,9 @@ def test_abort_frees_pages_at_once(llama_fleet):
     engine.add_request("b", [8, 9], None, params)
     engine.add_request("c", [10, 11, 12, 13], "a01", params)
     engine.step()
+    # Adapters are read on the loader thread: step until both adapter requests run.
+    while any(engine.requests[r].status.value != "running" for r in "abc"):
+        engine.step()
     engine.step()
     kv_before = engine.pool.used_by["kv"]
     assert engine.abort("a")
@@ -228,8 +231,8 @@ def test_bad_requests_get_errors_engine_keeps_serving(llama_fleet, gpt2_fleet):
         engine.register_adapter("big", adapters["a04"])           # rank 16
     with pytest.raises(AdapterError, match="not a projection of the base model"):
         engine.register_adapter("gpt2_adapter", gpt2_fleet[2]["a00"])
-    from lorafleet.serve.adapter_cache import read_peft_folder
-    config, tensors = read_peft_folder(adapters["a00"])
+    from lorafleet.lora.peft_format import read_adapter
+    config, tensors = read_adapter(adapters["a00"])
     key = next(k for k in tensors if k.endswith("lora_A.weight"))
     tensors[key] = tensors[key][:, :10]
     with pytest.raises(ShapeError, match="expected lora_A"):

@@ -230,26 +230,38 @@ def test_stream_cancelled_while_adding_still_aborts(engine, monkeypatch):
 
 
 def test_queued_requests_adapters_are_prefetched(small_fleet):
-    """With one request running at a time, the adapter of the request queued behind it is
-    loaded during the step (a prefetch: resident, unreferenced), so its admission is a hit."""
+    """With one request running at a time, the adapter of the request queued behind it is read
+    on the loader thread while the first runs, then written into free pages (a prefetch:
+    resident, unreferenced), so its admission is a hit."""
     base_dir, _, adapters = small_fleet
     engine = Engine(base_dir, config=EngineConfig(num_pages=1024, block_tokens=4,
                                                   max_num_seqs=1))
     for name in ("a00", "a01", "a02"):
         engine.register_adapter(name, adapters[name])
-    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
     for i, name in enumerate(("a00", "a01", "a02")):
         engine.add_request(f"r{i}", [5 + i, 6, 7], name, params)
-    engine.step()
-    cache = engine.cache
-    assert list(cache.resident) == ["a00", "a01"] and cache.prefetches == 1
-    assert cache.refcount == {"a00": 1} and cache.misses == 1
     outputs = {}
-    while engine.has_work():
+
+    def step():
         for out in engine.step():
             outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
-    # Only r0's adapter was loaded on admission; the other two were prefetched, then hit.
-    assert cache.prefetches == 2 and cache.misses == 1 and cache.hits == 2
+
+    cache = engine.cache
+    while engine.requests["r0"].status.value != "running":
+        step()
+    assert cache.refcount == {"a00": 1} and cache.misses == 1
+    while "a01" not in cache.resident:   # its read started at the first step
+        cache.loader.wait(1)
+        step()
+    assert list(cache.resident) == ["a00", "a01"] and cache.prefetches >= 1
+    assert engine.requests["r0"].status.value == "running"      # 6 tokens: still decoding
+    while engine.requests["r1"].status.value != "running":
+        step()
+    assert cache.refcount == {"a01": 1} and cache.misses == 1 and cache.hits == 1
+    while engine.has_work():
+        step()
+    assert cache.misses + cache.prefetches == 3 and cache.loads == 3
     # The prefetched adapters give the same tokens as an engine that loads them on admission.
     fresh = Engine(base_dir, config=EngineConfig(num_pages=1024, block_tokens=4))
     for name in ("a01", "a02"):

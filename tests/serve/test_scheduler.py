@@ -239,13 +239,82 @@ def test_adapter_cap_and_eviction_of_unused_adapters(chunked):
     for i, name in enumerate(["x", "y", "z", "x"]):
         sched.add(seq(f"s{i}", 2, name))
     batch = sched.schedule()
-    assert [s.adapter for s in batch.seqs] == ["x", "y"]    # FCFS: z blocks the second x
+    # z would be a third adapter: passed over, not waited for; the second x joins its adapter.
+    assert [s.adapter for s in batch.seqs] == ["x", "y", "x"]
     for s in list(sched.running):
         sched.finish(s, "length")
     assert sched.adapters.refs == {"x": 0, "y": 0}
     batch = sched.schedule()
-    assert [s.adapter for s in batch.seqs] == ["z", "x"]
+    assert [s.adapter for s in batch.seqs] == ["z"]
     pool_.check()
+
+
+class LoadingAdapters(FakeAdapters):
+    """Adapters in `loading` are still being read from disk: pin fails until they arrive."""
+
+    def __init__(self, pool, size=4):
+        super().__init__(pool, size)
+        self.loading = set()
+
+    def pin(self, name, reserve=0):
+        return name not in self.loading and super().pin(name, reserve)
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_requests_whose_adapter_is_loading_are_passed_over(chunked):
+    sched, pool_, _ = make(num_pages=64, adapters=LoadingAdapters, enable_chunked_prefill=chunked)
+    sched.adapters.loading = {"slow"}
+    for i, name in enumerate(["slow", "x", None, "slow"]):
+        sched.add(seq(f"s{i}", 2, name))
+    batch = sched.schedule()
+    assert [s.request_id for s in batch.seqs] == ["s1", "s2"]
+    assert [s.request_id for s in sched.waiting] == ["s0", "s3"]
+    sched.adapters.loading = set()               # arrived
+    run(batch)
+    batch = sched.schedule()
+    assert {s.request_id for s in batch.seqs[batch.num_decode:]} == {"s0", "s3"}
+    pool_.check()
+
+
+def test_aging_bound_stops_admission_behind_a_passed_over_request():
+    """A request that cannot be admitted is passed over by at most max_overtakes later
+    requests; then admission waits for it, and it goes first once it can."""
+    sched, pool_, _ = make(num_pages=64, adapters=LoadingAdapters, max_overtakes=3,
+                           max_num_seqs=2)
+    sched.adapters.loading = {"slow"}
+    sched.add(seq("s0", 2, "slow"))
+    for i in range(1, 9):
+        sched.add(seq(f"x{i}", 2))
+
+    def step():
+        batch = sched.schedule()
+        for s in list(sched.running):
+            sched.finish(s, "length")
+        return [s.request_id for s in batch.seqs]
+
+    assert step() == ["x1", "x2"] and step() == ["x3", "x4"]
+    assert step() == [] and step() == []     # 4 > 3 overtakes: nothing passes s0 any more
+    sched.adapters.loading = set()
+    assert step() == ["s0", "x5"]
+    pool_.check()
+
+
+def test_round_robin_across_tenants():
+    """A flood from tenant a does not queue tenant b's requests behind it."""
+    sched, pool_, _ = make(num_pages=64, max_num_seqs=4)
+    for i in range(10):
+        s = seq(f"a{i}", 2)
+        s.tenant = "a"
+        sched.add(s)
+    for i in range(2):
+        s = seq(f"b{i}", 2)
+        s.tenant = "b"
+        sched.add(s)
+    batch = sched.schedule()
+    assert [s.request_id for s in batch.seqs] == ["a0", "b0", "a1", "b1"]
+    for s in list(sched.running):
+        sched.finish(s, "length")
+    assert [s.request_id for s in sched.schedule().seqs] == ["a2", "a3", "a4", "a5"]
 
 
 @pytest.mark.parametrize("chunked", [True, False])

@@ -1,188 +1,110 @@
-"""The adapter cache: every registered adapter has a host copy; those the running batch needs are
-copied into pool pages on demand, reference-counted while requests use them, and evicted least
-recently used when the pool needs pages (S-LoRA sec. 5.2).
+"""The adapter cache: the pool tier. Adapters the running batch needs are copied into pool pages,
+reference-counted while requests use them, and evicted least recently used when the pool needs
+pages (S-LoRA sec. 5.2).
 
-Host copy layout. For each target module an adapter stores the rank rows of `A [r, in]` and of
-`B^T [r, out]`; each row takes `ceil(dim / H)` pages, zero-padded (pool.py). The host copy is
-already in page form, one `[num_pages, H]` tensor, so loading is one indexed copy into the pool.
-Ranks are the adapter's own (per module, `rank_pattern` included): nothing is padded to a
-maximum rank.
+Registered adapters are specs only (adapter_registry.py: layout, no weights). Making one resident
+needs its page copy on the host: an adapter registered from tensors keeps its copy; one backed by
+a file is read by the loader thread (adapter_loader.py) when a queued request asks for it
+(`pin` / `prefetch` return False meanwhile, so the scheduler runs other requests), and the copy
+arrives through `poll()`, which the engine calls at the start of every step. Everything here
+runs on the engine thread; only the read runs on the loader's.
 
-Prefetch (`prefetch`) loads a queued request's adapter into free pages before its admission. On
-CPU the copy is synchronous, done by the scheduler at the end of `schedule()` before the step
-runs; on a GPU it would be a copy on a side stream overlapping the step.
+Prefetch (`prefetch`) starts the read of a queued request's adapter, and once its copy is there
+writes it into free pages before the request's admission (never evicting, never pinning).
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
-import re
 from collections import OrderedDict
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from lorafleet.errors import AdapterError, EngineError, ShapeError
+from lorafleet.errors import AdapterError, EngineError
+from lorafleet.lora.config import LoraConfig
+from lorafleet.lora.peft_format import check_tensors, parse_adapter
 
-from .kv_cache import cdiv
+from .adapter_loader import AdapterLoader, HostCache
+from .adapter_registry import AdapterSpec, BaseLayout, ModuleSlice, adapter_pages, build_spec
 from .pool import ADAPTER, PagePool
+
+__all__ = ["AdapterCache", "HostAdapter", "ModuleSlice", "build_host_adapter"]
 
 log = logging.getLogger(__name__)
 
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])"
-                  r"(?:\.[^.]+)?\.weight$")
+# Adapters read ahead of their admission at once (loading or staged): bounds the host memory
+# that copies on their way into the pool take, whatever the queue holds.
+LOAD_AHEAD = 8
 
 
-def read_peft_folder(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(adapter_config.json as a dict, tensors) of a PEFT folder. Uses the adapters stage's
-    reader when it is there; safetensors only, never pickles."""
-    try:
-        from lorafleet.lora.peft_format import read_adapter
-    except ImportError:
-        read_adapter = None
-    if read_adapter is not None:
-        config, tensors = read_adapter(path)
-        return (config if isinstance(config, dict) else vars(config)), tensors
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
-    for needed in (config_file, weights_file):
-        if not needed.is_file():
-            raise AdapterError(f"adapter folder {path}: missing {needed.name}")
-    return json.loads(config_file.read_text()), load_file(str(weights_file))
-
-
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name when the name
-    ends with it (on a '.' boundary), as a regular expression."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
-
-
-@dataclass
-class ModuleSlice:
-    """Where one target module's low-rank pair sits in an adapter's pages."""
-    rank: int
-    in_features: int
-    out_features: int
-    scaling: float
-    a_page: int          # first page of A's rows (relative to the adapter's own pages)
-    a_pages_per_row: int
-    b_page: int          # first page of B^T's rows
-    b_pages_per_row: int
-
-
-@dataclass
 class HostAdapter:
-    name: str
-    modules: dict[str, ModuleSlice]     # module name -> slice (sorted by module name)
-    pages: torch.Tensor                 # [num_pages, H] host copy in page form
-    max_rank: int
+    """An adapter registered from tensors in memory: its spec and its only page copy."""
+
+    def __init__(self, spec: AdapterSpec, pages: torch.Tensor):
+        self.spec, self.pages = spec, pages
+        self.name, self.num_pages, self.max_rank = spec.name, spec.num_pages, spec.max_rank
 
     @property
-    def num_pages(self) -> int:
-        return self.pages.shape[0]
+    def modules(self) -> dict[str, ModuleSlice]:
+        return self.spec.modules
 
 
-def build_host_adapter(name: str, config: dict, tensors: dict[str, torch.Tensor],
+def build_host_adapter(name: str, config: dict | LoraConfig, tensors: dict[str, torch.Tensor],
                        targets: dict[str, tuple[int, int]], page_size: int, max_rank: int,
                        dtype: torch.dtype, exclude: frozenset[str] = frozenset()) -> HostAdapter:
-    """Validate a PEFT adapter against the base model and lay it out in pages.
-
-    targets: module name -> (in_features, out_features) of every projection the engine can
-    adapt. exclude: target modules whose LoRA the engine does not serve (the engine passes the
-    output head: it computes lm_head only for the rows it samples from, so a per-row LoRA on it
-    would meet misaligned rows). Raises AdapterError (naming the key) when the adapter does not
-    fit."""
-    if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        raise AdapterError(f"adapter {name!r}: peft_type {config.get('peft_type')!r} is not LORA")
-    if config.get("use_dora"):
-        raise AdapterError(f"adapter {name!r}: DoRA adapters are not supported by the engine")
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        # Before the key check: peft saves an adapted lm_head's base weight too
-        # (`lm_head.base_layer.weight`, save_embedding_layers), which is not a LoRA key.
-        local_key = key.removeprefix("base_model.model.")
-        excluded = next((m for m in sorted(exclude) if local_key.startswith(m + ".")), None)
-        if excluded is not None:
-            raise AdapterError(f"adapter {name!r}: module {excluded!r}: LoRA on {excluded} is "
-                               f"not served by the engine; merge it into the base (lorafleet "
-                               f"merge) or train without {excluded}")
-        match = _KEY.match(key)
-        if match is None:
-            raise AdapterError(f"adapter {name!r}: tensor {key!r} is not a LoRA A/B weight "
-                               f"(embedding LoRA, biases and modules_to_save are not served)")
-        pairs.setdefault(match["module"], {})[match["which"]] = tensor
-    if not pairs:
-        raise AdapterError(f"adapter {name!r} has no LoRA tensors")
-    use_rslora, alpha = bool(config.get("use_rslora", False)), config.get("lora_alpha", 8)
-    modules, rows, next_page, adapter_rank = {}, [], 0, 0
-    for module in sorted(pairs):
-        pair = pairs[module]
-        if module not in targets:
-            sample = ", ".join(sorted(targets)[:4])
-            raise AdapterError(f"adapter {name!r}: module {module!r} is not a projection of the "
-                               f"base model (e.g. {sample})")
-        if set(pair) != {"A", "B"}:
-            raise AdapterError(f"adapter {name!r}: module {module!r} lacks lora_"
-                               f"{'B' if 'A' in pair else 'A'}")
-        a, b = pair["A"], pair["B"]
-        in_features, out_features = targets[module]
-        rank = a.shape[0]
-        if a.shape != (rank, in_features) or b.shape != (out_features, rank):
-            raise ShapeError(f"adapter {name!r}, module {module!r}: expected lora_A "
-                             f"[r, {in_features}] and lora_B [{out_features}, r], found "
-                             f"{list(a.shape)} and {list(b.shape)}")
-        if rank > max_rank:
-            raise AdapterError(f"adapter {name!r}, module {module!r}: rank {rank} is larger "
-                               f"than the engine's max_lora_rank {max_rank}")
-        module_alpha = _pattern_value(config.get("alpha_pattern"), module, alpha)
-        scaling = module_alpha / (math.sqrt(rank) if use_rslora else rank)
-        a_ppr, b_ppr = cdiv(in_features, page_size), cdiv(out_features, page_size)
-        modules[module] = ModuleSlice(rank, in_features, out_features, float(scaling),
-                                      next_page, a_ppr, next_page + rank * a_ppr, b_ppr)
-        next_page += rank * (a_ppr + b_ppr)
-        rows += [(a, a_ppr), (b.t(), b_ppr)]
-        adapter_rank = max(adapter_rank, rank)
-    pages = torch.zeros(next_page, page_size, dtype=dtype)
-    start = 0
-    for matrix, pages_per_row in rows:   # matrix [r, dim] -> r * pages_per_row pages
-        r, dim = matrix.shape
-        block = pages[start:start + r * pages_per_row].view(r, pages_per_row * page_size)
-        block[:, :dim] = matrix.to(dtype)
-        start += r * pages_per_row
-    return HostAdapter(name, modules, pages, adapter_rank)
+    """Check PEFT-keyed tensors against the base and lay them out in pages (AdapterError naming
+    the key or module when they do not fit)."""
+    if not isinstance(config, LoraConfig):
+        config = LoraConfig.from_dict(config, source=f"adapter {name!r} config")
+    check_tensors(tensors, f"adapter {name!r}")
+    adapter = parse_adapter(config, tensors, f"adapter {name!r}")
+    spec = build_spec(name, adapter, BaseLayout(targets, page_size, max_rank, exclude))
+    return HostAdapter(spec, adapter_pages(spec, adapter, dtype))
 
 
 class AdapterCache:
-    """Registered adapters (host) and the resident ones (pool pages), with LRU eviction.
+    """Registered adapters (specs), the host tier, and the resident ones (pool pages, LRU).
 
     `write_pages(page_ids, pages [n, H])` copies into the runner's pool tensor."""
 
-    def __init__(self, pool: PagePool, write_pages: Callable[[list[int], torch.Tensor], None]):
+    def __init__(self, pool: PagePool, write_pages: Callable[[list[int], torch.Tensor], None],
+                 loader: AdapterLoader | None = None, host_cache: HostCache | None = None):
         self.pool, self.write_pages = pool, write_pages
-        self.host: dict[str, HostAdapter] = {}
+        self.loader = loader or AdapterLoader(torch.float32)
+        self.host_cache = host_cache or HostCache(None, None, LOAD_AHEAD)
+        self.specs: dict[str, AdapterSpec] = {}
+        self.host = self.specs          # lora_batch reads `host[name].modules` of resident ones
+        self.in_memory: dict[str, torch.Tensor] = {}   # registered from tensors: no file
+        self.loading: dict[str, int] = {}               # name -> version being read
+        self.wanted: set[str] = set()      # asked for since the last poll (keeps staged copies)
         self.resident: OrderedDict[str, list[int]] = OrderedDict()   # LRU first
         self.load_id: dict[str, int] = {}      # changes on every (re)load: keys runner caches
         self.refcount: dict[str, int] = {}
         self.hits = self.misses = self.evictions = self.prefetches = 0
-        self._loads = 0
+        self.loads = self.load_failures = self.host_misses = 0
+        self.load_seconds = 0.0
+        self._loads = self._versions = 0
 
     # ---- registry ----------------------------------------------------------------------------
 
-    def register(self, adapter: HostAdapter) -> None:
+    def register(self, adapter: AdapterSpec | HostAdapter, pages: torch.Tensor | None = None,
+                 ) -> None:
+        """Register a spec (its file is read when needed) or, with `pages` (or a HostAdapter),
+        an adapter whose page copy stays in memory. Registering a name again replaces it."""
+        if isinstance(adapter, HostAdapter):
+            adapter, pages = adapter.spec, adapter.pages
         if adapter.num_pages > self.pool.num_pages:
             raise AdapterError(f"adapter {adapter.name!r} needs {adapter.num_pages} pages, the "
                                f"pool has {self.pool.num_pages}")
-        if adapter.name in self.host:
+        if pages is None and adapter.path is None:
+            raise AdapterError(f"adapter {adapter.name!r} has neither a file nor tensors")
+        if adapter.name in self.specs:
             self.unregister(adapter.name)
-        self.host[adapter.name] = adapter
+        self._versions += 1
+        adapter.version = self._versions
+        self.specs[adapter.name] = adapter
+        if pages is not None:
+            self.in_memory[adapter.name] = pages
 
     def unregister(self, name: str) -> None:
         if self.refcount.get(name, 0):
@@ -190,19 +112,74 @@ class AdapterCache:
                               f"request(s); abort them or wait before unregistering it")
         if name in self.resident:
             self._evict(name)
-        self.host.pop(name, None)
+        self.specs.pop(name, None)
+        self.in_memory.pop(name, None)
+        self.loading.pop(name, None)       # a read in flight is dropped when it arrives
+        self.host_cache.discard(name)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.host
+        return name in self.specs
 
     def names(self) -> list[str]:
-        return sorted(self.host)
+        return sorted(self.specs)
+
+    # ---- the host tier -----------------------------------------------------------------------
+
+    def _host_pages(self, name: str) -> tuple[torch.Tensor | None, bool]:
+        if name in self.in_memory:
+            return self.in_memory[name], False
+        return self.host_cache.get(name, self.specs[name].version)
+
+    def ready(self, name: str) -> bool:
+        """Resident, or its page copy is on the host (admission will not wait for a read)."""
+        return name in self.resident or self._host_pages(name)[0] is not None
+
+    def request(self, name: str) -> None:
+        """Start reading `name` on the loader thread unless it is there, being read, or the
+        read-ahead window (LOAD_AHEAD) is full (the scheduler asks again next step)."""
+        self.wanted.add(name)
+        if name in self.loading or self.ready(name):
+            return
+        if len(self.loading) + len(self.host_cache.staged) >= LOAD_AHEAD:
+            # Make room by dropping a staged copy nothing asked for since the last poll (its
+            # requests were aborted or failed, or wait far back): it is read again if needed.
+            stale = next((n for n in self.host_cache.staged if n not in self.wanted), None)
+            if stale is None:
+                return
+            del self.host_cache.staged[stale]
+            self.host_cache.dropped += 1
+        spec = self.specs[name]
+        self.loading[name] = spec.version
+        self.host_misses += 1
+        self.loader.submit(spec)
+
+    def poll(self) -> list[tuple[str, str]]:
+        """Take the loader's finished reads (engine thread). Returns (name, error) for each
+        adapter whose file could not be loaded: the engine fails its queued requests."""
+        self.wanted.clear()
+        failures = []
+        for result in self.loader.completed():
+            if self.loading.get(result.name) == result.version:
+                del self.loading[result.name]
+            spec = self.specs.get(result.name)
+            if spec is None or spec.version != result.version:
+                continue                   # unregistered or replaced meanwhile
+            if result.error is not None:
+                self.load_failures += 1
+                failures.append((result.name, result.error))
+                continue
+            self.loads += 1
+            self.load_seconds += result.seconds
+            self.host_cache.stage(result.name, result.version, result.pages)
+        return failures
 
     # ---- residency ---------------------------------------------------------------------------
 
     def pin(self, name: str, reserve: int = 0) -> bool:
         """Make `name` resident and take a reference, keeping `reserve` pages free besides
-        (the caller's KV pages). False, with nothing changed, if that is impossible now."""
+        (the caller's KV pages). False, with nothing changed, if that is impossible now (no
+        pages, or its copy is still being read: the read is started)."""
+        self.wanted.add(name)
         if name in self.resident:
             self.hits += 1
         else:
@@ -219,9 +196,14 @@ class AdapterCache:
             del self.refcount[name]
 
     def prefetch(self, name: str) -> bool:
-        if name in self.resident or name not in self.host:
+        if name in self.resident or name not in self.specs:
             return name in self.resident
-        if not self.pool.can_alloc(self.host[name].num_pages):
+        self.wanted.add(name)
+        pages, _ = self._host_pages(name)
+        if pages is None:
+            self.request(name)
+            return False
+        if not self.pool.can_alloc(self.specs[name].num_pages):
             return False
         self._load(name, 0)
         self.prefetches += 1
@@ -241,14 +223,19 @@ class AdapterCache:
         return sum(len(p) for n, p in self.resident.items() if n not in self.refcount)
 
     def _load(self, name: str, reserve: int) -> bool:
-        adapter = self.host[name]
-        shortage = adapter.num_pages + reserve - self.pool.num_free
+        pages, from_cache = self._host_pages(name)
+        if pages is None:
+            self.request(name)
+            return False
+        shortage = pages.shape[0] + reserve - self.pool.num_free
         if shortage > 0:
             if shortage > self.evictable_pages():
                 return False
             self.reclaim(shortage)
-        page_ids = self.pool.alloc(adapter.num_pages, ADAPTER)
-        self.write_pages(page_ids, adapter.pages)
+        page_ids = self.pool.alloc(pages.shape[0], ADAPTER)
+        self.write_pages(page_ids, pages)
+        if name not in self.in_memory:
+            self.host_cache.entered_pool(name, from_cache)
         self.resident[name] = page_ids
         self._loads += 1
         self.load_id[name] = self._loads
@@ -262,7 +249,14 @@ class AdapterCache:
         return len(page_ids)
 
     def stats(self) -> dict:
-        return {"adapters_registered": len(self.host), "adapters_resident": len(self.resident),
+        return {"adapters_registered": len(self.specs), "adapters_resident": len(self.resident),
                 "adapters_in_use": len(self.refcount), "cache_hits": self.hits,
                 "cache_misses": self.misses, "cache_evictions": self.evictions,
-                "cache_prefetches": self.prefetches}
+                "cache_prefetches": self.prefetches, "adapters_loading": len(self.loading),
+                "adapter_loads": self.loads, "adapter_load_failures": self.load_failures,
+                "adapter_load_seconds_sum": self.load_seconds,
+                "adapter_load_seconds_count": self.loads,
+                "host_cache_hits": self.host_cache.hits, "host_cache_misses": self.host_misses,
+                "host_cache_adapters": len(self.host_cache.cached),
+                "host_cache_bytes": self.host_cache.num_bytes,
+                "host_staged_adapters": len(self.host_cache.staged)}

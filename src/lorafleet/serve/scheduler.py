@@ -14,12 +14,21 @@ adapter cache for pages, and says how many tokens each sequence runs this step. 
    could not fit the pool alone, so the oldest running request can always proceed;
 2. prefill chunks, while `max_num_batched_tokens` (decode rows count one each) has room: first
    the running sequences whose prompt is partly computed (oldest first), then waiting requests
-   first come, first served (the head of the queue blocks those behind it: no starvation).
-   Admission needs free pages for the KV of the whole current sequence (so a chunked prompt
-   never waits for pages half way, and two half-prefilled prompts cannot deadlock) plus the
-   adapter's pages when it is not resident, and respects the optional cap on distinct adapters
-   in the running batch (each distinct adapter costs one more low-rank product per target
-   module per step). A sequence samples its first token on the step its last chunk runs.
+   (admission, below). Admission needs free pages for the KV of the whole current sequence (so
+   a chunked prompt never waits for pages half way, and two half-prefilled prompts cannot
+   deadlock) plus the adapter's pages when it is not resident, and respects the optional cap on
+   distinct adapters in the running batch (each distinct adapter costs one more low-rank
+   product per target module per step). A sequence samples its first token on the step its
+   last chunk runs.
+
+Admission order. Waiting requests are taken round-robin across tenants (`seq.tenant`, the API
+key; the tenant served least recently first), first come first served within one, so a flood
+from one tenant does not queue the others behind it. A request that cannot be admitted now
+(its adapter is still being read from disk, no pages, the adapter cap) is passed over, not
+waited for: requests whose adapter is resident or on the host go first, and the adapter cache
+reads the others meanwhile (no thrashing on loads). Aging bounds the passing over: once more
+than `max_overtakes` later requests have been admitted ahead of a request, it is admitted before
+any other, and admission stops behind it until it fits (no starvation).
 
 With `enable_chunked_prefill=False` a step is either all prefill (whole prompts, admitted while
 the budget holds; the first one whatever its length) or, when nothing is admitted, all decode.
@@ -45,9 +54,13 @@ class SchedulerConfig:
     max_adapters_per_step: int | None = None
     first_token_deadline_s: float | None = None
     enable_chunked_prefill: bool = True
+    # Aging bound: how many later requests may be admitted ahead of a waiting one. About two
+    # full batches: enough to route around a slow adapter load, small enough that a passed-over
+    # request waits a few batches at most.
+    max_overtakes: int = 128
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "max_num_batched_tokens"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_overtakes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -79,8 +92,12 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_admitted = 0
+        self.queue_wait_seconds = 0.0      # first admissions: sum of (admission - arrival)
+        self.tenant_served: dict[str | None, int] = {}   # tenant -> num_admitted when last served
 
     def add(self, seq: Sequence) -> None:
+        seq.admissions_at_arrival, seq.queue_ahead_at_arrival = self.num_admitted, len(self.waiting)
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -135,38 +152,75 @@ class Scheduler:
         return aborted
 
     def _admit(self, budget: int, chunked: bool) -> list[tuple[Sequence, int]]:
-        """Move waiting requests to running while `budget` tokens remain. Returns (sequence,
-        tokens it runs this step): a chunk of at most the budget when `chunked`, else the
-        whole sequence (the first one of a step whatever its length: add_request bounds it)."""
+        """Move waiting requests to running while `budget` tokens remain, in admission order
+        (module docstring). Returns (sequence, tokens it runs this step): a chunk of at most the
+        budget when `chunked`, else the whole sequence (the first one of a step whatever its
+        length: add_request bounds it)."""
         admitted = []
         running_adapters = {s.adapter for s in self.running if s.adapter is not None}
         cap = self.config.max_adapters_per_step
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+        for seq in self._admission_order():
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
             num_tokens = seq.num_tokens
-            if not chunked and admitted and num_tokens > budget:
-                break
             new_adapter = seq.adapter is not None and seq.adapter not in running_adapters
-            if new_adapter and cap is not None and len(running_adapters) >= cap:
-                break
-            kv_pages = self.kv.pages_needed(seq.request_id, num_tokens)
-            if seq.adapter is not None and not self.adapters.pin(seq.adapter, reserve=kv_pages):
-                break
-            seq.adapter_pinned = seq.adapter is not None
-            if not self._make_room(kv_pages):
-                self._unpin(seq)
-                break
-            self.kv.grow(seq.request_id, num_tokens)
-            self.waiting.popleft()
+            fits = ((chunked or not admitted or num_tokens <= budget)
+                    and not (new_adapter and cap is not None and len(running_adapters) >= cap)
+                    and self._take_pages(seq, num_tokens))
+            if not fits:
+                if self._aged(seq):
+                    break          # everything waits behind it until it fits
+                continue
+            self.waiting.remove(seq)
+            if not seq.num_preemptions:
+                self.queue_wait_seconds += self.clock() - seq.arrival_time
             seq.status = SeqStatus.RUNNING
             seq.prefill_end = num_tokens
             self.running.append(seq)
+            self.num_admitted += 1
+            self.tenant_served[seq.tenant] = self.num_admitted
             num_new = min(num_tokens, budget) if chunked else num_tokens
             admitted.append((seq, num_new))
             budget -= num_new
             if seq.adapter is not None:
                 running_adapters.add(seq.adapter)
         return admitted
+
+    def _take_pages(self, seq: Sequence, num_tokens: int) -> bool:
+        """Pin the adapter and allocate the KV pages of `seq`, or change nothing."""
+        kv_pages = self.kv.pages_needed(seq.request_id, num_tokens)
+        if seq.adapter is not None and not self.adapters.pin(seq.adapter, reserve=kv_pages):
+            return False
+        seq.adapter_pinned = seq.adapter is not None
+        if not self._make_room(kv_pages):
+            self._unpin(seq)
+            return False
+        self.kv.grow(seq.request_id, num_tokens)
+        return True
+
+    def _aged(self, seq: Sequence) -> bool:
+        """More than `max_overtakes` requests that came after `seq` were admitted before it."""
+        overtakes = (self.num_admitted - seq.admissions_at_arrival) - seq.queue_ahead_at_arrival
+        return overtakes > self.config.max_overtakes
+
+    def _admission_order(self) -> list[Sequence]:
+        """Aged requests first (oldest first), then one request per tenant in turn, the tenant
+        served least recently first; queue order within a tenant. O(waiting)."""
+        aged, by_tenant = [], {}
+        for seq in self.waiting:
+            if self._aged(seq):
+                aged.append(seq)
+            else:
+                by_tenant.setdefault(seq.tenant, []).append(seq)
+        if len(by_tenant) <= 1:
+            return aged + next(iter(by_tenant.values()), [])
+        queues = sorted(by_tenant.items(), key=lambda item: self.tenant_served.get(item[0], -1))
+        order, depth = aged, 0
+        while queues:
+            queues = [(tenant, q) for tenant, q in queues if depth < len(q)]
+            order += [q[depth] for _, q in queues]
+            depth += 1
+        return order
 
     def _grow_running(self) -> list[Sequence]:
         """Give every running sequence the pages for all its tokens (a decode row needs room
@@ -213,6 +267,7 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
+        seq.admissions_at_arrival, seq.queue_ahead_at_arrival = self.num_admitted, 0
         self.waiting.appendleft(seq)
 
     def _unpin(self, seq: Sequence) -> None:
@@ -231,6 +286,15 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
         self._finish(seq, reason)
+
+    def fail_waiting(self, adapter: str, message: str) -> list[Sequence]:
+        """End every waiting request on `adapter` with an error (its file failed to load)."""
+        failed = [seq for seq in self.waiting if seq.adapter == adapter]
+        for seq in failed:
+            self.waiting.remove(seq)
+            self._finish(seq, "error")
+            seq.error = message
+        return failed
 
     def abort(self, request_id: str) -> Sequence | None:
         for queue in (self.waiting, self.running):

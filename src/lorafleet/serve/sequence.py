@@ -35,6 +35,11 @@ class Sequence:
     finish_reason: str | None = None
     error: str | None = None
     num_preemptions: int = 0
+    tenant: str | None = None        # who sent it (API key id): admission round-robins over these
+    # Aging (scheduler.py): admissions counted when it (re)joined the queue, and how many
+    # requests were ahead of it then.
+    admissions_at_arrival: int = 0
+    queue_ahead_at_arrival: int = 0
     num_computed_tokens: int = 0     # tokens whose K/V are in the pages (0 again when preempted)
     prefill_end: int = 0             # its length when last admitted: what its prefill computes
     # Streaming state owned by the engine: text handed out so far, generator for sampling.

@@ -1,0 +1,159 @@
+"""What the engine knows about an adapter it has not loaded: its layout in pages, from the config
+and the safetensors header alone (no tensor data), so thousands can be registered in seconds and
+a few KB each. Loading the weights (adapter_loader.py) and making them resident
+(adapter_cache.py) come later, when a request needs them.
+
+Page layout (S-LoRA sec. 5.1, pool.py). For each target module an adapter stores the rank rows
+of `A [r, in]` and of `B^T [r, out]`; each row takes `ceil(dim / H)` pages, zero-padded, modules
+in sorted name order. Ranks are the adapter's own (per module, `rank_pattern` included): nothing
+is padded to a maximum rank.
+"""
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lorafleet.adapters.store import confine
+from lorafleet.errors import AdapterError, ConfigError, ShapeError
+from lorafleet.lora.peft_format import PeftAdapter, load_peft
+
+from .kv_cache import cdiv
+
+
+@dataclass
+class ModuleSlice:
+    """Where one target module's low-rank pair sits in an adapter's pages."""
+    rank: int
+    in_features: int
+    out_features: int
+    scaling: float
+    a_page: int          # first page of A's rows (relative to the adapter's own pages)
+    a_pages_per_row: int
+    b_page: int          # first page of B^T's rows
+    b_pages_per_row: int
+
+
+@dataclass
+class BaseLayout:
+    """What an adapter is checked against: the base model's adaptable projections
+    (name -> (in_features, out_features)), the page size H, the engine's max rank, and the
+    projections whose LoRA the engine does not serve (the output head: lm_head is computed only
+    for the rows that sample, so a per-row LoRA on it would meet misaligned rows)."""
+    targets: dict[str, tuple[int, int]]
+    page_size: int
+    max_rank: int
+    exclude: frozenset[str] = frozenset()
+    # Interned module-name tuples: adapters with the same target set share one.
+    _module_sets: dict[tuple[str, ...], tuple[str, ...]] = field(default_factory=dict, repr=False)
+
+    def module_set(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        return self._module_sets.setdefault(names, names)
+
+
+class AdapterSpec:
+    """A registered adapter without its weights: module names, ranks and scalings in compact
+    arrays (a rank-16 all-linear Llama-8B adapter: 224 modules, ~3 KB), the pages it takes, and
+    where its folder is (and the store `root` it must stay inside). `modules` builds the ModuleSlice view on demand (resident adapters only).
+    `version` changes whenever the name is registered again, so a load started for an older
+    registration is recognised and dropped."""
+
+    __slots__ = ("name", "path", "root", "layout", "module_names", "ranks", "scalings",
+                 "num_pages", "max_rank", "version")
+
+    def __init__(self, name: str, path: Path | None, layout: BaseLayout,
+                 module_names: tuple[str, ...], ranks: array, scalings: array, version: int = 0):
+        self.name, self.path, self.root, self.layout = name, path, None, layout
+        self.module_names, self.ranks, self.scalings = module_names, ranks, scalings
+        self.num_pages = sum(r * (cdiv(layout.targets[m][0], layout.page_size)
+                                  + cdiv(layout.targets[m][1], layout.page_size))
+                             for m, r in zip(module_names, ranks))
+        self.max_rank = max(ranks)
+        self.version = version
+
+    @property
+    def modules(self) -> dict[str, ModuleSlice]:
+        page_size, out, next_page = self.layout.page_size, {}, 0
+        for module, rank, scaling in zip(self.module_names, self.ranks, self.scalings):
+            fan_in, fan_out = self.layout.targets[module]
+            a_ppr, b_ppr = cdiv(fan_in, page_size), cdiv(fan_out, page_size)
+            out[module] = ModuleSlice(rank, fan_in, fan_out, scaling, next_page, a_ppr,
+                                      next_page + rank * a_ppr, b_ppr)
+            next_page += rank * (a_ppr + b_ppr)
+        return out
+
+
+def build_spec(name: str, adapter: PeftAdapter, layout: BaseLayout) -> AdapterSpec:
+    """Check a parsed adapter (header-only or with data) against the base and lay it out.
+    Raises AdapterError / ShapeError naming the adapter and the module."""
+    names = sorted(adapter.modules)
+    # Before anything else: peft saves an adapted lm_head's base weight too
+    # (`lm_head.base_layer.weight`), which would read as an unsupported extra tensor.
+    for key in [*(f"{m}." for m in names), *adapter.extras]:
+        local = key.removeprefix("base_model.model.")
+        module = next((m for m in sorted(layout.exclude) if local.startswith(m + ".")), None)
+        if module is not None:
+            raise AdapterError(f"adapter {name!r}: module {module!r}: LoRA on {module} is not "
+                               f"served by the engine; merge it into the base (lorafleet merge) "
+                               f"or train without {module}")
+    for key in adapter.extras:
+        raise AdapterError(f"adapter {name!r}: tensor {key!r} is not a LoRA A/B weight "
+                           f"(embedding LoRA, biases and modules_to_save are not served)")
+    for module in names:
+        lora = adapter.modules[module]
+        if module not in layout.targets or lora.embedding:
+            sample = ", ".join(sorted(layout.targets)[:4])
+            raise AdapterError(f"adapter {name!r}: module {module!r} is not a projection of the "
+                               f"base model (e.g. {sample})")
+        fan_in, fan_out = layout.targets[module]
+        if lora.a_shape != (lora.rank, fan_in) or lora.b_shape != (fan_out, lora.rank):
+            raise ShapeError(f"adapter {name!r}, module {module!r}: expected lora_A "
+                             f"[r, {fan_in}] and lora_B [{fan_out}, r], found "
+                             f"{list(lora.a_shape)} and {list(lora.b_shape)}")
+        if lora.rank > layout.max_rank:
+            raise AdapterError(f"adapter {name!r}, module {module!r}: rank {lora.rank} is larger "
+                               f"than the engine's max_lora_rank {layout.max_rank}")
+    return AdapterSpec(name, adapter.path, layout, layout.module_set(tuple(names)),
+                       array("I", (adapter.modules[m].rank for m in names)),
+                       array("d", (adapter.modules[m].scaling for m in names)))
+
+
+def adapter_pages(spec: AdapterSpec, adapter: PeftAdapter, dtype: torch.dtype) -> torch.Tensor:
+    """The adapter's weights in page form, `[spec.num_pages, H]` in `dtype`: what one indexed
+    copy puts into the pool. `adapter` must hold the tensors and match `spec` (the file may have
+    changed since it was registered: then AdapterError)."""
+    if set(adapter.modules) != set(spec.module_names):
+        raise AdapterError(f"adapter {spec.name!r}: its file changed since it was registered "
+                           f"(modules differ); register it again")
+    page_size = spec.layout.page_size
+    pages = torch.zeros(spec.num_pages, page_size, dtype=dtype)
+    for module, s in spec.modules.items():
+        lora = adapter.modules[module]
+        if (lora.A.shape != (s.rank, s.in_features) or lora.B.shape != (s.out_features, s.rank)
+                or lora.scaling != s.scaling):
+            raise AdapterError(f"adapter {spec.name!r}, module {module!r}: its files changed "
+                               f"since it was registered (shapes or scaling differ); register "
+                               f"it again")
+        for matrix, first, pages_per_row in ((lora.A, s.a_page, s.a_pages_per_row),
+                                             (lora.B.t(), s.b_page, s.b_pages_per_row)):
+            r, dim = matrix.shape        # [r, dim] -> r * pages_per_row pages
+            block = pages[first:first + r * pages_per_row].view(r, pages_per_row * page_size)
+            block[:, :dim] = matrix.to(dtype)
+    return pages
+
+
+def read_spec(name: str, path: str | Path, layout: BaseLayout, root: Path | None = None,
+              header_only: bool = True) -> AdapterSpec:
+    """Read a PEFT folder (its config and safetensors header; every tensor too, checked, unless
+    `header_only`) and check it against the base. root: the store it must stay inside."""
+    path = Path(path)
+    if root is not None:
+        path = confine(path, root)
+    try:
+        spec = build_spec(name, load_peft(path, header_only=header_only), layout)
+    except ConfigError as exc:           # a bad adapter_config.json is a bad adapter
+        raise AdapterError(f"adapter {name!r}: {exc}") from None
+    spec.root = root
+    return spec
