@@ -47,7 +47,8 @@ class AsyncEngine:
             self.dead = f"the engine thread stopped: {type(exc).__name__}: {exc}"
             log.critical("%s", self.dead, exc_info=True)
             self._fail_streams(self.dead)
-            raise
+            if not isinstance(exc, Exception):   # SystemExit, KeyboardInterrupt: pass it on
+                raise
 
     def _loop(self) -> None:
         while not self._stopping:
