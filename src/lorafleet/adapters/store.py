@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# \Z, not $: "$" also matches before a trailing newline ("alpha\n" would pass).
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 # Labels the server uses for itself (the base model's metrics label): never an adapter's name.
 RESERVED_NAMES = frozenset({"__base__"})
 
