@@ -23,6 +23,7 @@ from .conftest import ServerThread, build_engine
 
 KEYS = {"sk-admin": "*", "sk-alpha": ["alpha"], "sk-gamma": ["gamma"]}
 MAX_BODY = 64 * 1024
+MAX_ADAPTER = 1024 * 1024
 ERROR_TYPES = {"invalid_request_error", "authentication_error", "permission_error",
                "rate_limit_error", "server_error"}
 
@@ -46,12 +47,16 @@ def server(llama_dir, tokenizer, adapter_root, tmp_path_factory):
     os.symlink(outside / "adapter_config.json", adapter_dir / "linkfile" / "adapter_config.json")
     shutil.copy(outside / "adapter_model.safetensors", adapter_dir / "linkfile")
     os.symlink(outside, adapter_dir / "linkdir")
+    # a folder over the server's adapter size cap
+    shutil.copytree(adapter_root / "alpha", adapter_dir / "big")
+    (adapter_dir / "big" / "padding.bin").write_bytes(b"\0" * MAX_ADAPTER)
     keys_file = root / "keys.json"
     keys_file.write_text(json.dumps(KEYS))
     async_engine = build_engine(llama_dir, tokenizer, {"alpha": adapter_dir / "alpha",
                                                        "beta": adapter_dir / "beta"})
     config = ServerConfig(model_name="base", max_model_len=128, max_tokens_limit=64,
                           max_queue=16, adapter_dir=adapter_dir, max_body_bytes=MAX_BODY,
+                          max_adapter_bytes=MAX_ADAPTER,
                           api_keys=ApiKeys.from_file(keys_file), vocab_size=384)
     app = create_app(async_engine, tokenizer, config)
     thread = ServerThread(app).start()
@@ -430,6 +435,9 @@ LOAD_CASES = [
     ({"lora_name": "ok1", "lora_path": "linkfile"}, 403, "path_outside_adapter_dir",
      "lora_path"),
     ({"lora_name": "ok1", "lora_path": "missing"}, 404, "adapter_not_found", "lora_path"),
+    ({"lora_name": "ok1", "lora_path": "big"}, 413, "adapter_too_large", "lora_path"),
+    ({"lora_name": "alpha\n", "lora_path": "gamma"}, 400, "invalid_name", "lora_name"),
+    ({"lora_name": "x\ud800", "lora_path": "gamma"}, 400, "invalid_unicode", None),
     ({"lora_name": "ok1", "lora_path": 7}, 400, "invalid_value", "lora_path"),
     ({"lora_name": "ok1", "lora_path": ""}, 400, "invalid_value", "lora_path"),
 ]
@@ -461,6 +469,18 @@ def test_tenant_key_may_not_load_or_unload(raw):
         resp = raw.post(path, content=json.dumps({"lora_name": "alpha", "lora_path": "alpha"}),
                         headers=headers)
         check_error(resp, 403, "not_admin")
+
+
+def test_adapter_over_the_size_cap_is_refused_and_not_listed(raw, server):
+    """A folder added at run time: requests may make the server read it, within the cap."""
+    big = server.adapter_dir / "big-late"
+    shutil.copytree(server.adapter_dir / "big", big)
+    resp = raw.post("/v1/completions", content=json.dumps(completion(model="big-late")),
+                    headers=ADMIN)
+    check_error(resp, 413, "adapter_too_large", "model")
+    listed = {m["id"] for m in raw.get("/v1/models", headers=ADMIN).json()["data"]}
+    assert "big-late" not in listed and {"gamma", "overflow"} <= listed
+    assert not {"linkfile", "linkdir"} & listed
 
 
 # ---- 8. an adapter that overflows: its requests fail alone, with a 500 -------------------------

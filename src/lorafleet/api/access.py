@@ -77,11 +77,19 @@ def adapter_folder(config: ServerConfig, name: str):
         path = resolve_adapter_path(config.adapter_dir, name)
         if not path.is_dir():
             return None
-        confine_folder_files(config.adapter_dir, path)
+        size = confine_folder_files(config.adapter_dir, path)
     except (BadPathError, PathOutsideError) as exc:
         log.warning("adapter %r not resolved: %s", name, exc)
         return None
+    check_adapter_size(config, name, size, "model")
     return path
+
+
+def check_adapter_size(config: ServerConfig, name: str, size: int, param: str) -> None:
+    if size > config.max_adapter_bytes:
+        raise ApiError(413, f"adapter {name!r} is {size} bytes, more than the server's limit "
+                            f"of {config.max_adapter_bytes}", param=param,
+                       code="adapter_too_large")
 
 
 async def resolve_model(state: ServerState, grant: Grant, model: str) -> str | None:
@@ -124,7 +132,14 @@ def visible_models(state: ServerState, grant: Grant) -> list[str]:
     # and its files stay inside the dir.
     return sorted(n for n in names if grant.allows(n) and n != state.config.model_name
                   and n not in RESERVED_NAMES and _valid_name(n)
-                  and (n in registered or adapter_folder(state.config, n) is not None))
+                  and (n in registered or _servable_folder(state.config, n)))
+
+
+def _servable_folder(config: ServerConfig, name: str) -> bool:
+    try:
+        return adapter_folder(config, name) is not None
+    except ApiError:      # too large: a request for it would be refused
+        return False
 
 
 def _valid_name(name: str) -> bool:

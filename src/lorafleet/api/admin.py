@@ -15,7 +15,7 @@ import logging
 
 from fastapi import APIRouter, Request
 
-from lorafleet.api.access import check_adapter_name, require_admin
+from lorafleet.api.access import check_adapter_name, check_adapter_size, require_admin
 from lorafleet.api.auth import BadPathError, PathOutsideError, confine_folder_files, \
     resolve_adapter_path
 from lorafleet.api.body import parse_body
@@ -48,7 +48,8 @@ async def load_lora_adapter(request: Request):
     try:
         path = resolve_adapter_path(config.adapter_dir, body.lora_path)
         if path.is_dir():
-            confine_folder_files(config.adapter_dir, path)
+            check_adapter_size(config, name, confine_folder_files(config.adapter_dir, path),
+                               "lora_path")
     except BadPathError as exc:
         raise ApiError(400, str(exc), param="lora_path", code="invalid_path") from exc
     except PathOutsideError as exc:

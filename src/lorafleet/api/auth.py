@@ -161,12 +161,17 @@ def resolve_adapter_path(adapter_dir: str | Path, requested: str) -> Path:
     return real
 
 
-def confine_folder_files(adapter_dir: str | Path, folder: Path) -> None:
+def confine_folder_files(adapter_dir: str | Path, folder: Path) -> int:
     """Every entry of `folder` must resolve inside `adapter_dir` too: a folder inside the dir
-    whose adapter_config.json or weights are symlinks to files outside would otherwise be read."""
+    whose adapter_config.json or weights are symlinks to files outside would otherwise be read.
+    Returns the folder's size in bytes (its files')."""
     root = Path(os.path.realpath(adapter_dir))
+    size = 0
     for entry in sorted(folder.iterdir()):
         real = Path(os.path.realpath(entry))
         if root not in real.parents:
             raise PathOutsideError(f"{entry.name!r} in adapter folder {folder.name!r} resolves "
                                    f"outside the adapter directory")
+        if real.is_file():
+            size += real.stat().st_size
+    return size

@@ -22,6 +22,9 @@ DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 # content -> part -> field); 32 levels leave room for clients' extra fields and refuse the
 # thousands-deep bodies that overflow Python's recursion limit.
 DEFAULT_MAX_JSON_DEPTH = 32
+# A rank-64 adapter on every linear layer of a 70B Llama is about 1.6 GB in float32: 4 GiB
+# admits any real adapter and refuses a folder that would fill host memory.
+DEFAULT_MAX_ADAPTER_BYTES = 4 * 2**30
 
 
 @dataclass
@@ -34,6 +37,7 @@ class ServerConfig:
     demand (None: run-time loading disabled).
     api_keys: None serves everyone; otherwise every request needs a key from it.
     max_body_bytes: larger request bodies get 413. max_json_depth: deeper JSON gets 400.
+    max_adapter_bytes: an adapter folder larger than this is not loaded over HTTP.
     """
 
     model_name: str = "base"
@@ -45,6 +49,7 @@ class ServerConfig:
     vocab_size: int | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_json_depth: int = DEFAULT_MAX_JSON_DEPTH
+    max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
 
     def __post_init__(self):
         if self.max_model_len is not None and self.max_model_len < 2:
