@@ -34,7 +34,8 @@ def serve_process(llama_dir, adapter_root, tmp_path_factory):
         [sys.executable, "-m", "lorafleet.cli", "serve", "--model", str(llama_dir),
          "--served-model-name", "tiny", "--adapter", f"alpha={adapter_root / 'alpha'}",
          "--adapter-dir", str(adapter_root), "--port", "0", "--max-model-len", "256",
-         "--num-pages", "4096"],
+         "--num-pages", "4096", "--dtype", "float32"],   # as the in-process generate oracle
+                                                            # resolves auto (tests/conftest.py)
         stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 90
     url = None

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from lorafleet.models.dtype import add_dtype_argument
+
 EXAMPLES = """\
 examples:
   lorafleet generate --model ./tiny-llama --prompt "the quick brown" --max-tokens 20
@@ -23,7 +25,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder (config.json, "
                    "safetensors, tokenizer.json)")
     p.add_argument("--adapter", help="PEFT adapter folder to apply")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    add_dtype_argument(p, help_suffix="; generation takes bf16 wherever the device computes it")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--prompt", required=True, help="prompt text ('-' reads stdin)")
     p.add_argument("--max-tokens", type=int, default=32, help="new tokens at most")
@@ -43,12 +45,14 @@ def add_parser(subparsers) -> None:
 def load(args):
     """The model (quantized and/or with an adapter) and tokenizer the arguments describe."""
     from lorafleet.models import load_model, load_tokenizer
+    from lorafleet.models.dtype import resolve_dtype
 
+    dtype = resolve_dtype(args.dtype, args.model, args.device, prefer_half=True)
     if args.quantize == "nf4":
         from lorafleet.quant import load_quantized_model
-        model = load_quantized_model(args.model, dtype=args.dtype, device=args.device)
+        model = load_quantized_model(args.model, dtype=dtype, device=args.device)
     else:
-        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        model = load_model(args.model, dtype=dtype, device=args.device)
     if args.adapter:
         import lorafleet
         lorafleet.load_adapter(model, args.adapter, adapter_name="default")

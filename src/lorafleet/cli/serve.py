@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import socket
@@ -9,6 +10,8 @@ import sys
 from pathlib import Path
 
 from lorafleet.errors import ConfigError
+from lorafleet.models.dtype import add_dtype_argument, resolve_dtype
+from lorafleet.serve.memory import DEFAULT_MEMORY_FRACTION, format_bytes
 
 log = logging.getLogger("lorafleet.serve")
 
@@ -42,7 +45,7 @@ def add_parser(subparsers) -> None:
                    "from (paths are confined to it); without it run-time loading is off")
     p.add_argument("--quantize", choices=["nf4"], help="store the base model in 4-bit NF4 "
                    "(QLoRA's format); adapters stay in full precision")
-    p.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16)")
+    add_dtype_argument(p, help_suffix="; serving takes bf16 wherever the device computes it")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
@@ -54,11 +57,25 @@ def add_parser(subparsers) -> None:
                    help="context per sequence, prompt + completion (default: the model's)")
     p.add_argument("--max-tokens-limit", type=int,
                    help="largest max_tokens a request may ask (default: --max-model-len)")
-    p.add_argument("--num-pages", type=int, default=8192,
-                   help="pages in the unified KV/adapter pool (one page = hidden_size numbers)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="running batch size cap")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="tokens per engine step: decode rows plus prompt chunks (default 2048)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--memory-budget", metavar="SIZE",
+                        help="memory for weights + KV/adapter pool, e.g. 12GiB, 800MB, or a "
+                             "fraction of available memory such as 0.8 (default: the pool "
+                             "holds the running batch's KV and adapters, within "
+                             f"{DEFAULT_MEMORY_FRACTION * 100:.0f}%% of available memory)")
+    budget.add_argument("--gpu-memory-utilization", type=float, metavar="FRACTION",
+                        help="vLLM's spelling of --memory-budget FRACTION: the share of "
+                             "available memory (free RAM on CPU, free GPU memory on CUDA) "
+                             "for weights + pool")
+    p.add_argument("--num-pages", type=int, default=_default("num_pages"),
+                   help="override: pages in the unified KV/adapter pool (one page = "
+                        "hidden_size numbers); default: sized from the memory budget")
+    p.add_argument("--max-num-seqs", type=int, default=_default("max_num_seqs"),
+                   help="running batch size cap (default %(default)s)")
+    p.add_argument("--max-num-batched-tokens", type=int,
+                   default=_default("max_num_batched_tokens"),
+                   help="tokens per engine step: decode rows plus prompt chunks "
+                        "(default %(default)s)")
     p.add_argument("--no-chunked-prefill", dest="chunked_prefill", action="store_false",
                    help="a step is all prefill or all decode (default: steps mix decode rows "
                         "with prompt chunks, long prompts over several steps)")
@@ -67,6 +84,27 @@ def add_parser(subparsers) -> None:
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="seconds SIGTERM waits for in-flight requests before exiting")
     p.set_defaults(func=run)
+
+
+def _default(name: str):
+    """EngineConfig's default for a field: the one copy of the engine's defaults."""
+    from lorafleet.serve.engine import EngineConfig
+
+    return {f.name: f.default for f in dataclasses.fields(EngineConfig)}[name]
+
+
+def memory_budget(args) -> int | float | None:
+    """--memory-budget SIZE | --gpu-memory-utilization FRACTION, as EngineConfig takes it."""
+    from lorafleet.serve.memory import parse_memory_size
+
+    if args.gpu_memory_utilization is not None:
+        if not 0 < args.gpu_memory_utilization <= 1:
+            raise ConfigError("--gpu-memory-utilization must be in (0, 1], got "
+                              f"{args.gpu_memory_utilization}")
+        return float(args.gpu_memory_utilization)
+    if args.memory_budget is not None:
+        return parse_memory_size(args.memory_budget, "--memory-budget")
+    return None
 
 
 def parse_adapter_args(values: list[str]) -> dict[str, Path]:
@@ -99,21 +137,23 @@ def build(args):
         if name == served_name:
             raise ConfigError(f"--adapter {name!r}: the name is the served model's name; a "
                               f"request for {name!r} could not tell them apart")
+    budget = memory_budget(args)
     tokenizer = load_tokenizer(args.model)
+    dtype = resolve_dtype(args.dtype, args.model, args.device, prefer_half=True)
     if args.quantize == "nf4":
         from lorafleet.quant import load_quantized_model  # lazily: only NF4 users pay for it
-        model = load_quantized_model(args.model, dtype=args.dtype, device=args.device)
+        model = load_quantized_model(args.model, dtype=dtype, device=args.device)
     else:
-        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        model = load_model(args.model, dtype=dtype, device=args.device)
     positions = model.config.max_position_embeddings
     if args.max_model_len is not None and args.max_model_len > positions:
         raise ConfigError(f"--max-model-len {args.max_model_len} exceeds the model's "
                           f"max_position_embeddings ({positions})")
     engine = Engine(model, tokenizer, EngineConfig(
-        num_pages=args.num_pages, max_num_seqs=args.max_num_seqs,
+        memory_budget=budget, num_pages=args.num_pages, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.chunked_prefill,
-        max_model_len=args.max_model_len, dtype=args.dtype, device=args.device))
+        max_model_len=args.max_model_len, dtype=dtype, device=args.device))
     if args.adapter_dir:
         # Every folder of the dir can be named by a request (resolved on demand); an explicit
         # --adapter of the same name, registered after, wins.
@@ -137,14 +177,24 @@ def _startup_log(args, engine, config, url: str) -> None:
     log.info("lorafleet serve")
     log.info("  model     %s (%s, %s layers, hidden %s, vocab %s), %s%s", args.model,
              type(engine.model).__name__, getattr(cfg, "num_hidden_layers", "?"), hidden,
-             cfg.vocab_size, args.dtype, ", base in NF4" if args.quantize else "")
+             cfg.vocab_size, str(engine.runner.dtype).removeprefix("torch."),
+             ", base in NF4" if args.quantize else "")
     log.info("  served as %r", config.model_name)
     names = engine.adapters()
     log.info("  adapters  %d: %s", len(names), ", ".join(sorted(names)) or "none")
     log.info("  run-time  %s", f"loading from {Path(args.adapter_dir).resolve()}"
              if args.adapter_dir else "loading disabled (no --adapter-dir)")
-    log.info("  pool      %d pages of %s numbers (%d free)", stats.get("pages_total", 0),
-             hidden, stats.get("pages_free", 0))
+    plan = engine.memory
+    log.info("  pool      %d pages of %s numbers = %s: %d tokens of KV (%d free pages; sized "
+             "by %s)", plan.num_pages, hidden, format_bytes(plan.pool_bytes),
+             stats.get("kv_token_capacity", 0), stats.get("pages_free", 0), plan.source)
+    log.info("  memory    weights %s%s; budget %s of %s available",
+             format_bytes(plan.weight_bytes),
+             ", packed copies replace them" if plan.release_plain_weights else
+             f", packed copies {format_bytes(plan.packed_bytes)}" if plan.packed_bytes else "",
+             format_bytes(plan.budget_bytes) if plan.budget_bytes is not None else "unknown",
+             format_bytes(plan.available_bytes) if plan.available_bytes is not None
+             else "unknown")
     log.info("  limits    max_model_len %d, max_tokens %d, max_queue %d, batch %d",
              config.max_model_len, config.max_tokens_limit, config.max_queue,
              args.max_num_seqs)

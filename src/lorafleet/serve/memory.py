@@ -148,7 +148,8 @@ class MemoryPlan:
     def summary(self, kv_tokens: int) -> str:
         budget = (f"budget {format_bytes(self.budget_bytes)}" if self.budget_bytes is not None
                   else "no budget (available memory unknown)")
-        packed = ("packed copies replace the plain weights" if self.release_plain_weights
+        packed = ("no packed copies" if not self.packable_bytes else
+                  "packed copies replace the plain weights" if self.release_plain_weights
                   else f"packed copies {format_bytes(self.packed_bytes)}")
         return (f"pool {self.num_pages} pages x {self.page_bytes} B = "
                 f"{format_bytes(self.pool_bytes)} ({kv_tokens} tokens of KV if all KV; "
