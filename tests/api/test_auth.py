@@ -55,3 +55,52 @@ def test_adapter_paths_are_confined(tmp_path):
     for outside in ("link-out", str(tmp_path / "secret"), "/etc"):
         with pytest.raises(PathOutsideError):
             resolve_adapter_path(root, outside)
+
+
+def test_keys_file_with_limits(tmp_path):
+    from lorafleet.api.auth import key_id
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({
+        "sk-old": ["x"], "sk-root": "*",
+        "sk-a": {"adapters": ["x"], "max_concurrent": 4, "tokens_per_minute": 10000},
+        "sk-b": {"adapters": "*", "max_concurrent": 2}}))
+    keys = ApiKeys.from_file(path)
+    old, a, b = keys.lookup("sk-old"), keys.lookup("sk-a"), keys.lookup("sk-b")
+    assert old.max_concurrent is None and old.tokens_per_minute is None and old.allows("x")
+    assert (a.adapters, a.max_concurrent, a.tokens_per_minute) == (frozenset({"x"}), 4, 10000)
+    assert b.is_admin and b.max_concurrent == 2 and b.tokens_per_minute is None
+    # the key's id is stable, distinct per key, and never contains the secret
+    assert a.key_id == key_id("sk-a") != b.key_id and "sk-a" not in a.key_id
+
+
+@pytest.mark.parametrize("grant,message", [
+    ({"adapters": ["x"], "max_concurrent": 0}, "max_concurrent must be an integer >= 1"),
+    ({"adapters": ["x"], "max_concurrent": True}, "max_concurrent must be an integer >= 1"),
+    ({"adapters": ["x"], "tokens_per_minute": "10"}, "tokens_per_minute must be an integer"),
+    ({"adapters": ["x"], "rpm": 5}, "unknown field"), ({"max_concurrent": 2}, "needs \"adapters\""),
+    ({"adapters": 5}, "expected a list of adapter names")])
+def test_bad_limits_name_the_field(tmp_path, grant, message):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"sk-a": grant}))
+    with pytest.raises(ConfigError, match=message):
+        ApiKeys.from_file(path)
+
+
+def test_quotas_with_a_fake_clock():
+    from lorafleet.api.quota import Quotas
+    now = [0.0]
+    quotas = Quotas(clock=lambda: now[0])
+    assert quotas.admit("k", 2, 600, 1, 300) is None
+    assert quotas.admit("k", 2, 600, 1, 300) is None         # bucket now empty, 2 in flight
+    refused = quotas.admit("k", 2, 600, 1, 10)
+    assert refused.retry_after == 1.0 and "max_concurrent=2" in refused.message
+    quotas.release("k", 1, unused_tokens=100)                  # one done, used 200 of its 300
+    assert quotas.admit("k", 2, 600, 1, 100) is None           # the 100 given back
+    quotas.release("k", 1, 0)
+    refused = quotas.admit("k", 2, 600, 1, 60)                 # 600/min = 10 tokens/s
+    assert refused.retry_after == pytest.approx(6.0) and "tokens_per_minute=600" in refused.message
+    now[0] = 6.0
+    assert quotas.admit("k", 2, 600, 1, 60) is None
+    assert quotas.admit("k", 2, 600, 1, 601).retry_after is None   # never fits: a 400
+    assert quotas.admit("k", 2, 600, 3, 1).retry_after is None     # more choices than allowed
+    assert quotas.admit("other", 2, 600, 1, 600) is None           # keys do not share

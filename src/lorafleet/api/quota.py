@@ -58,20 +58,21 @@ class Quotas:
 
     def admit(self, key_id: str, max_concurrent: int | None, tokens_per_minute: int | None,
               sequences: int, tokens: int) -> Refusal | None:
-        """Reserve `sequences` slots and `tokens` tokens for key `key_id`, or say why not."""
-        if max_concurrent is not None:
-            if sequences > max_concurrent:
-                return Refusal(f"the request has {sequences} choices; this API key may run at "
-                               f"most max_concurrent={max_concurrent} at once", None)
-            if self.in_flight.get(key_id, 0) + sequences > max_concurrent:
-                return Refusal(f"this API key has {self.in_flight.get(key_id, 0)} sequences in "
-                               f"flight, its limit is max_concurrent={max_concurrent}; retry when "
-                               f"one finishes", 1.0)
+        """Reserve `sequences` slots and `tokens` tokens for key `key_id`, or say why not.
+        What can never fit is said first (a 400), whatever the key has in flight."""
+        if max_concurrent is not None and sequences > max_concurrent:
+            return Refusal(f"the request has {sequences} choices; this API key may run at most "
+                           f"max_concurrent={max_concurrent} at once", None)
+        if tokens_per_minute is not None and tokens > tokens_per_minute:
+            return Refusal(f"the request may use {tokens} tokens (choices x (prompt + "
+                           f"max_tokens)); this API key's limit is tokens_per_minute="
+                           f"{tokens_per_minute}", None)
+        if max_concurrent is not None and \
+                self.in_flight.get(key_id, 0) + sequences > max_concurrent:
+            return Refusal(f"this API key has {self.in_flight.get(key_id, 0)} sequences in "
+                           f"flight, its limit is max_concurrent={max_concurrent}; retry when "
+                           f"one finishes", 1.0)
         if tokens_per_minute is not None:
-            if tokens > tokens_per_minute:
-                return Refusal(f"the request may use {tokens} tokens (choices x (prompt + "
-                               f"max_tokens)); this API key's limit is tokens_per_minute="
-                               f"{tokens_per_minute}", None)
             bucket = self.buckets.setdefault(key_id, TokenBucket(tokens_per_minute))
             wait = bucket.take(tokens, self.clock())
             if wait is not None:
