@@ -186,9 +186,11 @@ def load_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     if not folder.is_dir():
         raise TrainingError(f"--resume: {folder.parent} holds no sharded (FSDP) state; it was "
                             "written without --parallel fsdp")
-    options = StateDictOptions(ignore_frozen_params=True)
-    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    model_state, optim_state = get_state_dict(
+        model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=str(folder))
+    # strict=False: the frozen parameters are not in the checkpoint (they come from the base)
     set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optimizer"], options=options)
+                   optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
