@@ -150,3 +150,28 @@ def test_collect_is_cancelled_with_its_handler():
     started = time.monotonic()
     assert asyncio.run(main()) == []
     assert SlowJob.cancelled and time.monotonic() - started < 5
+
+
+def test_tokenizing_runs_off_the_event_loop(fresh, tokenizer, monkeypatch):
+    """A prompt that takes the tokenizer 1.5 s (a multi-MB one would) must not hold up
+    /health: tokenizing runs in a worker thread."""
+    real_encode = tokenizer.encode
+
+    def slow_encode(text, *args, **kwargs):
+        time.sleep(1.5)
+        return real_encode(text, *args, **kwargs)
+    monkeypatch.setattr(tokenizer, "encode", slow_encode)
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("resp", post(
+        fresh.url, "/v1/completions", {"model": "base", "prompt": "hi", "max_tokens": 1})))
+    worker.start()
+    time.sleep(0.2)
+    health_times = []
+    while worker.is_alive() and len(health_times) < 5:
+        started = time.perf_counter()
+        assert httpx.get(fresh.url + "/health", timeout=10).status_code == 200
+        health_times.append(time.perf_counter() - started)
+        time.sleep(0.1)
+    worker.join()
+    assert result["resp"].status_code == 200
+    assert health_times and max(health_times) < 0.5, health_times
