@@ -122,9 +122,14 @@ def load_base(cfg: TrainConfig, device: torch.device) -> nn.Module:
         return load_model(cfg.model, dtype=torch.float32, device=device)
     dtype = resolve_dtype(requested, cfg.model, device, field="--dtype")
     if not device_computes(dtype, device):
-        raise ConfigError(f"--dtype {cfg.dtype}: {device} does not compute "
-                          f"{str(dtype).removeprefix('torch.')} matmuls well; use --dtype auto "
-                          "or float32")
+        name = str(dtype).removeprefix("torch.")
+        # bf16 on a CPU without bf16 instructions runs (emulated, slowly); fp16 on CPU and a
+        # GPU without bf16 support are refused before any work.
+        if not (device.type == "cpu" and dtype == torch.bfloat16):
+            raise ConfigError(f"--dtype {cfg.dtype}: {device} does not compute {name} "
+                              "matmuls; use --dtype auto or float32")
+        logger.warning("--dtype %s: this CPU has no bf16 instructions; bf16 matmuls are "
+                       "emulated and slower than float32", cfg.dtype)
     if method == "qlora":
         from lorafleet.quant import load_quantized_model
         return load_quantized_model(cfg.model, dtype=dtype, device=device, skip=OUTPUT_HEADS)
