@@ -91,6 +91,21 @@ def test_torch_fallback_with_mixed_dtypes_equals_paged_reference(batch, dtypes):
     torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=tolerance * scale)
 
 
+def test_fallback_derives_its_copy_plan_once_and_reads_the_pages_on_every_call():
+    """A batch serves every step that keeps its composition: the page list and masks derived
+    from its metadata are kept, the weights are read afresh."""
+    pages, module, x, y, _ = paged_batch(7, 8, 20, 12, [(None, 1), (3, 2), (0, 1), (5, 3)],
+                                         dtype=torch.float64)
+    plan = module.copy_plan
+    for _ in range(3):
+        expected, got = y.clone(), y.clone()
+        lora_delta_paged_reference(expected, x, pages, module)
+        sgmv_torch(got, x, pages, module)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)   # reference: fp32
+        pages.mul_(-1.5).add_(0.25)       # other weights on the same pages
+    assert module.copy_plan is plan and [s.rank for s in plan.segments] == [3, 5]
+
+
 def test_shell_hands_its_module_to_the_batch_kernel():
     pages, module, x, _, _ = paged_batch(3, 8, 12, 10, [(None, 2), (4, 3), (2, 1)],
                                          dtype=torch.float32)

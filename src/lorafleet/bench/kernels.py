@@ -2,9 +2,10 @@
 replace, on the serve benchmark's shapes, side by side in one process.
 
 - batched heterogeneous LoRA for one projection: the C SGMV kernel reading pool pages in place
-  (sgmv_cpu.py) vs the torch fallback (`sgmv_torch`, the same call) and its parts: copying the
-  module's adapters out of the pool (`gather_segments`, one `index_select`), the dense masked
-  path and the grouped path (one shrink + expand per segment) on the copied stacks; decode (one
+  (sgmv_cpu.py) vs the torch fallback (`sgmv_torch`, the same call; on the batch's first step
+  it also derives its page list and mask) and its parts: copying the module's adapters out of
+  the pool (`gather_segments`, one `index_select`), the dense masked path and the grouped path
+  (one shrink + expand per segment) on the copied stacks; decode (one
   row per sequence, few sequences per adapter) and prefill (many rows per adapter); with the
   base projection's own matmul for scale;
 - paged decode attention: the C kernel (attention_cpu.py) vs gather + `decode_attention`;
@@ -15,6 +16,7 @@ Times are the median of `--repeats` calls, one torch thread by default.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import statistics
@@ -118,13 +120,17 @@ def run(args) -> int:
                                                repeats)),
                   "gather_us": us(_time(lambda: gather_segments(pages, paged), repeats)),
                   "torch_fallback_us": us(_time(lambda: sgmv_torch(y, x, pages, paged),
-                                                repeats))}
+                                                repeats)),
+                  # a batch's first step: the copy plan and mask derived anew (a fresh object)
+                  "torch_fallback_first_us": us(_time(lambda: sgmv_torch(
+                      y, x, pages, dataclasses.replace(paged)), repeats))}
         if sgmv_cpu_available(pages):
             timing["sgmv_kernel_us"] = us(_time(lambda: sgmv_cpu(y, x, pages, paged), repeats))
         results[f"lora_{case}"] = timing
         print(f"LoRA {case:7} ({timing['rows']} rows, {timing['adapters']} adapters, sum of "
               f"ranks {timing['sum_rank']}): kernel {timing.get('sgmv_kernel_us', 'n/a')} us | "
-              f"torch fallback {timing['torch_fallback_us']} us (dense "
+              f"torch fallback {timing['torch_fallback_us']} us, first step "
+              f"{timing['torch_fallback_first_us']} us (dense "
               f"{timing['torch_dense_us']} + gather {timing['gather_us']} us, grouped "
               f"{timing['torch_grouped_us']} us) | base matmul {timing['base_matmul_us']} us")
     # ---- paged decode attention -------------------------------------------------------------

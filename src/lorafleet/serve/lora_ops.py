@@ -37,6 +37,7 @@ it needed is a kernel that reads each row's pages in place: sgmv_cpu / sgmv_trit
 """
 from __future__ import annotations
 
+import functools
 from array import array
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -77,6 +78,12 @@ class PagedModuleLora:
     page_ids: torch.Tensor     # int32 [K]
     max_rank: int              # largest seg_rank (grid sizing)
     max_rows: int              # longest segment
+
+    @functools.cached_property
+    def copy_plan(self) -> CopyPlan:
+        """What the torch fallback derives from these fields, once per object: the builder
+        reuses a batch, and so this object, for every step that keeps its composition."""
+        return plan_copy(self)
 
 
 # -- the definitions --------------------------------------------------------------------------
@@ -139,10 +146,16 @@ def _index(values: array, device: torch.device) -> torch.Tensor:
     return torch.frombuffer(values, dtype=torch.int64).to(device)
 
 
-def gather_segments(pages: torch.Tensor, module: PagedModuleLora
-                    ) -> tuple[torch.Tensor, torch.Tensor, list[Segment]]:
-    """Copy the A and B^T rows of `module`'s segments (rank 0 left out) out of the pool with one
-    `index_select`: (a [sum_r, in], bt [sum_r, out], the segments, in row order)."""
+class CopyPlan(NamedTuple):
+    """Which pool pages the torch fallback copies for one module: derived from the module's
+    metadata alone (the pages' contents are read on every call)."""
+    page_ids: torch.Tensor      # int64 [sum_r * (a_ppr + b_ppr)]: the A rows' pages, then B^T's
+    sum_rank: int
+    segments: list[Segment]     # the live ones (rank > 0), their ranks stacked in row order
+    masks: dict                 # (rows, dtype, device) -> segment_mask, built on first use
+
+
+def plan_copy(module: PagedModuleLora) -> CopyPlan:
     a_ppr, b_ppr = module.a_pages_per_row, module.b_pages_per_row
     rows, ranks = module.seg_rows.tolist(), module.seg_rank.tolist()
     seg_a, seg_b, scales = module.seg_a.tolist(), module.seg_b.tolist(), module.seg_scale.tolist()
@@ -153,16 +166,25 @@ def gather_segments(pages: torch.Tensor, module: PagedModuleLora
             b_entries += range(seg_b[s], seg_b[s] + rank * b_ppr)
             start = segments[-1].rank_start + segments[-1].rank if segments else 0
             segments.append(Segment(rows[s][0], rows[s][1], start, rank, scales[s]))
-    sum_rank, split = len(a_entries) // a_ppr, len(a_entries)
-    entries = _index(array("q", a_entries + b_entries), pages.device)
-    page_ids = module.page_ids.index_select(0, entries)
+    entries = _index(array("q", a_entries + b_entries), module.page_ids.device)
+    return CopyPlan(module.page_ids.index_select(0, entries).long(), len(a_entries) // a_ppr,
+                    segments, {})
+
+
+def gather_segments(pages: torch.Tensor, module: PagedModuleLora
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[Segment]]:
+    """Copy the A and B^T rows of `module`'s segments (rank 0 left out) out of the pool with one
+    `index_select`: (a [sum_r, in], bt [sum_r, out], the segments, in row order)."""
+    plan = module.copy_plan
     # index_select, not `pages[index]`: advanced indexing takes a slower generic path on CPU
     # (about 9 ms against 1-2 ms for 5,700 pages of 1024 bf16 numbers).
-    stacked = pages.index_select(0, page_ids)
-    hidden = pages.shape[1]
-    a = stacked[:split].view(sum_rank, a_ppr * hidden)[:, :module.in_features]
-    bt = stacked[split:].view(sum_rank, b_ppr * hidden)[:, :module.out_features]
-    return a, bt, segments
+    stacked = pages.index_select(0, plan.page_ids)
+    a_width, b_width = (pages_per_row * pages.shape[1] for pages_per_row in
+                        (module.a_pages_per_row, module.b_pages_per_row))
+    split = plan.sum_rank * module.a_pages_per_row
+    a = stacked[:split].view(plan.sum_rank, a_width)[:, :module.in_features]
+    bt = stacked[split:].view(plan.sum_rank, b_width)[:, :module.out_features]
+    return a, bt, plan.segments
 
 
 def lora_shrink(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -220,15 +242,17 @@ def sgmv_torch(y: torch.Tensor, x: torch.Tensor, pages: torch.Tensor,
     """y [T, out] += the batch's heterogeneous LoRA delta for x [T, in], in place, in PyTorch:
     the kernels' signature and result, for any pool. Computes in the wider of x's and the
     pool's dtypes (a 4-bit base may compute in another dtype than the pool's)."""
-    a, bt, segments = gather_segments(pages, module)
-    if not segments:
+    if not module.copy_plan.segments:
         return
+    a, bt, segments = gather_segments(pages, module)
     dtype = torch.promote_types(x.dtype, pages.dtype)
     a, bt, x = a.to(dtype), bt.to(dtype), x.to(dtype)
     out = y if y.dtype == dtype else torch.zeros(y.shape, dtype=dtype, device=y.device)
     if choose_dense(x.shape[0], a.shape[0], segments, module.in_features, module.out_features):
-        mask = segment_mask(x.shape[0], segments, a.shape[0], dtype, x.device)
-        lora_delta_dense(out, x, a, bt, mask)
+        masks, key = module.copy_plan.masks, (x.shape[0], dtype, x.device)
+        if key not in masks:
+            masks[key] = segment_mask(x.shape[0], segments, a.shape[0], dtype, x.device)
+        lora_delta_dense(out, x, a, bt, masks[key])
     else:
         lora_delta_grouped(out, x, a, bt, segments)
     if out is not y:
