@@ -17,8 +17,9 @@ place, held equal by tests:
   one call per module;
 - `sgmv_torch`: the fallback for pools no kernel serves (a CPU without a C compiler, a float16
   pool, a GPU without Triton, `LORAFLEET_SGMV_KERNEL=0`). PyTorch cannot multiply through a
-  page table, so it copies the module's segments out of the pool (one `index_select` into
-  stacks `a [sum_r, in]`, `bt [sum_r, out]`) and then either runs one shrink + expand per
+  page table, so it copies the module's segments out of the pool on every call (one
+  `index_select` into stacks `a [sum_r, in]`, `bt [sum_r, out]`; which pages, and the dense
+  path's mask, are derived once per batch) and then either runs one shrink + expand per
   segment (*grouped*, MBGMM-like: no wasted FLOPs, a few framework calls per segment) or
   multiplies every row by every segment's ranks with a `[T, sum_r]` mask that keeps each row's
   own columns and holds the scaling (*dense*: wastes `T * (sum_r - r_row)` multiply-adds but
@@ -156,6 +157,8 @@ class CopyPlan(NamedTuple):
 
 
 def plan_copy(module: PagedModuleLora) -> CopyPlan:
+    """The pages of each live segment's A rows, then of its B^T rows, looked up in the page
+    table (use `module.copy_plan`, which keeps it)."""
     a_ppr, b_ppr = module.a_pages_per_row, module.b_pages_per_row
     rows, ranks = module.seg_rows.tolist(), module.seg_rank.tolist()
     seg_a, seg_b, scales = module.seg_a.tolist(), module.seg_b.tolist(), module.seg_scale.tolist()
