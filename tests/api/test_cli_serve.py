@@ -65,7 +65,10 @@ def serve_process(llama_dir, adapter_root, tmp_path_factory):
 def test_serve_cli_matches_generate_and_drains_on_sigterm(serve_process, llama_dir,
                                                           adapter_root, capsys):
     log = serve_process.log_path.read_text()
-    for expected in ("model", "served as 'tiny'", "adapters  1: alpha", "pool      4096 pages",
+    # --adapter alpha, and the folders of --adapter-dir (registered from their headers)
+    listed = re.search(r"adapters  \d+: (.*)", log).group(1).split(", ")
+    assert {"alpha", "beta", "gamma"} <= set(listed), log
+    for expected in ("model", "served as 'tiny'", "pool      4096 pages",
                      f"loading from {adapter_root.resolve()}", "auth      none"):
         assert expected in log, log
     client = openai.OpenAI(base_url=serve_process.url + "/v1", api_key="unused", max_retries=0,
