@@ -98,3 +98,35 @@ def test_bad_dtype_is_refused(tmp_path, llama_dir, toy_data, kw, message):
         train(TrainConfig.from_flat(model=str(llama_dir), data=str(toy_data),
                                     out=str(tmp_path / "x"), steps=1, **kw),
               tokenizer=get_tokenizer(llama_dir))
+
+
+def test_adamw8bit_trains_with_8bit_state_and_resumes_exactly(tmp_path, llama_dir, toy_data):
+    pytest.importorskip("bitsandbytes")
+    tok = get_tokenizer(llama_dir)
+    # full: bitsandbytes keeps tensors under 4096 elements (the tiny model's LoRA A, B) in 32 bits
+    values = dict(model=str(llama_dir), data=str(toy_data), steps=3, lr=1e-3, batch_size=2,
+                  method="full", optim="adamw8bit")
+    full = train(TrainConfig.from_flat(out=str(tmp_path / "a"), **values), tokenizer=tok)
+    losses = [e["loss"] for e in full.history]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    cut = train(TrainConfig.from_flat(out=str(tmp_path / "b"), **values), tokenizer=tok,
+                callback=lambda e: e["step"] == 1)
+    assert cut.interrupted
+    from lorafleet.train.checkpoint import latest_checkpoint, load_checkpoint
+    def tensors(tree):
+        if isinstance(tree, torch.Tensor):
+            return [tree]
+        return [t for v in tree.values() for t in tensors(v)] if isinstance(tree, dict) else []
+
+    saved = tensors(load_checkpoint(latest_checkpoint(tmp_path / "b")).optimizer["state"])
+    assert any(t.dtype == torch.uint8 and t.numel() >= 4096 for t in saved)  # 8-bit moments
+    resumed = train(TrainConfig.from_flat(out=str(tmp_path / "b"), resume=True, **values),
+                    tokenizer=tok)
+    assert [e["loss"] for e in resumed.history] == losses[1:]
+
+
+def test_paged_adamw_needs_cuda(tmp_path, llama_dir, toy_data):
+    with pytest.raises(ConfigError, match="--optim paged_adamw .* needs CUDA"):
+        train(TrainConfig.from_flat(model=str(llama_dir), data=str(toy_data),
+                                    out=str(tmp_path / "p"), optim="paged_adamw", device="cpu"))
+    assert not (tmp_path / "p").exists()

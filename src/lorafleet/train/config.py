@@ -14,9 +14,9 @@ from lorafleet.errors import ConfigError
 from lorafleet.models.dtype import AUTO, DTYPE_CHOICES, parse_dtype
 from lorafleet.train.data import DataConfig
 from lorafleet.train.methods import MethodConfig
+from lorafleet.train.optim import OPTIMIZERS
 
 SCHEDULES = ("cosine", "linear", "constant")
-OPTIMIZERS = ("adamw",)
 PARALLEL = ("auto", "none", "ddp", "fsdp")
 
 
@@ -50,7 +50,9 @@ class TrainConfig:
                            choices=SCHEDULES)
     min_lr_ratio: float = option(0.1, "final lr / peak lr (nanoGPT: 0.1)", "optimization")
     max_grad_norm: float = option(1.0, "gradient clipping (0: off)", "optimization")
-    optim: str = option("adamw", "optimizer", "optimization", choices=OPTIMIZERS)
+    optim: str = option("adamw", "adamw; adamw8bit (8-bit moments, bitsandbytes); paged_adamw "
+                        "(state paged between GPU and host, CUDA only)", "optimization",
+                        choices=OPTIMIZERS)
     bf16: bool = option(False, "bf16 autocast (parameters keep their dtype)", "optimization")
     grad_checkpointing: bool = option(False, "recompute activations in backward: less memory, "
                                              "~30% slower", "optimization")

@@ -34,6 +34,7 @@ from lorafleet.train.checkpoint import (CHECKPOINT_DIR, SHARDED, Checkpoint, cap
 from lorafleet.train.config import TrainConfig
 from lorafleet.train.data import IGNORE_INDEX, Sampler, collate, load_dataset
 from lorafleet.train.methods import OUTPUT_HEADS, apply_method, save_trained, trainable_state
+from lorafleet.train.optim import check_optimizer, make_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -247,6 +248,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
     mode = dist.resolve_mode(cfg.parallel)
     dist.setup()
     device = torch.device(cfg.device) if cfg.device else dist.default_device()
+    check_optimizer(cfg.optim, device, mode)
     out = prepare_out_dir(cfg)
     seed_everything(cfg.seed)
     if tokenizer is None:
@@ -262,7 +264,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
         enable_gradient_checkpointing(trained)
     engine = dist.wrap(trained, mode, device)  # what the loop calls; `trained` owns the params
     params = [p for p in trained.parameters() if p.requires_grad]  # FSDP: the shards
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg.optim, params, cfg.lr, cfg.weight_decay, device, mode)
     pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
     world, rank = dist.world_size(), dist.rank()
