@@ -164,3 +164,28 @@ def test_tight_budget_releases_plain_weights_same_tokens(small_fleet):
             assert torch.equal(module.dense_weight(), original)
             assert torch.equal(module.unpack().weight, original)
     assert results["released"] == results["unpacked"]
+
+
+def test_serve_flags_reach_the_budget_and_repeat_the_config_defaults():
+    from lorafleet.api.state import ServerConfig
+    from lorafleet.cli import build_parser
+    from lorafleet.cli.serve import memory_budget
+
+    parser = build_parser()
+
+    def parse(*flags):
+        return parser.parse_args(["serve", "--model", "m", *flags])
+
+    args = parse()
+    assert memory_budget(args) is None and args.num_pages is None and args.dtype == "auto"
+    assert (args.max_num_seqs, args.max_num_batched_tokens, args.max_queue) == (
+        EngineConfig.max_num_seqs, EngineConfig.max_num_batched_tokens, ServerConfig.max_queue)
+    assert memory_budget(parse("--memory-budget", "12GiB")) == 12 * GiB
+    assert memory_budget(parse("--memory-budget", "0.7")) == 0.7
+    assert memory_budget(parse("--gpu-memory-utilization", "0.8")) == 0.8
+    with pytest.raises(ConfigError, match="--memory-budget"):
+        memory_budget(parse("--memory-budget", "12 parsecs"))
+    with pytest.raises(ConfigError, match="--gpu-memory-utilization"):
+        memory_budget(parse("--gpu-memory-utilization", "1.5"))
+    with pytest.raises(SystemExit):           # one or the other
+        parse("--memory-budget", "1GiB", "--gpu-memory-utilization", "0.5")

@@ -51,8 +51,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
     p.add_argument("--api-keys", help="JSON file {key: [adapters] or \"*\"}; without it the "
                    "server accepts every request")
-    p.add_argument("--max-queue", type=int, default=256,
-                   help="sequences accepted and not finished before answering 429 (default 256)")
+    p.add_argument("--max-queue", type=int, default=_default("max_queue", server=True),
+                   help="sequences accepted and not finished before answering 429 "
+                        "(default %(default)s)")
     p.add_argument("--max-model-len", type=int,
                    help="context per sequence, prompt + completion (default: the model's)")
     p.add_argument("--max-tokens-limit", type=int,
@@ -70,6 +71,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-pages", type=int, default=_default("num_pages"),
                    help="override: pages in the unified KV/adapter pool (one page = "
                         "hidden_size numbers); default: sized from the memory budget")
+    p.add_argument("--max-cpu-loras", type=int, default=_default("max_cpu_loras"),
+                   help="adapters whose page copy stays in host memory after they enter the "
+                        "pool, least recently used dropped first (vLLM's flag; default: none, "
+                        "an evicted adapter is read from disk again)")
     p.add_argument("--max-num-seqs", type=int, default=_default("max_num_seqs"),
                    help="running batch size cap (default %(default)s)")
     p.add_argument("--max-num-batched-tokens", type=int,
@@ -86,11 +91,15 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _default(name: str):
-    """EngineConfig's default for a field: the one copy of the engine's defaults."""
-    from lorafleet.serve.engine import EngineConfig
+def _default(name: str, server: bool = False):
+    """The default of an EngineConfig (or, server=True, ServerConfig) field: the one copy of
+    the defaults, which the flags only repeat."""
+    if server:
+        from lorafleet.api.state import ServerConfig as config_class
+    else:
+        from lorafleet.serve.engine import EngineConfig as config_class
 
-    return {f.name: f.default for f in dataclasses.fields(EngineConfig)}[name]
+    return {f.name: f.default for f in dataclasses.fields(config_class)}[name]
 
 
 def memory_budget(args) -> int | float | None:
@@ -152,7 +161,7 @@ def build(args):
     engine = Engine(model, tokenizer, EngineConfig(
         memory_budget=budget, num_pages=args.num_pages, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_chunked_prefill=args.chunked_prefill,
+        enable_chunked_prefill=args.chunked_prefill, max_cpu_loras=args.max_cpu_loras,
         max_model_len=args.max_model_len, dtype=dtype, device=args.device))
     if args.adapter_dir:
         # Every folder of the dir can be named by a request (resolved on demand); an explicit
