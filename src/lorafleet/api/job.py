@@ -15,7 +15,7 @@ import asyncio
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal
+from typing import AsyncIterator, Literal
 
 import anyio
 from fastapi.responses import StreamingResponse

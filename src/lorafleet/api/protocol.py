@@ -52,6 +52,15 @@ def _is_neutral(field: str, value: Any, info: ValidationInfo) -> bool:
     return False
 
 
+def neutral_only(value: Any, info: ValidationInfo) -> Any:
+    """The validator of an unimplemented field: its neutral value passes, any other is refused
+    with a message naming the field."""
+    if not _is_neutral(info.field_name, value, info):
+        raise ValueError(f"{info.field_name}={str(value)[:64]} is not supported by this server "
+                         f"(only its neutral value is accepted)")
+    return value
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -101,10 +110,7 @@ class _Request(BaseModel):
                      "length_penalty")
     @classmethod
     def _neutral_only(cls, value, info: ValidationInfo):
-        if not _is_neutral(info.field_name, value, info):
-            raise ValueError(f"{info.field_name}={value!r} is not supported by this server "
-                             f"(only its neutral value is accepted)")
-        return value
+        return neutral_only(value, info)
 
 
 class CompletionRequest(_Request):
@@ -132,7 +138,7 @@ class CompletionRequest(_Request):
     @field_validator("best_of", "suffix")
     @classmethod
     def _completion_neutral_only(cls, value, info: ValidationInfo):
-        return _Request._neutral_only.__func__(cls, value, info)
+        return neutral_only(value, info)
 
 
 class ChatMessage(BaseModel):
@@ -186,7 +192,7 @@ class ChatCompletionRequest(_Request):
                      "modalities")
     @classmethod
     def _chat_neutral_only(cls, value, info: ValidationInfo):
-        return _Request._neutral_only.__func__(cls, value, info)
+        return neutral_only(value, info)
 
 
 class UsageInfo(BaseModel):
