@@ -21,8 +21,9 @@ holds both beside the pool the plain weights are kept (merging into them, saving
 fallbacks work as before); when it does not, the packed copy *replaces* the plain weight (same
 bytes, same speed; packed_linear.py restores the plain layout on demand) and a tied output head,
 whose plain weight the embedding still needs, is not packed. A model whose weights fit serves at
-full speed either way. (Measured in docs/engine.md: bf16 Llama of 500 MB of projections, RSS
-with both copies +100%, with replacement +0%, decode step time equal.)
+full speed either way (the same oneDNN op on the same packed tensor). Measured (docs/engine.md;
+bf16 Llama, 631 MiB of weights, 566 MiB packable): RSS growth building the engine +1,453 MiB
+with both copies, +852 MiB with the packed copies replacing the plain ones, +875 MiB unpacked.
 
 Plain Python with no torch import (like pool.py); `available_memory` and the engine supply the
 numbers.

@@ -92,7 +92,7 @@ class IncrementalText:
 
     def __init__(self, tokenizer, stop: list[str] | tuple[str, ...] = ()):
         self.tokenizer, self.stop = tokenizer, list(stop)
-        self.hold = max((len(s) - 1 for s in self.stop), default=0)
+        self.hold = max([0, *(len(s) - 1 for s in self.stop)])
         self.prefix_offset = self.read_offset = 0       # into the output token ids
         self.text, self.start = "", 0
         self.stable_len = 0          # the whole text's length up to read_offset (final)
