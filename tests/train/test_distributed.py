@@ -110,3 +110,30 @@ def test_parallel_flags_need_torchrun(tmp_path, llama_dir, data):
             train(TrainConfig.from_flat(**settings(llama_dir, data, tmp_path / mode,
                                                    parallel=mode)))
     assert not (tmp_path / "ddp").exists()  # refused before any work
+
+
+@pytest.mark.slow
+def test_the_documented_two_machine_torchrun_command(tmp_path, llama_dir, data):
+    """docs/train.md's several-machines command, as two "machines" (two torchrun launchers with
+    --nnodes 2 and their own --node_rank) on one host."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = free_port()
+    flags = ["--model", str(llama_dir), "--data", str(data), "--steps", "2", "--lr", "1e-2",
+             "--targets", "all-linear", "--device", "cpu", "--batch-size", "2", "--no-progress"]
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launchers = [subprocess.Popen(
+        [torchrun, "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+         "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "lorafleet.cli",
+         "train", "--out", str(tmp_path / "two"), *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for node in (0, 1)]
+    for launcher in launchers:
+        _, err = launcher.communicate(timeout=300)
+        assert launcher.returncode == 0, err[-3000:]
+    one_process(llama_dir, settings(llama_dir, data, tmp_path / "one", steps=2, grad_accum=1,
+                                    batch_size=2, parallel="none"))
+    assert_close_tensors(trained_tensors(tmp_path / "one"), trained_tensors(tmp_path / "two"))

@@ -36,8 +36,9 @@ class TrainConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     dtype: str = option(AUTO, "dtype of the frozen base for lora (auto|bfloat16|float16|"
                         "float32; auto: the checkpoint's dtype where the device computes it "
-                        "well, else float32) and of the non-quantized parts for qlora; trained "
-                        "weights stay float32; other methods train in float32",
+                        "well, else float32) and of the non-quantized parts for qlora (auto: "
+                        "bf16 where the device computes it); trained weights stay float32; "
+                        "other methods train in float32",
                         "method", choices=DTYPE_CHOICES, metavar="DTYPE")
     steps: int | None = option(None, "optimizer steps (default: 1 epoch)", "optimization")
     epochs: float | None = option(None, "passes over the data (default 1)", "optimization")

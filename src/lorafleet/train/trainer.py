@@ -121,7 +121,10 @@ def load_base(cfg: TrainConfig, device: torch.device) -> nn.Module:
                               f"base; --method {method} trains in float32 (use --bf16 for "
                               "bf16 autocast)")
         return load_model(cfg.model, dtype=torch.float32, device=device)
-    dtype = resolve_dtype(requested, cfg.model, device, field="--dtype")
+    # qlora: auto computes in bf16 wherever the device does (QLoRA's compute dtype), whatever
+    # the checkpoint declares; lora: the checkpoint's dtype (reduced precision is a choice).
+    dtype = resolve_dtype(requested, cfg.model, device, prefer_half=method == "qlora",
+                          field="--dtype")
     if not device_computes(dtype, device):
         name = str(dtype).removeprefix("torch.")
         # bf16 on a CPU without bf16 instructions runs (emulated, slowly); fp16 on CPU and a
