@@ -129,7 +129,10 @@ def test_collect_is_cancelled_with_its_handler():
             return False
 
     class SlowJob:
-        cancelled = False
+        cancelled = closed = False
+
+        async def close(self):
+            SlowJob.closed = True
 
         async def collect(self):
             try:
@@ -149,7 +152,7 @@ def test_collect_is_cancelled_with_its_handler():
 
     started = time.monotonic()
     assert asyncio.run(main()) == []
-    assert SlowJob.cancelled and time.monotonic() - started < 5
+    assert SlowJob.cancelled and SlowJob.closed and time.monotonic() - started < 5
 
 
 def test_tokenizing_runs_off_the_event_loop(fresh, tokenizer, monkeypatch):

@@ -14,6 +14,7 @@ import json
 import logging
 from typing import Any, AsyncIterator
 
+import anyio
 from fastapi import APIRouter, Request
 
 from lorafleet.api.access import authorize, resolve_model
@@ -56,6 +57,10 @@ async def collect_unless_disconnected(request: Request, job: Job) -> None:
                 await task
             except (asyncio.CancelledError, ApiError):
                 pass
+        # A task cancelled before it ran never reached `events`, whose `finally` closes the
+        # job: close it here (idempotent) so its queue slots and key quota come back.
+        with anyio.CancelScope(shield=True):
+            await job.close()
 
 
 # ---- request -> engine inputs ------------------------------------------------------------------
