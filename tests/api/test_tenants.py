@@ -181,3 +181,18 @@ def test_flood_from_one_key_keeps_another_keys_latency_bounded(server):
     log.info("victim alone %.3f s, under flood %s s (bound %.3f s); flood %s", alone,
              [round(t, 3) for t in under_flood], bound, counts)
     assert max(under_flood) <= bound, (alone, under_flood, counts)
+
+
+def test_the_key_id_reaches_the_engine_as_tenant(server, monkeypatch):
+    """The engine shares admission across tenants: each request carries its key's id (never
+    the secret); without keys there is one tenant, None."""
+    seen = []
+    real = server.engine.add_request
+
+    def add_request(request_id, prompt_ids, adapter=None, params=None, tenant=None):
+        seen.append(tenant)
+        return real(request_id, prompt_ids, adapter, params, tenant=tenant)
+    monkeypatch.setattr(server.engine, "add_request", add_request)
+    client_for(server, "sk-victim").completions.create(model="beta", prompt="hi", max_tokens=1,
+                                                       n=2)
+    assert seen == [key_id("sk-victim")] * 2 and "sk-victim" not in seen[0]
