@@ -79,7 +79,8 @@ def adapter_folder(config: ServerConfig, name: str):
             return None
         size = confine_folder_files(config.adapter_dir, path)
     except (BadPathError, PathOutsideError) as exc:
-        log.warning("adapter %r not resolved: %s", name, exc)
+        # info, not warning: any client can name such a folder, as often as it likes
+        log.info("adapter %r not resolved: %s", name, exc)
         return None
     check_adapter_size(config, name, size, "model")
     return path
@@ -108,11 +109,9 @@ async def resolve_model(state: ServerState, grant: Grant, model: str) -> str | N
         raise model_not_found(state, model) from None
     if model in RESERVED_NAMES:
         raise model_not_found(state, model)
-    if adapter_folder(state.config, model) is None:
-        raise model_not_found(state, model)
     try:
-        # Reads the folder's config and header: blocking I/O, off the event loop.
-        found = await asyncio.to_thread(engine.resolve_adapter, model)
+        # Checks the folder's files, reads its config and header: blocking I/O, off the loop.
+        found = await asyncio.to_thread(_resolve_from_dir, state, model)
     except LoraFleetError as exc:
         log.warning("adapter %s could not be resolved: %s", model, exc)
         raise ApiError(400, f"adapter {model!r} failed to load: {exc}", param="model",
@@ -121,6 +120,13 @@ async def resolve_model(state: ServerState, grant: Grant, model: str) -> str | N
         raise model_not_found(state, model)
     log.info("resolved adapter %s on demand", model)
     return model
+
+
+def _resolve_from_dir(state: ServerState, name: str) -> bool:
+    """Register folder `name` of --adapter-dir (header only) if it is there and confined."""
+    if adapter_folder(state.config, name) is None:
+        return False
+    return state.engine.resolve_adapter(name)
 
 
 def visible_models(state: ServerState, grant: Grant) -> list[str]:
