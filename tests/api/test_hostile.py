@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 
 import httpx
@@ -507,6 +508,38 @@ def test_overflowing_chat_stream_ends_with_error_event(raw):
     resp = raw.post("/v1/chat/completions", content=json.dumps(body), headers=ADMIN)
     events = [line[6:] for line in resp.text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "server_error"
+
+
+def test_hostile_requests_mixed_into_a_batch_leave_the_others_exact(server, tokenizer,
+                                                                    reference):
+    """Ordinary requests sent at the same time as overflowing, tiny-temperature and malformed
+    ones (so they share engine steps) come back exactly as the reference computes them."""
+    prompts = ["the quick brown fox", "to be or not", "food : french"]
+    expected = {p: reference(tokenizer.encode(p), "alpha", 6) for p in prompts}
+    hostile = [completion(model="overflow", max_tokens=6, logprobs=3),
+               completion(model="overflow", max_tokens=6, stream=True),
+               completion(temperature=1e-40, seed=1, max_tokens=6),
+               completion(top_k=2**63 - 1, temperature=2, seed=2, max_tokens=6, n=3),
+               completion(max_tokens=True), completion(prompt=[True])]
+    results: dict[int, httpx.Response] = {}
+
+    def send(i, body):
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            results[i] = c.post("/v1/completions", content=json.dumps(body), headers=ADMIN)
+    bodies = [completion(model="alpha", prompt=p, max_tokens=6, temperature=0)
+              for p in prompts] + hostile
+    threads = [threading.Thread(target=send, args=(i, b)) for i, b in enumerate(bodies)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, prompt in enumerate(prompts):
+        ids = expected[prompt]
+        assert results[i].status_code == 200, results[i].text
+        assert results[i].json()["choices"][0]["text"] == tokenizer.decode(
+            [t for t in ids if t != tokenizer.eos_token_id])
+    statuses = [results[len(prompts) + j].status_code for j in range(len(hostile))]
+    assert statuses == [500, 200, 200, 200, 400, 400], statuses
 
 
 # ---- and after all that: still correct, nothing leaked ---------------------------------------
