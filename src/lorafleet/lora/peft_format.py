@@ -21,10 +21,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,6 +39,10 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# numpy storage of each float dtype's elements (bf16 has no numpy type: its bits as uint16).
+NUMPY_STORAGE = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+# safetensors' own limit on the JSON header (100 MB): past it the file is not one.
+MAX_HEADER_BYTES = 100_000_000
 
 
 # -- reading: one parsed adapter ----------------------------------------------------------------
@@ -44,8 +50,13 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # tensor in an adapter is an error, not something to cast silently.
 FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                 "BF16": torch.bfloat16}
-_SUFFIXES = ((".lora_A.weight", "A", False), (".lora_B.weight", "B", False),
-             (".lora_embedding_A", "A", True), (".lora_embedding_B", "B", True))
+# numpy storage of each float dtype's elements (bf16 has no numpy type: its bits as uint16).
+NUMPY_STORAGE = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+# safetensors' own limit on the JSON header (100 MB): past it the file is not one.
+MAX_HEADER_BYTES = 100_000_000
+# What follows ".lora_" in a key -> (which half, embedding LoRA).
+_PARTS = {"A.weight": ("A", False), "B.weight": ("B", False), "embedding_A": ("A", True),
+          "embedding_B": ("B", True)}
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,8 @@ class TensorInfo:
     """One tensor as the safetensors header describes it (no data)."""
     shape: tuple[int, ...]
     dtype: str                          # safetensors name: "F32", "BF16", "I32", ...
+    offset: int = 0                     # its bytes in the file's data section: [offset, +nbytes)
+    nbytes: int = 0
 
 
 @dataclass
@@ -124,15 +137,29 @@ def weights_file(path: str | Path) -> Path:
 
 
 def read_header(weights: str | Path) -> dict[str, TensorInfo]:
-    """Names, shapes and dtypes of a safetensors file, without reading any tensor data."""
-    from safetensors import SafetensorError, safe_open
-
+    """Names, shapes and dtypes of a safetensors file, without reading any tensor data: the
+    format's 8-byte little-endian header length, then that many bytes of JSON
+    {name: {"dtype", "shape", "data_offsets"}} (a registry reads thousands of these, and
+    opening each file with safetensors maps the whole of it). A header whose offsets pass the
+    end of the file (a truncated file) is refused here."""
     try:
-        with safe_open(str(weights), framework="pt") as handle:
-            return {key: TensorInfo(tuple(handle.get_slice(key).get_shape()),
-                                    handle.get_slice(key).get_dtype())
-                    for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
+        with open(weights, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            length = int.from_bytes(handle.read(8), "little")
+            if not 2 <= length <= min(size - 8, MAX_HEADER_BYTES):
+                raise ValueError(f"header length {length} does not fit a {size}-byte file")
+            header = json.loads(handle.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        header.pop("__metadata__", None)
+        infos, data_bytes = {}, size - 8 - length
+        for key, entry in header.items():
+            shape, (begin, end) = tuple(int(n) for n in entry["shape"]), entry["data_offsets"]
+            if not 0 <= begin <= end <= data_bytes:
+                raise ValueError(f"tensor {key!r} lies past the end of the file (truncated?)")
+            infos[key] = TensorInfo(shape, str(entry["dtype"]), int(begin), int(end - begin))
+        return infos
+    except (OSError, ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{weights}: not a readable safetensors file ({exc})") from None
 
 
@@ -147,17 +174,57 @@ def read_tensors(weights: str | Path) -> dict[str, torch.Tensor]:
         raise AdapterError(f"{weights}: not a readable safetensors file ({exc})") from None
 
 
+def read_arrays(weights: str | Path) -> dict[str, tuple[np.ndarray, str]]:
+    """Every tensor of a safetensors file as (numpy array, dtype name), bf16 as its bits in
+    uint16 (numpy has no bf16), read with one read call and no torch op. The adapter loader
+    thread reads with it: torch ops there would compete with the step's matmuls for torch's
+    intra-op threads (on a busy CPU, hundreds of small parallel ops took seconds)."""
+    header = read_header(weights)
+    try:
+        with open(weights, "rb") as handle:
+            handle.seek(8 + int.from_bytes(handle.read(8), "little"))
+            data = np.fromfile(handle, dtype=np.uint8)
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"{weights}: not a readable safetensors file ({exc})") from None
+    arrays = {}
+    for key, info in header.items():
+        storage = NUMPY_STORAGE.get(info.dtype)
+        if storage is None:
+            raise AdapterError(f"{weights}: tensor {key!r} has dtype {info.dtype}; adapter "
+                               f"weights must be F32, F16, BF16 or F64 (no silent cast)")
+        if info.nbytes != math.prod(info.shape) * np.dtype(storage).itemsize:
+            raise AdapterError(f"{weights}: tensor {key!r}: {info.nbytes} bytes for shape "
+                               f"{list(info.shape)} of {info.dtype}")
+        block = data[info.offset:info.offset + info.nbytes]
+        arrays[key] = (block.view(storage).reshape(info.shape), info.dtype)
+    return arrays
+
+
+def check_arrays(arrays: dict[str, tuple[np.ndarray, str]], source: str) -> None:
+    """`check_tensors` for `read_arrays`' output: finite values only, naming the key."""
+    for key, (array, dtype) in arrays.items():
+        # bf16 bits: all-ones exponent is Inf or NaN.
+        bad = ((array & 0x7F80) == 0x7F80).any() if dtype == "BF16" else \
+            not np.isfinite(array).all()
+        if bad:
+            raise AdapterError(f"{source}: tensor {key!r} holds NaN or Inf values")
+
+
 def check_tensors(tensors: dict[str, torch.Tensor], source: str) -> None:
     """Refuse tensors that are not floating point or hold NaN/Inf, naming the key: one such
-    weight would make every output of the adapter NaN (and fail the batch it runs in)."""
-    allowed = set(FLOAT_DTYPES.values())
+    weight would make every output of the adapter NaN (and fail the batch it runs in). The
+    scan runs in numpy on the tensors' memory (one thread, see read_arrays)."""
+    names = {v: k for k, v in FLOAT_DTYPES.items()}
+    arrays = {}
     for key, tensor in tensors.items():
-        if tensor.dtype not in allowed:
+        if tensor.dtype not in names:
             raise AdapterError(f"{source}: tensor {key!r} has dtype "
                                f"{str(tensor.dtype).removeprefix('torch.')}; adapter weights must "
                                f"be float32, float16, bfloat16 or float64")
-        if not bool(torch.isfinite(tensor).all()):
-            raise AdapterError(f"{source}: tensor {key!r} holds NaN or Inf values")
+        cpu = tensor.detach().cpu()
+        arrays[key] = ((cpu.view(torch.int16) if cpu.dtype == torch.bfloat16 else cpu).numpy(),
+                       names[cpu.dtype])
+    check_arrays(arrays, source)
 
 
 def parse_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor | TensorInfo],
@@ -176,16 +243,14 @@ def parse_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor | TensorIn
                                f"weights must be F32, F16, BF16 or F64 (no silent cast)")
         if not key.startswith(PREFIX):
             raise AdapterError(f"{source}: adapter key {key!r}: expected PEFT's prefix {PREFIX!r}")
-        name = key[len(PREFIX):]
-        for suffix, part, embedding in _SUFFIXES:
-            if name.endswith(suffix):
-                module = name[:-len(suffix)]
-                pairs.setdefault(module, {})[part] = (key, info, tensor)
-                if embedding:
-                    embedding_modules.add(module)
-                break
-        else:
+        module, _, tail = key[len(PREFIX):].rpartition(".lora_")
+        part = _PARTS.get(tail)
+        if part is None:
             extras[key] = info
+            continue
+        pairs.setdefault(module, {})[part[0]] = (key, info, tensor)
+        if part[1]:
+            embedding_modules.add(module)
     modules = {}
     for module in sorted(pairs):
         pair, key = pairs[module], PREFIX + module

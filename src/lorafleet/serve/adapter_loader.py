@@ -28,9 +28,8 @@ import torch
 
 from lorafleet.adapters.store import confine
 from lorafleet.errors import LoraFleetError
-from lorafleet.lora.peft_format import PeftAdapter, load_peft
 
-from .adapter_registry import AdapterSpec, adapter_pages
+from .adapter_registry import AdapterSpec, file_pages
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +45,12 @@ class LoadResult:
 
 class AdapterLoader:
     """One background thread: `submit(spec)` queues a read; `completed()` (engine thread) takes
-    what has finished. `read` (path -> PeftAdapter with tensors) is `load_peft`; tests replace
-    it to make reads slow or fail."""
+    what has finished. `read(spec, folder, dtype) -> pages` is `file_pages`; tests replace it to
+    make reads slow or fail."""
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
-        self.read: Callable[[Path], PeftAdapter] = load_peft
+        self.read: Callable[[AdapterSpec, Path, torch.dtype], torch.Tensor] = file_pages
         self._jobs: deque[AdapterSpec | None] = deque()
         self._done: deque[LoadResult] = deque()
         self._cond = threading.Condition()
@@ -94,7 +93,7 @@ class AdapterLoader:
             try:
                 # A store's folder is confined again: its files may have changed since.
                 path = spec.path if spec.root is None else confine(spec.path, spec.root)
-                pages = adapter_pages(spec, self.read(path), self.dtype)
+                pages = self.read(spec, path, self.dtype)
             except (LoraFleetError, OSError, ValueError, RuntimeError) as exc:
                 # A bad file fails that adapter's requests only (the engine reads the error).
                 error = f"adapter {spec.name!r} could not be loaded from {spec.path}: {exc}"

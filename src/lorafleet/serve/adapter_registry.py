@@ -14,11 +14,13 @@ from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lorafleet.adapters.store import confine
 from lorafleet.errors import AdapterError, ConfigError, ShapeError
-from lorafleet.lora.peft_format import PeftAdapter, load_peft
+from lorafleet.lora.peft_format import (PREFIX, PeftAdapter, TensorInfo, check_arrays, load_peft,
+                                        parse_adapter, read_arrays, read_config, weights_file)
 
 from .kv_cache import cdiv
 
@@ -91,13 +93,14 @@ def build_spec(name: str, adapter: PeftAdapter, layout: BaseLayout) -> AdapterSp
     names = sorted(adapter.modules)
     # Before anything else: peft saves an adapted lm_head's base weight too
     # (`lm_head.base_layer.weight`), which would read as an unsupported extra tensor.
-    for key in [*(f"{m}." for m in names), *adapter.extras]:
-        local = key.removeprefix("base_model.model.")
-        module = next((m for m in sorted(layout.exclude) if local.startswith(m + ".")), None)
-        if module is not None:
-            raise AdapterError(f"adapter {name!r}: module {module!r}: LoRA on {module} is not "
-                               f"served by the engine; merge it into the base (lorafleet merge) "
-                               f"or train without {module}")
+    excluded = [m for m in names if m in layout.exclude] + [
+        m for key in adapter.extras for m in sorted(layout.exclude)
+        if key.removeprefix("base_model.model.").startswith(m + ".")]
+    if excluded:
+        module = excluded[0]
+        raise AdapterError(f"adapter {name!r}: module {module!r}: LoRA on {module} is not "
+                           f"served by the engine; merge it into the base (lorafleet merge) "
+                           f"or train without {module}")
     for key in adapter.extras:
         raise AdapterError(f"adapter {name!r}: tensor {key!r} is not a LoRA A/B weight "
                            f"(embedding LoRA, biases and modules_to_save are not served)")
@@ -142,6 +145,58 @@ def adapter_pages(spec: AdapterSpec, adapter: PeftAdapter, dtype: torch.dtype) -
             block = pages[first:first + r * pages_per_row].view(r, pages_per_row * page_size)
             block[:, :dim] = matrix.to(dtype)
     return pages
+
+
+def file_pages(spec: AdapterSpec, path: Path, dtype: torch.dtype) -> torch.Tensor:
+    """What `adapter_pages` gives, read from the adapter's folder with numpy only (the loader
+    thread's work: peft_format.read_arrays says why no torch op runs here). Checks the file
+    again (finite floats, ranks as its config says) and that it still matches `spec`."""
+    _, config = read_config(path)
+    weights = weights_file(path)
+    arrays = read_arrays(weights)
+    check_arrays(arrays, str(weights))
+    header = {key: TensorInfo(array.shape, name) for key, (array, name) in arrays.items()}
+    adapter = parse_adapter(config, header, str(weights), path)
+    if set(adapter.modules) != set(spec.module_names):
+        raise AdapterError(f"adapter {spec.name!r}: its files changed since it was registered "
+                           f"(modules differ); register it again")
+    page_size = spec.layout.page_size
+    pages = np.zeros((spec.num_pages, page_size), dtype=_STORAGE[dtype])
+    for module, s in spec.modules.items():
+        lora = adapter.modules[module]
+        if (lora.a_shape != (s.rank, s.in_features) or lora.b_shape != (s.out_features, s.rank)
+                or lora.scaling != s.scaling):
+            raise AdapterError(f"adapter {spec.name!r}, module {module!r}: its files changed "
+                               f"since it was registered (shapes or scaling differ); register "
+                               f"it again")
+        key = f"{PREFIX}{module}.lora_"
+        a, b = arrays[key + "A.weight"], arrays[key + "B.weight"]
+        for matrix, first, pages_per_row in ((_converted(*a, dtype), s.a_page, s.a_pages_per_row),
+                                             (_converted(*b, dtype).T, s.b_page,
+                                              s.b_pages_per_row)):
+            r, dim = matrix.shape        # [r, dim] -> r * pages_per_row pages
+            block = pages[first:first + r * pages_per_row].reshape(r, pages_per_row * page_size)
+            block[:, :dim] = matrix
+    tensor = torch.from_numpy(pages)
+    return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
+
+
+# numpy storage of each page dtype (bf16: its bits as uint16).
+_STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
+            torch.bfloat16: np.uint16}
+
+
+def _converted(array: np.ndarray, name: str, dtype: torch.dtype) -> np.ndarray:
+    """`array` (numpy storage of safetensors dtype `name`) in the numpy storage of `dtype`,
+    rounding to bf16 to nearest even as torch does (values are finite: checked before)."""
+    if dtype == torch.bfloat16:
+        if name == "BF16":
+            return array
+        bits = array.astype(np.float32).view(np.uint32)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    if name == "BF16":
+        array = (array.astype(np.uint32) << 16).view(np.float32)
+    return array.astype(_STORAGE[dtype], copy=False)
 
 
 def read_spec(name: str, path: str | Path, layout: BaseLayout, root: Path | None = None,
