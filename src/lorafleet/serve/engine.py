@@ -159,8 +159,9 @@ class Engine:
 
     def register_store(self, store, lazy: bool = True) -> list[str]:
         """Attach an `AdapterStore` (or a folder of PEFT folders) and register its adapters
-        (lazily: config and header only). Folders added later are found by `resolve_adapter`.
-        A folder that is not a valid adapter is skipped with a warning. Returns the names."""
+        (lazily: config and header only) unless a name is registered already. Folders added
+        later are found by `resolve_adapter`. A folder that is not a valid adapter is skipped
+        with a warning. Returns the store's registered names."""
         from lorafleet.adapters.store import AdapterStore
 
         store = store if isinstance(store, AdapterStore) else AdapterStore(store)
@@ -169,6 +170,9 @@ class Engine:
                 self.stores.append(store)
         names = []
         for name in store.names():
+            if name in self.cache:        # already registered (an earlier call, --adapter)
+                names.append(name)
+                continue
             try:
                 spec = read_spec(name, store.root / name, self.adapter_layout, store.root,
                                  header_only=lazy)
