@@ -204,14 +204,20 @@ def test_file_corrupted_after_registration_fails_only_its_requests(small_fleet, 
         merged_oracle(base_model, root / "ad003"), [5, 6], MAX_TOKENS)
 
 
-def test_store_folders_resolved_on_demand(small_fleet, store, tmp_path):
+def test_store_folders_resolved_on_demand(small_fleet, store, tmp_path, caplog):
     base_dir, base_model, _ = small_fleet
     root = tmp_path / "store"
     shutil.copytree(store / "ad000", root / "ad000")
     shutil.copytree(store / "ad000", root / "bad name")       # junk: skipped
     (root / "notes").mkdir()                                   # no adapter_config.json
+    shutil.copytree(store / "ad000", root / "cut")            # truncated: skipped, warned
+    weights = root / "cut" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
     engine = _engine(base_dir)
-    assert engine.register_store(AdapterStore(root)) == ["ad000"]
+    with caplog.at_level("WARNING"):
+        assert engine.register_store(AdapterStore(root)) == ["ad000"]
+    assert "'bad name'" in caplog.text and "skipping 'cut'" in caplog.text
+    shutil.rmtree(root / "cut")
     shutil.copytree(store / "ad007", root / "late")          # added while serving
     assert engine.adapters() == ["ad000"]
     assert engine.resolvable_adapters() == ["ad000", "late"]
@@ -273,3 +279,20 @@ def test_loader_pages_equal_torch_conversion(small_fleet, store, tmp_path, file_
     expected = adapter_pages(spec, load_peft(tmp_path / "a"), page_dtype)
     got = file_pages(spec, tmp_path / "a", page_dtype)
     assert got.dtype == page_dtype and torch.equal(got, expected)
+
+
+def test_one_tenants_flood_does_not_queue_another(small_fleet):
+    """Admission takes tenants in turn: a request of a second tenant behind twelve of the first
+    runs in the first batch, not after the flood."""
+    base_dir, base_model, _ = small_fleet
+    engine = _engine(base_dir, max_num_seqs=2)
+    flood = SamplingParams(max_tokens=6, ignore_eos=True)
+    for i in range(12):
+        engine.add_request(f"a{i}", [5, 6, 7], None, flood, tenant="flood")
+    engine.add_request("b0", [8, 9], None, SamplingParams(max_tokens=2, ignore_eos=True),
+                       tenant="other")
+    first = [out.new_token_ids for out in engine.step() if out.request_id == "b0"]
+    assert {s.request_id for s in engine.scheduler.running} == {"a0", "b0"}
+    results = _drain(engine)
+    assert first[0] + results["b0"][0] == oracle_greedy(base_model, [8, 9], 2)
+    assert engine.stats()["queue_wait_seconds_count"] == 13
