@@ -157,6 +157,8 @@ class Scheduler:
         budget when `chunked`, else the whole sequence (the first one of a step whatever its
         length: add_request bounds it)."""
         admitted = []
+        if not self.waiting or len(self.running) >= self.config.max_num_seqs:
+            return admitted
         running_adapters = {s.adapter for s in self.running if s.adapter is not None}
         cap = self.config.max_adapters_per_step
         for seq in self._admission_order():
