@@ -170,6 +170,7 @@ class AdapterCache:
                 continue
             self.loads += 1
             self.load_seconds += result.seconds
+            log.debug("adapter %r read in %.3f s", result.name, result.seconds)
             self.host_cache.stage(result.name, result.version, result.pages)
         return failures
 
