@@ -97,3 +97,19 @@ def test_report_and_plots_come_from_the_json(results, tmp_path):
     for name in ("serve_vs_adapters.png", "serve_vs_rate.png"):
         assert (tmp_path / "img" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (tmp / "img" / name).is_file()
+
+
+@pytest.mark.slow
+def test_a_run_in_its_own_process_measures_the_snapshot(results, tmp_path):
+    """The full benchmark runs each configuration in a fresh process importing a snapshot of
+    the package: its result is its own (peak RSS from that process, not the parent's)."""
+    tmp, data = results
+    args = _args(TOY)
+    spec = next(s for s in serve.plan(args, [4], ["uniform"]) if s["system"] == "lorafleet")
+    full = serve.full_spec(spec, args, data["workload"], data, tmp / "work", data["machine"])
+    code = serve.snapshot_package(tmp_path)
+    assert (code / "lorafleet" / "bench" / "serve_run.py").is_file()
+    r = serve.run_one(full, tmp_path, code=code)
+    assert "error" not in r, r.get("stderr_tail")
+    assert r["requests"] == 16 and r["loads"] >= r["distinct_adapters"] > 0
+    assert r["rss_start_bytes"] < r["rss_engine_bytes"] <= r["peak_rss_bytes"]

@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Poisson arrivals per second of the scaling runs (saturating)")
     parser.add_argument("--rate-adapters", type=int, default=1000,
                         help="N of the rate sweep (0 skips it)")
-    parser.add_argument("--rate-fractions", default="0.25,0.5,0.75",
+    parser.add_argument("--rate-fractions", default="0.3,0.6,0.9",
                         help="rates of the sweep, as fractions of the base model's req/s")
     parser.add_argument("--alpha", type=float, default=1.0, help="power-law exponent")
     parser.add_argument("--input-len", default="8,64", help="uniform range of prompt lengths")
@@ -93,6 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the model and the adapter store here (reused when present)")
     parser.add_argument("--note", action="append", default=[],
                         help="a line about the conditions of this run, kept in the JSON")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="minutes: runs not started by then are skipped (listed in the "
+                             "JSON and the report, never dropped silently)")
     parser.add_argument("--in-process", action="store_true",
                         help="run everything in this process (fast, for tests; peak RSS is then "
                              "the whole benchmark's, not each run's)")
@@ -129,11 +132,17 @@ def _loadavg() -> str:
 
 
 def _commit() -> str:
+    """HEAD's short hash, with "+N uncommitted" when files of the package differ from it."""
+    here = Path(__file__).parent
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=here, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", str(here.parent)],
+                               capture_output=True, text=True, cwd=here, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    changed = len(dirty.splitlines())
+    return head + (f" +{changed} uncommitted files" if changed else "")
 
 
 def prepare(args, work: Path, counts: list[int]) -> dict:
@@ -247,7 +256,36 @@ def _ints_or_floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
 
-def run_one(spec: dict, tmp: Path, in_process: bool = False) -> dict:
+def full_spec(spec: dict, args, w: dict, info: dict, work: Path, roofline: dict) -> dict:
+    """A planned run with everything its process needs: folders, trace, roofline, SLO."""
+    n = spec["adapters"]
+    heavy = spec["workload"] == "heavy"
+    store = work / "stores" / ("heavy" if heavy else f"n{n}")
+    return dict(spec, model_dir=info["model"]["dir"], store_dir=str(store), num_adapters=n,
+                threads=args.threads, slo_ttft_s=args.slo_ttft,
+                bandwidth=roofline["bandwidth_bytes_per_s"], flops=roofline["matmul_flops"],
+                ranks=w["heavy_ranks"] if heavy else w["ranks"],
+                targets=list(ATTENTION) if heavy else None,
+                trace=dict(requests=spec.get("requests", args.requests),
+                           input_len=w["heavy_input_len" if heavy else "input_len"],
+                           output_len=w["heavy_output_len" if heavy else "output_len"],
+                           vocab=args.vocab, seed=args.seed, alpha=args.alpha))
+
+
+def snapshot_package(tmp: Path) -> Path:
+    """A copy of the lorafleet package the runs import, so that every run of one benchmark
+    measures the same code even while the working tree changes under it."""
+    import shutil
+
+    import lorafleet
+
+    target = tmp / "code"
+    shutil.copytree(Path(lorafleet.__file__).parent, target / "lorafleet",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return target
+
+
+def run_one(spec: dict, tmp: Path, in_process: bool = False, code: Path | None = None) -> dict:
     """One run in a fresh process (serve_run.py); its result dict, or the error it raised."""
     if in_process:
         from .serve_run import run as run_spec
@@ -255,8 +293,12 @@ def run_one(spec: dict, tmp: Path, in_process: bool = False) -> dict:
     spec_file, result_file = tmp / "spec.json", tmp / "result.json"
     result_file.unlink(missing_ok=True)
     spec_file.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(code)] + [p for p in [env.get("PYTHONPATH")]
+                                                           if p])
     proc = subprocess.run([sys.executable, "-m", "lorafleet.bench.serve_run", str(spec_file),
-                           str(result_file)], capture_output=True, text=True)
+                           str(result_file)], capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not result_file.is_file():
         return {"error": proc.stderr.strip().splitlines()[-1:] or ["no result"],
                 "stderr_tail": proc.stderr[-2000:]}
@@ -312,26 +354,21 @@ def run(args) -> int:
         print(f"model {info['model']['parameters'] / 1e6:.1f}M parameters; store "
               f"{info['store']['count']} adapters, {info['store']['mean_bytes'] / 2**20:.2f} MiB "
               f"per folder on average ({info['store']['total_bytes'] / 1e9:.2f} GB)", flush=True)
+        code = None if args.in_process else snapshot_package(Path(scratch))
         base_rps = None
+        results["skipped"] = []
         for spec in plan(args, counts, popularities):
-            n = spec["adapters"]
+            over = args.time_budget and time.perf_counter() - started > 60 * args.time_budget
+            if over or (spec.get("rate_fraction") and not base_rps):
+                results["skipped"].append(dict(
+                    {k: spec.get(k) for k in ("system", "adapters", "popularity", "rate",
+                                              "rate_fraction", "sweep", "config", "workload")},
+                    reason="time budget" if over else "no base-model rate measured"))
+                continue
             if spec.get("rate_fraction"):
-                if not base_rps:
-                    continue
                 spec["rate"] = round(spec["rate_fraction"] * base_rps, 2)
-            heavy = spec["workload"] == "heavy"
-            store = work / "stores" / ("heavy" if heavy else f"n{n}")
-            full = dict(spec, model_dir=info["model"]["dir"], store_dir=str(store),
-                        num_adapters=n, threads=args.threads, slo_ttft_s=args.slo_ttft,
-                        bandwidth=roofline["bandwidth_bytes_per_s"],
-                        flops=roofline["matmul_flops"],
-                        ranks=w["heavy_ranks"] if heavy else w["ranks"],
-                        targets=list(ATTENTION) if heavy else None,
-                        trace=dict(requests=spec.get("requests", args.requests),
-                                   input_len=w["heavy_input_len" if heavy else "input_len"],
-                                   output_len=w["heavy_output_len" if heavy else "output_len"],
-                                   vocab=args.vocab, seed=args.seed, alpha=args.alpha))
-            result = run_one(full, Path(scratch), args.in_process)
+            full = full_spec(spec, args, w, info, work, roofline)
+            result = run_one(full, Path(scratch), args.in_process, code)
             result.update({k: spec[k] for k in ("system", "adapters", "popularity", "rate",
                                                 "sweep", "config", "workload")},
                           spread_check=spec.get("spread_check", False))

@@ -65,8 +65,14 @@ def adapter_counters(stats: dict) -> dict:
            "hit_rate": first("adapter_hit_rate", "hit_rate", "cache_hit_rate")}
     if out["hit_rate"] is None and hits is not None and misses is not None and hits + misses:
         out["hit_rate"] = hits / (hits + misses)
-    for key in ("load_latency_p50_s", "load_latency_p99_s", "load_latency_mean_s",
-                "host_loads", "host_evictions", "disk_loads", "queue_wait_mean_s"):
+    if stats.get("adapter_load_seconds_count"):
+        out["load_latency_mean_s"] = (stats["adapter_load_seconds_sum"]
+                                      / stats["adapter_load_seconds_count"])
+    if stats.get("queue_wait_seconds_count"):
+        out["queue_wait_mean_s"] = (stats["queue_wait_seconds_sum"]
+                                    / stats["queue_wait_seconds_count"])
+    for key in ("adapter_load_failures", "host_cache_hits", "host_cache_misses",
+                "host_cache_bytes", "cache_prefetches", "preemptions"):
         if key in stats:
             out[key] = stats[key]
     return out

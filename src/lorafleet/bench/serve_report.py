@@ -230,6 +230,13 @@ def markdown(results: dict, source: str) -> str:
                      f"running, prompts {w['heavy_input_len'][0]}-{w['heavy_input_len'][1]}, "
                      f"outputs {w['heavy_output_len'][0]}-{w['heavy_output_len'][1]}, ranks "
                      f"{w['heavy_ranks']} on q,k,v,o", "", table(parts["heavy"])]
+    skipped = results.get("skipped") or []
+    if skipped:
+        text += ["", f"Planned but not run ({len(skipped)}):", ""] + [
+            f"- {s['system']} N = {s['adapters']} {s.get('popularity') or ''} "
+            f"{s.get('config')} {s.get('sweep')}"
+            + (f" at {s['rate_fraction']}x the base rate" if s.get("rate_fraction") else "")
+            + f" ({s['reason']})" for s in skipped]
     notes = results.get("notes") or []
     if notes:
         text += ["", "Notes on this run:", ""] + [f"- {n}" for n in notes]
