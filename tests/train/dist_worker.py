@@ -7,18 +7,23 @@ from pathlib import Path
 import torch
 
 
+KILLED = 17  # exit status of a process "killed" mid-run
+
+
 def run_rank(rank: int, world: int, port: int, settings: dict, stop_at: int | None,
-             report: str) -> None:
+             report: str, kill_at: int | None = None) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from lorafleet.train import TrainConfig, distributed, train
 
     def stop(event):  # only rank 0 asks: every rank must still stop at the same step
+        if event["type"] == "step" and event["step"] == kill_at:
+            os._exit(KILLED)  # no checkpoint, no cleanup: as if the job were killed
         return rank == 0 and event["type"] == "step" and event["step"] == stop_at
 
     try:
-        result = train(TrainConfig.from_flat(**settings), callback=stop if stop_at else None)
+        result = train(TrainConfig.from_flat(**settings), callback=stop)
         if rank == 0:
             Path(report).write_text(json.dumps({
                 "steps": result.steps, "interrupted": result.interrupted,

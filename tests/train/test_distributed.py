@@ -14,7 +14,7 @@ from lorafleet.errors import ConfigError, TrainingError
 from lorafleet.train import TrainConfig, train
 
 from .conftest import get_tokenizer, toy_records, write_jsonl
-from .dist_worker import run_rank
+from .dist_worker import KILLED, run_rank
 
 
 def free_port() -> int:
@@ -29,9 +29,15 @@ def settings(llama_dir, data, out, **kw):
     return {**base, **kw}
 
 
-def two_processes(tmp_path, values: dict, stop_at: int | None = None) -> dict:
+def two_processes(tmp_path, values: dict, stop_at: int | None = None,
+                  kill_at: int | None = None) -> dict:
     report = tmp_path / f"report-{free_port()}.json"
-    mp.spawn(run_rank, args=(2, free_port(), values, stop_at, str(report)), nprocs=2)
+    try:
+        mp.spawn(run_rank, args=(2, free_port(), values, stop_at, str(report), kill_at),
+                 nprocs=2)
+    except mp.ProcessExitedException as exc:
+        assert kill_at and exc.exit_code == KILLED, exc
+        return {"killed": True}
     return json.loads(report.read_text())
 
 
@@ -79,9 +85,12 @@ def test_two_processes_equal_one_and_resume_exactly(tmp_path, llama_dir, data, p
     # Dropout: each rank's RNG stream (not rank 0's) must come back on resume.
     values = settings(llama_dir, data, tmp_path / "ref", parallel=parallel, dropout=0.1)
     reference = two_processes(tmp_path, values)
-    cut_values = {**values, "out": str(tmp_path / "cut")}
-    cut = two_processes(tmp_path, cut_values, stop_at=2)  # rank 0 alone asks to stop
-    assert cut["interrupted"] and cut["steps"] == 2
+    cut_values = {**values, "out": str(tmp_path / "cut"), "save_every": 2}
+    if parallel == "ddp":  # rank 0 alone asks to stop after step 2 (checkpoint on the way out)
+        cut = two_processes(tmp_path, cut_values, stop_at=2)
+        assert cut["interrupted"] and cut["steps"] == 2
+    else:  # every process killed after step 3: resume from the step-2 checkpoint
+        assert two_processes(tmp_path, cut_values, kill_at=3) == {"killed": True}
     resumed = two_processes(tmp_path, {**cut_values, "resume": True})
     assert resumed["steps"] == 4 and resumed["losses"] == reference["losses"][2:]
     assert_close_tensors(trained_tensors(tmp_path / "ref"), trained_tensors(tmp_path / "cut"),

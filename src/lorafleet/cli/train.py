@@ -42,6 +42,8 @@ def add_parser(subparsers) -> None:
         for f in fields(cls):
             if "help" in f.metadata:
                 add_field_argument(groups[f.metadata["group"]], f)
+    groups["run"].add_argument("--fsdp", dest="parallel", action="store_const", const="fsdp",
+                               help="same as --parallel fsdp")
     groups["run"].add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train)
 
