@@ -23,6 +23,9 @@ class FakeAdapters:
     def pin(self, name, reserve=0):
         if name not in self.resident:
             short = self.size + reserve - self.pool.num_free
+            evictable = sum(self.size for k in self.resident if not self.refs.get(k))
+            if short > evictable:
+                return False                 # as the real cache: nothing changed
             if short > 0:
                 self.reclaim(short)
             if self.size + reserve > self.pool.num_free:
@@ -45,6 +48,9 @@ class FakeAdapters:
 
     def prefetch(self, name):
         return False
+
+    def ready(self, name):
+        return True
 
 
 class PrefetchingAdapters(FakeAdapters):
@@ -259,6 +265,9 @@ class LoadingAdapters(FakeAdapters):
     def pin(self, name, reserve=0):
         return name not in self.loading and super().pin(name, reserve)
 
+    def ready(self, name):
+        return name not in self.loading
+
 
 @pytest.mark.parametrize("chunked", [True, False])
 def test_requests_whose_adapter_is_loading_are_passed_over(chunked):
@@ -366,4 +375,23 @@ def test_queued_adapters_are_prefetched_before_admission(chunked):
     assert sched.adapters.refs == {"x": 0, "y": 1}
     assert sched.adapters.prefetched == ["y", "z"]      # and now z, behind it
     assert pool_.used_by["adapter"] == pages_before + 4  # admitting y loaded nothing
+    pool_.check()
+
+
+def test_no_adapter_brought_in_once_a_request_lacked_pages():
+    """When a request could not get pages, admission goes on only with requests whose adapter
+    is resident: bringing in another adapter would evict one that queued requests use."""
+    sched, pool_, _ = make(num_pages=20)
+    sched.add(seq("hold", 6))                       # 12 pages, stays running
+    sched.schedule()
+    sched.add(seq("sx", 2, "x"))
+    sched.schedule()
+    sched.finish(sched.running[-1], "length")       # x stays resident, unreferenced
+    assert pool_.num_free == 4 and sched.adapters.refs == {"x": 0}
+    sched.add(seq("big", 8, "y"))                   # 4 + 16 pages: cannot fit
+    sched.add(seq("sz", 2, "z"))                    # would fit by evicting x
+    sched.add(seq("sx2", 2, "x"))                   # fits as is
+    batch = sched.schedule()
+    assert [s.request_id for s in batch.seqs] == ["hold", "sx2"]
+    assert set(sched.adapters.resident) == {"x"}
     pool_.check()

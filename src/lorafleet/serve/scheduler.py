@@ -87,7 +87,8 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, adapters, clock=time.monotonic):
-        """`adapters` is the adapter cache (pin / unpin / reclaim / prefetch)."""
+        """`adapters` is the adapter cache (pin / unpin / reclaim / prefetch / ready, and
+        `resident`: the names in the pool)."""
         self.config, self.kv, self.adapters, self.clock = config, kv, adapters, clock
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -161,14 +162,22 @@ class Scheduler:
             return admitted
         running_adapters = {s.adapter for s in self.running if s.adapter is not None}
         cap = self.config.max_adapters_per_step
+        # Once a request lacked pages, later ones are tried only if their adapter is resident
+        # (or none): bringing one in could evict another that a queued request needs next.
+        short = False
         for seq in self._admission_order():
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             num_tokens = seq.num_tokens
             new_adapter = seq.adapter is not None and seq.adapter not in running_adapters
+            needs_load = seq.adapter is not None and seq.adapter not in self.adapters.resident
             fits = ((chunked or not admitted or num_tokens <= budget)
                     and not (new_adapter and cap is not None and len(running_adapters) >= cap)
-                    and self._take_pages(seq, num_tokens))
+                    and not (short and needs_load))
+            if fits and not self._take_pages(seq, num_tokens):
+                fits = False
+                # A request whose adapter is still being read did not lack pages.
+                short = short or seq.adapter is None or self.adapters.ready(seq.adapter)
             if not fits:
                 if self._aged(seq):
                     break          # everything waits behind it until it fits
