@@ -98,6 +98,9 @@ class AdapterLoader:
                 # A bad file fails that adapter's requests only (the engine reads the error).
                 error = f"adapter {spec.name!r} could not be loaded from {spec.path}: {exc}"
                 log.warning("%s", error)
+            except Exception as exc:  # a bug here must fail one adapter, not stop all loads
+                log.exception("loading adapter %r failed unexpectedly", spec.name)
+                error = f"adapter {spec.name!r} could not be loaded: internal error ({exc})"
             result = LoadResult(spec.name, spec.version, pages, error,
                                 time.perf_counter() - started)
             with self._cond:
