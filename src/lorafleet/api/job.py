@@ -144,6 +144,7 @@ class Job:
                                code="key_rate_limited", retry_after=refusal.retry_after)
         state.outstanding += n
         state.in_use.setdefault(self.adapter, set()).update(self.request_ids)
+        state.last_used[self.adapter] = time.time()
         self.admitted = True
 
     def release(self) -> None:

@@ -4,8 +4,9 @@
 it with uvicorn. The `model` field of a request names the base model or an adapter (as in vLLM and
 LoRAX). This file only assembles the app: the shared state and errors are in `state.py`, who may
 do what in `access.py`, the routes in `generation.py` (completions, chat), `admin.py` (adapter
-loading) and `info.py` (health, metrics, model list). Every error, ours or the framework's, is
-answered in OpenAI's error shape.
+loading), `info.py` (health, metrics, model list), `adapter_info.py` (adapter tiers, inspect)
+and `playground.py` (the browser UI at /ui and the stats it polls). Every error, ours or the
+framework's, is answered in OpenAI's error shape.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException
 
-from lorafleet.api import admin, generation, info
+from lorafleet.api import adapter_info, admin, generation, info, playground
 from lorafleet.api.metrics import ServerMetrics
 from lorafleet.api.state import ApiError, ServerConfig, ServerState
 from lorafleet.serve import AsyncEngine, Engine
@@ -82,6 +83,6 @@ def create_app(engine: Engine | AsyncEngine, tokenizer, config: ServerConfig | N
         return ApiError(500, f"internal error: {type(exc).__name__}", type_="server_error",
                         code="internal_error").response()
 
-    for module in (generation, admin, info):
+    for module in (generation, admin, info, adapter_info, playground):
         app.include_router(module.router)
     return app

@@ -109,6 +109,8 @@ class ServerState:
     quotas: Quotas = field(default_factory=Quotas)
     outstanding: int = 0
     in_use: dict[str | None, set[str]] = field(default_factory=dict)
+    # When each adapter was last asked for (wall-clock seconds): GET /v1/adapters shows it.
+    last_used: dict[str | None, float] = field(default_factory=dict)
     # Adapter names with a load or unload in progress: a second one of the same name is
     # refused (409) instead of racing the first.
     loading: set[str] = field(default_factory=set)
