@@ -40,11 +40,14 @@ def test_cli_flags_come_from_the_dataclass_fields():
     parser = train_parser()
     args = parser.parse_args(["--model", "m", "--data", "d", "--out", "o"])
     assert config_from_args(args) == TrainConfig(model="m", data="d", out="o")
-    actions = {a.dest: a for a in parser._actions}
+    flags = {a.option_strings[0]: a for a in parser._actions}
     for cls in (TrainConfig, MethodConfig):
         for f in dataclasses.fields(cls):
             if "help" in f.metadata:  # every documented field is a flag with its help
-                assert f.metadata["help"].replace("%", "%%") in actions[f.name].help, f.name
+                action = flags["--" + f.name.replace("_", "-")]
+                assert f.metadata["help"].replace("%", "%%") in action.help, f.name
+    args = parser.parse_args(["--model", "m", "--data", "d", "--out", "o", "--fsdp"])
+    assert config_from_args(args).parallel == "fsdp"
     args = parser.parse_args(["--model", "m", "--data", "d", "--out", "o", "--method", "qlora",
                               "--r", "4", "--grad-checkpointing", "--dtype", "bf16"])
     cfg = config_from_args(args)

@@ -26,25 +26,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorafleet.errors import ConfigError, TrainingError
-from lorafleet.models.dtype import AUTO, device_computes, parse_dtype, resolve_dtype
 from lorafleet.train import distributed as dist
+from lorafleet.train.base import load_base, trainable_in_float32
 from lorafleet.train.checkpoint import (CHECKPOINT_DIR, SHARDED, Checkpoint, capture_rng,
                                         latest_checkpoint, load_checkpoint, load_sharded_state,
                                         restore_rng, save_checkpoint, save_sharded_state)
 from lorafleet.train.config import TrainConfig
 from lorafleet.train.data import IGNORE_INDEX, Sampler, collate, load_dataset
-from lorafleet.train.methods import OUTPUT_HEADS, apply_method, save_trained, trainable_state
+from lorafleet.train.methods import apply_method, save_trained, trainable_state
 from lorafleet.train.optim import check_optimizer, make_optimizer
 
 logger = logging.getLogger(__name__)
 
 RUN_FILES = ("train_config.json", "log.jsonl", CHECKPOINT_DIR, "adapter", "tensorboard")
 MAX_LOG_PERPLEXITY = 50.0
-# Methods whose frozen base may run in 16 bits; the others train in float32 (a bottleneck
-# adapter or a virtual-token tensor meeting a bf16 activation would need casts everywhere).
-HALF_BASE_METHODS = ("lora", "qlora")
-
-
 @dataclass
 class TrainResult:
     out: Path
@@ -106,46 +101,6 @@ def enable_gradient_checkpointing(model: nn.Module) -> int:
     if not layers:
         raise ConfigError("grad_checkpointing: no decoder layer list (*.layers / *.h) found")
     return len(layers)
-
-
-def load_base(cfg: TrainConfig, device: torch.device) -> nn.Module:
-    """The base model for `cfg.method`. qlora: streamed from the checkpoint straight into NF4
-    (QLoRA's point: the 16/32-bit base never exists in memory; embeddings, norms and lm_head in
-    the compute dtype). lora: the frozen base in --dtype. Other methods: float32."""
-    from lorafleet.models import load_model
-    method = cfg.method.method
-    requested = parse_dtype(cfg.dtype, "dtype")
-    if method not in HALF_BASE_METHODS:
-        if requested not in (AUTO, torch.float32):
-            raise ConfigError(f"--dtype {cfg.dtype}: only lora and qlora train over a 16-bit "
-                              f"base; --method {method} trains in float32 (use --bf16 for "
-                              "bf16 autocast)")
-        return load_model(cfg.model, dtype=torch.float32, device=device)
-    # qlora: auto computes in bf16 wherever the device does (QLoRA's compute dtype), whatever
-    # the checkpoint declares; lora: the checkpoint's dtype (reduced precision is a choice).
-    dtype = resolve_dtype(requested, cfg.model, device, prefer_half=method == "qlora",
-                          field="--dtype")
-    if not device_computes(dtype, device):
-        name = str(dtype).removeprefix("torch.")
-        # bf16 on a CPU without bf16 instructions runs (emulated, slowly); fp16 on CPU and a
-        # GPU without bf16 support are refused before any work.
-        if not (device.type == "cpu" and dtype == torch.bfloat16):
-            raise ConfigError(f"--dtype {cfg.dtype}: {device} does not compute {name} "
-                              "matmuls; use --dtype auto or float32")
-        logger.warning("--dtype %s: this CPU has no bf16 instructions; bf16 matmuls are "
-                       "emulated and slower than float32", cfg.dtype)
-    if method == "qlora":
-        from lorafleet.quant import load_quantized_model
-        return load_quantized_model(cfg.model, dtype=dtype, device=device, skip=OUTPUT_HEADS)
-    return load_model(cfg.model, dtype=dtype, device=device)
-
-
-def trainable_in_float32(model: nn.Module) -> None:
-    """Trained weights in float32 over any base dtype (as PEFT and QLoRA do): AdamW's small
-    updates would round away in bf16."""
-    for p in model.parameters():
-        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
-            p.data = p.data.float()
 
 
 @torch.no_grad()
