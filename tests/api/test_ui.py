@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -242,6 +243,30 @@ def test_browser_compare_streams_what_the_completions_api_answers(browser, serve
     assert len({c["text"] for c in columns}) > 1
 
 
+def test_browser_chat_compare_equals_the_chat_api(browser, server, client):
+    open_with_key(browser, server, "sk-alpha")
+    browser.find_element("css selector", "input[name=mode][value=chat]").click()
+    assert js(browser, "return document.querySelector('#system').hidden") is False
+    for field, value in (("system", "Answer briefly."), ("prompt", PROMPT),
+                         ("temperature", "0"), ("max-tokens", "6")):
+        element = browser.find_element("id", field)
+        element.clear()
+        element.send_keys(value)
+    browser.find_element("id", "run").click()
+    wait_for(lambda: js(browser, "return document.querySelector('#columns').dataset.state") == "done",
+             what="the chat comparison")
+    texts = dict(js(browser, """return [...document.querySelectorAll('#columns .column')]
+        .map(c => [c.dataset.model, c.querySelector('.output').textContent])"""))
+    assert list(texts) == ["base", "alpha"]        # the key's models, all ticked by default
+    messages = [{"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": PROMPT}]
+    alpha_client = client.with_options(api_key="sk-alpha")
+    for model, text in texts.items():
+        answer = alpha_client.chat.completions.create(model=model, messages=messages,
+                                                      max_tokens=6, temperature=0)
+        assert text == answer.choices[0].message.content
+
+
 def test_browser_shows_api_errors_as_they_come(browser, server):
     browser.get(f"{server.url}/ui/")
     js(browser, "sessionStorage.clear()")
@@ -312,17 +337,39 @@ def test_browser_dashboard_and_keyboard(browser, server, client):
     # Every chart whose keys the engine reports is drawn, with its latest values in the legend.
     wait_for(lambda: js(browser, "return document.querySelectorAll('.chart:not([hidden]) .legend li').length") >= 4,
              what="the charts")
-    legend = js(browser, "return [...document.querySelectorAll('#chart-pages .legend li')].map(l => l.textContent)")
-    assert any(item.startswith("free: ") for item in legend)
+    legend = js(browser, """return Object.fromEntries([...document.querySelectorAll(
+        '#chart-pages .legend li')].map(l => [l.dataset.series, l.textContent]))""")
+    assert legend["adapters"] == f"adapters: {api['pages_adapter']:,}"
+    assert legend["KV cache"] == f"KV cache: {api['pages_kv']:,}"
     blank = js(browser, """const c = document.querySelector('#chart-pages canvas');
         const b = document.createElement('canvas'); b.width = c.width; b.height = c.height;
         return c.toDataURL() === b.toDataURL();""")
     assert not blank
 
 
+def send_traffic(client, seconds: float, clients: int = 4) -> None:
+    """Completions from `clients` threads to the base and the adapters for `seconds`."""
+    deadline = time.monotonic() + seconds
+
+    def loop(i):
+        models = ["base", "alpha", "beta", "gamma"]
+        while time.monotonic() < deadline:
+            client.completions.create(model=models[i % 4], prompt=PROMPT, max_tokens=24,
+                                      extra_body={"ignore_eos": True})
+            i += 1
+            time.sleep(0.2 * (i % 3))
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 PHONE = {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True}
 
 
+@pytest.mark.slow
 def test_browser_screenshots_desktop_and_phone(browser, server, client, tmp_path):
     """Every view at laptop and phone width (written to LORAFLEET_SCREENSHOTS when set); on a
     phone nothing may overflow the viewport sideways."""
@@ -347,9 +394,10 @@ def test_browser_screenshots_desktop_and_phone(browser, server, client, tmp_path
                 wait_for(lambda: js(browser, "return !document.querySelector('#inspect').hidden"),
                          what="inspect")
             if view == "dashboard":
-                for _ in range(3):
-                    client.completions.create(model="beta", prompt=PROMPT, max_tokens=8)
-                    time.sleep(0.6)
+                # For the docs, a while of traffic from a few clients; a glimpse otherwise.
+                traffic_s = 20 if os.environ.get("LORAFLEET_SCREENSHOTS") else 1.5
+                browser.find_element("css selector", "#poll-interval option[value='500']").click()
+                send_traffic(client, traffic_s)
             js(browser, "window.scrollTo(0, 0)")
             overflow = js(browser, "return document.documentElement.scrollWidth - window.innerWidth")
             assert overflow <= 1, f"{view} on {device}: {overflow}px wider than the screen"

@@ -5,6 +5,7 @@
 
 const KEY_STORAGE = "lorafleet.apiKey";
 const HISTORY = 300;            // dashboard samples kept (5 min at the default 1 s)
+const WINDOW_S = 60;            // the shortest time axis the charts draw
 const state = { models: [], baseModel: null, adapters: null, canManage: false,
                 running: [], history: [], pollTimer: null, lastStats: null };
 
@@ -313,14 +314,16 @@ function renderAdapters() {
     const tier = a.loading ? "loading" : a.tier;
     return el("tr", { "data-adapter": a.id },
       el("th", { scope: "row", text: a.id }),
-      el("td", {}, el("span", { class: `tier tier-${tier}`, text: tier + (a.registered ? "" : " (not read yet)") })),
-      el("td", { class: "num", text: a.rank === null ? "–" :
+      // data-label: the column's name, shown beside the value where rows become cards (phone).
+      el("td", { "data-label": "Tier" }, el("span", { class: `tier tier-${tier}`,
+         text: tier + (a.registered ? "" : " (not read yet)") })),
+      el("td", { class: "num", "data-label": "Rank", text: a.rank === null ? "–" :
                  (a.ranks.length > 1 ? `${a.rank} (${a.ranks.join(", ")})` : String(a.rank)) }),
-      el("td", { text: a.targets.length ? a.targets.join(", ") : "–" }),
-      el("td", { class: "num", text: formatBytes(a.size_bytes) }),
-      el("td", { class: "num", text: String(a.in_use) }),
-      el("td", { text: formatAgo(a.last_used) }),
-      el("td", {}, actions));
+      el("td", { "data-label": "Targets", text: a.targets.length ? a.targets.join(", ") : "–" }),
+      el("td", { class: "num", "data-label": "Size in pool", text: formatBytes(a.size_bytes) }),
+      el("td", { class: "num", "data-label": "In use", text: String(a.in_use) }),
+      el("td", { "data-label": "Last used", text: formatAgo(a.last_used) }),
+      el("td", { "data-label": "Actions" }, actions));
   }));
   const total = (state.adapters || []).length;
   $("#adapter-count").textContent = filter ? `${rows.length} of ${total} adapters` : `${total} adapters`;
@@ -379,8 +382,7 @@ async function unloadAdapter(name, button) {
 const CHARTS = [
   { id: "pages", title: "Pool pages", unit: "pages", series: [
     { label: "KV cache", color: "#0b5cad", value: (s) => s.engine.pages_kv },
-    { label: "adapters", color: "#b35900", value: (s) => s.engine.pages_adapter },
-    { label: "free", color: "#8c959f", value: (s) => s.engine.pages_free } ] },
+    { label: "adapters", color: "#b35900", value: (s) => s.engine.pages_adapter } ] },
   { id: "requests", title: "Requests", unit: "requests", series: [
     { label: "running", color: "#1a7f37", value: (s) => s.engine.running },
     { label: "queued", color: "#cf222e", value: (s) => s.engine.queue_depth } ] },
@@ -462,11 +464,11 @@ function drawChart(canvas, series, ink, gridColor) {
     ctx.beginPath(); ctx.moveTo(left, y); ctx.lineTo(right, y); ctx.stroke();
     ctx.fillText(formatNumber(top * fraction), 2, y + 4);
   }
-  const seconds = state.history.length > 1 ? state.history.at(-1).time - state.history[0].time : 0;
-  ctx.fillText(`last ${Math.round(seconds)} s`, left, height - 3);
-  const n = state.history.length;
-  // Newest sample at the right edge; the axis spans the HISTORY samples kept.
-  const x = (i) => right - ((n - 1 - i) / (HISTORY - 1)) * (right - left);
+  // Time runs left to right, the newest sample at the right edge, over at least a minute.
+  const newest = state.history.length ? state.history.at(-1).time : 0;
+  const span = Math.max(WINDOW_S, newest - (state.history.length ? state.history[0].time : 0));
+  ctx.fillText(`last ${Math.round(span)} s`, left, height - 3);
+  const x = (i) => right - ((newest - state.history[i].time) / span) * (right - left);
   for (const s of series) {
     ctx.strokeStyle = s.color;
     ctx.lineWidth = 2;
