@@ -21,7 +21,7 @@ def test_defaults_match_peft():
     ("target_modules", 5), ("target_modules", []), ("exclude_modules", [1]),
     ("layers_to_transform", [-1]), ("layers_to_transform", "0"), ("layers_pattern", 3),
     ("rank_pattern", {"q_proj": 0}), ("alpha_pattern", ["x"]), ("use_rslora", "yes"),
-    ("bias", "some"), ("init_lora_weights", "pissa"), ("modules_to_save", "lm_head"),
+    ("bias", "some"), ("init_lora_weights", "corda"), ("init_lora_weights", "pissa_niter_0"), ("modules_to_save", "lm_head"),
 ])
 def test_validation_names_the_field(field, value):
     with pytest.raises(ConfigError, match=field):

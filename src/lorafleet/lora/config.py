@@ -1,8 +1,9 @@
 """`LoraConfig`: what to adapt and how, with the field names of PEFT's `adapter_config.json`.
 
 The config is the one thing a PEFT adapter folder and a lorafleet run share, so the names,
-defaults and meanings are PEFT's (peft 0.21 `LoraConfig`); only the LoRA variant the LoRA paper
-describes (plus rsLoRA) is supported, and PEFT options that would change the math (DoRA, LoRA
+defaults and meanings are PEFT's (peft 0.21 `LoraConfig`); the LoRA variant the LoRA paper
+describes, rsLoRA, DoRA (`use_dora`) and the initializations of `INIT_METHODS` are supported;
+PEFT options that would change the math (DoRA, LoRA
 bias, layer replication...) are refused rather than silently ignored.
 """
 from __future__ import annotations
@@ -31,12 +32,12 @@ _IGNORED_PEFT_KEYS = {
     "megatron_config", "megatron_core", "eva_config", "corda_config", "qalora_group_size",
     "use_qalora", "target_parameters", "layer_replication", "trainable_token_indices",
     "alora_invocation_tokens", "arrow_config", "ensure_weight_tying", "lora_ga_config",
-    "monteclora_config", "kasa_config", "velora_config", "use_bdlora", "use_dora", "lora_bias",
+    "monteclora_config", "kasa_config", "velora_config", "use_bdlora", "lora_bias",
     "modules_to_tie",
 }
 # PEFT options that change the forward math; a non-default value cannot be honoured.
 _UNSUPPORTED_IF_SET = {
-    "use_dora": False, "lora_bias": False, "layer_replication": None, "target_parameters": None,
+    "lora_bias": False, "layer_replication": None, "target_parameters": None,
     "trainable_token_indices": None, "use_qalora": False, "alora_invocation_tokens": None,
     "arrow_config": None, "use_bdlora": None,
 }
@@ -66,6 +67,7 @@ class LoraConfig:
     fan_in_fan_out: bool = False
     bias: str = "none"
     init_lora_weights: bool | str = True
+    use_dora: bool = False
     modules_to_save: list[str] | None = None
     base_model_name_or_path: str | None = None
     task_type: str | None = None
@@ -100,15 +102,16 @@ class LoraConfig:
                 raise ConfigError(f"{name}: expected a dict {{pattern: value}}, found {pattern!r}")
             for key, value in pattern.items():
                 check(f"{name}[{key!r}]", value)
-        for name in ("use_rslora", "fan_in_fan_out"):
+        for name in ("use_rslora", "fan_in_fan_out", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: expected true/false, found {getattr(self, name)!r}")
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias: expected one of {BIAS_MODES}, found {self.bias!r}")
         init = self.init_lora_weights
-        if not (isinstance(init, bool) or (isinstance(init, str) and init.lower() == "gaussian")):
-            raise ConfigError("init_lora_weights: expected true, false or \"gaussian\" (other PEFT "
-                              f"initialisations are not supported), found {init!r}")
+        if not (isinstance(init, bool) or (isinstance(init, str) and is_init_method(init))):
+            raise ConfigError(f"init_lora_weights: expected true, false or one of {INIT_METHODS} "
+                              f"(pissa_niter_N with N > 0; other PEFT initialisations are not "
+                              f"supported), found {init!r}")
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str) or not all(
                     isinstance(m, str) for m in self.modules_to_save):
@@ -179,9 +182,20 @@ class LoraConfig:
         data = asdict(self)
         if isinstance(self.target_modules, list):
             data["target_modules"] = sorted(set(self.target_modules))
-        data.update(peft_type="LORA", inference_mode=True, use_dora=False, lora_bias=False,
+        data.update(peft_type="LORA", inference_mode=True, lora_bias=False,
                     layer_replication=None, revision=None)
         return data
+
+
+INIT_METHODS = ("gaussian", "pissa", "pissa_niter_N", "olora", "loftq")
+
+
+def is_init_method(init: str) -> bool:
+    """An `init_lora_weights` string PEFT defines and lorafleet implements (lora/init.py)."""
+    if init.lower() == "gaussian" or init in ("pissa", "olora", "loftq"):
+        return True
+    match = re.fullmatch(r"pissa_niter_(\d+)", init)
+    return match is not None and int(match[1]) > 0
 
 
 def pattern_key(patterns: Sequence[str], name: str) -> str | None:

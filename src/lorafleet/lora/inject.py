@@ -165,7 +165,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
                         "[in, out]" if layer.fan_in_fan_out else "[out, in]")
         layer.add_adapter(adapter_name, target.r, target.alpha,
                           config.scaling(target.r, target.alpha), config.lora_dropout,
-                          config.init_lora_weights)
+                          config.init_lora_weights, use_dora=config.use_dora)
         if layer is not module:
             replace_submodule(model, target.name, layer)
         adapted.append(layer)
@@ -209,7 +209,8 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
 
 def _adapter_params(layer: LoraLayer, name: str) -> list[nn.Parameter]:
     if isinstance(layer, LoraLinear):
-        return [layer.lora_A[name].weight, layer.lora_B[name].weight]
+        return [layer.lora_A[name].weight, layer.lora_B[name].weight] + (
+            [layer.lora_magnitude_vector[name]] if layer.is_dora(name) else [])
     return [layer.lora_embedding_A[name], layer.lora_embedding_B[name]]
 
 

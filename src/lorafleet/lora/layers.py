@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorafleet.errors import AdapterError, ShapeError
+from lorafleet.lora import dora
 from lorafleet.models.modules import is_conv1d, linear_features
 
 
@@ -69,6 +70,9 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         # Per-row adapter names for models that call `module(x)` (set by `row_adapters`).
         self.row_adapters: list[str | None] | None = None
+        self.disabled = False    # inside `disable_adapter()`: the base alone
+
+    _adapter_tables: tuple[str, ...] = ()   # per-adapter ModuleDicts / ParameterDicts
 
     @property
     def adapter_names(self) -> list[str]:
@@ -83,10 +87,14 @@ class LoraLayer(nn.Module):
         if lora is None:
             lora = self.row_adapters
         result = self.base_layer(x)
+        if self.disabled:
+            return result
         if lora is None or isinstance(lora, str):
-            name = self.active_adapter if lora is None else lora
-            if name in self.r and name not in self.merged_adapters:
-                result = result + self.delta(x, name).to(result.dtype)
+            names = self.active_adapters if lora is None else [lora]
+            for name in names:    # several active adapters: their updates add (as in PEFT,
+                # a DoRA adapter rescales the output so far)
+                if name in self.r and name not in self.merged_adapters:
+                    result = result + self.update(x, name, result).to(result.dtype)
             return result
         if len(lora) != x.shape[0]:
             raise ShapeError(f"per-row adapters: expected one name per row ({x.shape[0]} rows), "
@@ -94,13 +102,45 @@ class LoraLayer(nn.Module):
         if self.merged_adapters:
             raise AdapterError(f"per-row adapters cannot be used while {self.merged_adapters} "
                                "is merged into the base weights; call unmerge() first")
+        base = result
         for name in dict.fromkeys(lora):
             if name is None or name not in self.r:
                 continue  # bare base for these rows, or an adapter that skips this module
             rows = torch.tensor([i for i, n in enumerate(lora) if n == name], device=x.device)
-            update = self.delta(x.index_select(0, rows), name).to(result.dtype)
+            update = self.update(x.index_select(0, rows), name,
+                                 base.index_select(0, rows)).to(result.dtype)
             result = result.index_add(0, rows, update)
         return result
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The active adapter(s) as a list (`set_adapter` takes one name or several)."""
+        active = self.active_adapter
+        if active is None:
+            return []
+        return [active] if isinstance(active, str) else list(active)
+
+    def update(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
+        """What adapter `name` adds to the base output `base_out` of input x (plain LoRA: the
+        low-rank delta; DoRA also rescales the base output, see LoraLinear)."""
+        return self.delta(x, name)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter `name` from this layer (PEFT's `delete_adapter`)."""
+        if name in self.merged_adapters:
+            raise AdapterError(f"cannot delete adapter {name!r}: it is merged into the base "
+                               "weights; unmerge() first")
+        for table in (self.r, self.lora_alpha, self.scaling):
+            table.pop(name, None)
+        for attr in self._adapter_tables:
+            table = getattr(self, attr)
+            if name in table:
+                del table[name]
+        if isinstance(self.active_adapter, str):
+            if self.active_adapter == name:
+                self.active_adapter = None
+        elif self.active_adapter is not None:
+            self.active_adapter = [n for n in self.active_adapter if n != name] or None
 
     # subclasses: delta(x, name) -> [..., out] and delta_weight(name) in the base weight's layout
     def merge(self, name: str) -> None:
@@ -116,7 +156,10 @@ class LoraLayer(nn.Module):
         """Subtract every merged adapter from the base weight, newest first."""
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            self._add_to_base(-self.delta_weight(name), f"unmerging adapter {name!r}")
+            self._unmerge_one(name)
+
+    def _unmerge_one(self, name: str) -> None:
+        self._add_to_base(-self.delta_weight(name), f"unmerging adapter {name!r}")
 
     @torch.no_grad()
     def _add_to_base(self, delta: torch.Tensor, what: str) -> None:
@@ -136,7 +179,10 @@ class LoraLayer(nn.Module):
 
 
 class LoraLinear(LoraLayer):
-    """LoRA beside a linear-like base layer (nn.Linear, Conv1D, a 4-bit linear)."""
+    """LoRA beside a linear-like base layer (nn.Linear, Conv1D, a 4-bit linear); an adapter may
+    be a DoRA one (`use_dora`: a trainable magnitude per output row, dora.py)."""
+
+    _adapter_tables = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
@@ -150,15 +196,84 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        # DoRA: m [out] per adapter (PEFT's name); the norm each merged DoRA adapter used.
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self._dora_norm: dict[str, torch.Tensor] = {}
 
     def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float = 0.0,
-                    init: bool | str = True) -> None:
+                    init: bool | str = True, use_dora: bool = False) -> None:
         self._record(name, r, alpha, scaling)
         device, dtype = _param_home(self.base_layer)
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_adapter(name, init)
+        if use_dora:
+            self.init_magnitude(name)
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as [out, in] (a 4-bit base dequantizes; Conv1D is transposed)."""
+        weight = self.base_layer.weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    def _lora_weight(self, name: str) -> torch.Tensor:
+        """s B A as [out, in]."""
+        return delta_weight(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+
+    @torch.no_grad()
+    def init_magnitude(self, name: str) -> None:
+        """DoRA's m = ||W0 + s B A||_row (PEFT's init), so the layer starts where LoRA would."""
+        A = self.lora_A[name].weight
+        weight = self.base_weight().to(A.dtype)
+        self.lora_magnitude_vector[name] = nn.Parameter(
+            dora.weight_norm(weight, self._lora_weight(name).to(weight.dtype)))
+
+    def is_dora(self, name: str) -> bool:
+        return name in self.lora_magnitude_vector
+
+    def update(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
+        if not self.is_dora(name):
+            return self.delta(x, name)
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        dropout = self.lora_dropout[name]
+        x = x.to(A.dtype)
+        weight = self.base_weight().to(A.dtype)
+        factor = dora.dora_factor(self.lora_magnitude_vector[name], weight,
+                                  self._lora_weight(name).detach())
+        if isinstance(dropout, nn.Identity) or not self.training:
+            bias = getattr(self.base_layer, "bias", None)
+            base_out = base_out.to(A.dtype)
+            base_out = base_out - bias.to(A.dtype) if bias is not None else base_out
+        else:   # the dropped-out input goes through the base too (PEFT)
+            x = dropout(x)
+            base_out = F.linear(x, weight)
+        return dora.dora_update(base_out, lora_delta(x, A, B, self.scaling[name]), factor)
+
+    def merge(self, name: str) -> None:
+        if not self.is_dora(name) or name in self.merged_adapters:
+            return super().merge(name)
+        if name not in self.r:
+            raise AdapterError(f"cannot merge adapter {name!r}: this layer has {self.adapter_names}")
+        weight = self.base_weight()
+        new, norm = dora.merged_weight(weight, self._lora_weight(name).to(weight.dtype),
+                                       self.lora_magnitude_vector[name])
+        self._dora_norm[name] = norm
+        self._set_base(new, weight, f"merging DoRA adapter {name!r}")
+        self.merged_adapters.append(name)
+
+    def _unmerge_one(self, name: str) -> None:
+        if not self.is_dora(name):
+            return super()._unmerge_one(name)
+        weight = self.base_weight()
+        new = dora.unmerged_weight(weight, self._lora_weight(name), self.lora_magnitude_vector[name],
+                                   self._dora_norm.pop(name))
+        self._set_base(new, weight, f"unmerging DoRA adapter {name!r}")
+
+    def _set_base(self, new: torch.Tensor, old: torch.Tensor, what: str) -> None:
+        """Replace the base weight by `new` ([out, in]) through `_add_to_base` (its checks, and
+        a 4-bit base's requantization)."""
+        delta = (new - old.float()).detach()
+        self._add_to_base(delta.T if self.fan_in_fan_out else delta, what)
 
     @torch.no_grad()
     def reset_adapter(self, name: str, init: bool | str = True) -> None:
@@ -180,7 +295,9 @@ class LoraLinear(LoraLayer):
         return lora_delta(x, A, self.lora_B[name].weight, self.scaling[name])
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        delta = delta_weight(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+        """s B A in the base weight's layout (for DoRA: the low-rank part only; `merge` applies
+        the magnitude)."""
+        delta = self._lora_weight(name)
         return delta.T if self.fan_in_fan_out else delta
 
     def extra_repr(self) -> str:
@@ -189,6 +306,8 @@ class LoraLinear(LoraLayer):
 
 class LoraEmbedding(LoraLayer):
     """LoRA beside an nn.Embedding: A: [r, vocab], B: [dim, r] (PEFT's `lora_embedding_A/B`)."""
+
+    _adapter_tables = ("lora_embedding_A", "lora_embedding_B")
 
     def __init__(self, base_layer: nn.Embedding):
         super().__init__(base_layer)
@@ -199,7 +318,10 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_B = nn.ParameterDict()
 
     def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float = 0.0,
-                    init: bool | str = True) -> None:
+                    init: bool | str = True, use_dora: bool = False) -> None:
+        if use_dora:
+            raise AdapterError(f"adapter {name!r}: use_dora on an Embedding is not supported "
+                               "(DoRA is supported on Linear and Conv1D layers)")
         # PEFT applies no dropout to embedding LoRA (ids cannot be dropped out).
         self._record(name, r, alpha, scaling)
         device, dtype = _param_home(self.base_layer)

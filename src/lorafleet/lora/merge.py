@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lorafleet.errors import AdapterError, ModelLoadError, ShapeError
+from lorafleet.lora import dora
 from lorafleet.lora.inject import _adapter_params, _replace, lora_layers
 from lorafleet.lora.layers import LoraLayer, ModulesToSave, delta_weight
 
@@ -159,7 +160,7 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str
         if module.embedding:
             delta = delta.T  # embedding tables are [vocab, dim]
         target = _checkpoint_key(module.name + ".weight", keys, adapter_key)
-        updates[target] = (adapter_key, delta, module.embedding)
+        updates[target] = (adapter_key, delta, module.embedding, module.magnitude)
     replace_keys = {_checkpoint_key(n, keys, k): t for n, (k, t) in replacements.items()}
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -169,13 +170,19 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str
         for key in list(shard):
             weight = shard[key]
             if key in updates:
-                adapter_key, delta, embedding = updates[key]
-                delta = delta if embedding else _oriented(delta, tuple(weight.shape),
-                                                          fan_in_fan_out, key)
+                adapter_key, delta_oi, embedding, magnitude = updates[key]
+                delta = delta_oi if embedding else _oriented(delta_oi, tuple(weight.shape),
+                                                             fan_in_fan_out, key)
                 if tuple(delta.shape) != tuple(weight.shape):
                     raise ShapeError(f"{adapter_key}: expected update shape {tuple(weight.shape)} "
                                      f"for {key}, found {tuple(delta.shape)}")
-                new = weight.float() + delta
+                if magnitude is not None:   # DoRA: W' = m * (W0 + dW) / ||W0 + dW||_row
+                    transposed = delta is not delta_oi
+                    base = weight.float().T if transposed else weight.float()
+                    new, _ = dora.merged_weight(base, delta_oi, magnitude)
+                    new = new.T if transposed else new
+                else:
+                    new = weight.float() + delta
                 if not torch.isfinite(new).all():
                     raise AdapterError(f"{adapter_key}: merging gives NaN/Inf in {key}")
                 shard[key] = new.to(weight.dtype)

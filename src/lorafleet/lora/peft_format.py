@@ -5,6 +5,7 @@
                                  base_model.model.<module>.lora_B.weight        [out, r]
                                  base_model.model.<module>.lora_embedding_A     [r, vocab]
                                  base_model.model.<module>.lora_embedding_B     [dim, r]
+                                 base_model.model.<module>.lora_magnitude_vector [out] (use_dora)
                                  base_model.model.<module>.base_layer.bias      (bias="lora_only"/"all")
                                  base_model.model.<module>.<param>              (modules_to_save)
 
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lorafleet.errors import AdapterError, ShapeError
+from lorafleet.errors import AdapterError, ConfigError, ShapeError
 from lorafleet.lora.config import LoraConfig
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ NUMPY_STORAGE = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16"
 MAX_HEADER_BYTES = 100_000_000
 # What follows ".lora_" in a key -> (which half, embedding LoRA).
 _PARTS = {"A.weight": ("A", False), "B.weight": ("B", False), "embedding_A": ("A", True),
-          "embedding_B": ("B", True)}
+          "embedding_B": ("B", True), "magnitude_vector": ("M", False)}
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,12 @@ class LoraModule:
     embedding: bool = False
     A: torch.Tensor | None = None
     B: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None   # DoRA's m [out] (use_dora), else None
+    m_shape: tuple[int] | None = None
+
+    @property
+    def use_dora(self) -> bool:
+        return self.m_shape is not None
 
 
 @dataclass
@@ -254,6 +261,14 @@ def parse_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor | TensorIn
     modules = {}
     for module in sorted(pairs):
         pair, key = pairs[module], PREFIX + module
+        magnitude = pair.pop("M", None)
+        if magnitude is not None and not pair:
+            raise AdapterError(f"{source}: {key}.lora_magnitude_vector without lora_A / lora_B")
+        if (magnitude is not None) != config.use_dora:
+            raise ConfigError(
+                f"{source}: module {module!r}: use_dora={config.use_dora} in the config but the "
+                f"file {'has' if magnitude is not None else 'lacks'} its "
+                f"{key}.lora_magnitude_vector (DoRA adapters carry one per module)")
         if set(pair) != {"A", "B"}:
             (present,) = pair
             missing = pair[present][0].replace(f"lora_{present}", f"lora_{'AB'[present == 'A']}")
@@ -271,10 +286,17 @@ def parse_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor | TensorIn
                                                         if 0 in (a_info.shape[0], b_info.shape[1])
                                                         else ""))
         tensors_given = not isinstance(a, TensorInfo)
+        m_shape = None
+        if magnitude is not None:
+            m_shape = magnitude[1].shape
+            if m_shape != (b_info.shape[0],):
+                raise ShapeError(f"{source}: {key}.lora_magnitude_vector: expected shape "
+                                 f"[{b_info.shape[0]}] (one per output), found {list(m_shape)}")
         modules[module] = LoraModule(
             module, rank, alpha, config.scaling(rank, alpha), a_info.shape, b_info.shape,
             module in embedding_modules, a if tensors_given else None,
-            b if tensors_given else None)
+            b if tensors_given else None,
+            magnitude[2] if magnitude is not None and tensors_given else None, m_shape)
     if not modules:
         raise AdapterError(f"{source}: no LoRA tensors (lora_A / lora_B) found")
     data = {k: t for k, t in tensors.items() if not isinstance(t, TensorInfo)}
@@ -333,6 +355,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default",
             if isinstance(module, LoraLinear):
                 out[f"{PREFIX}{name}.lora_A.weight"] = module.lora_A[adapter_name].weight
                 out[f"{PREFIX}{name}.lora_B.weight"] = module.lora_B[adapter_name].weight
+                if module.is_dora(adapter_name):
+                    out[f"{PREFIX}{name}.lora_magnitude_vector"] = \
+                        module.lora_magnitude_vector[adapter_name]
             elif isinstance(module, LoraEmbedding):
                 out[f"{PREFIX}{name}.lora_embedding_A"] = module.lora_embedding_A[adapter_name]
                 out[f"{PREFIX}{name}.lora_embedding_B"] = module.lora_embedding_B[adapter_name]
@@ -366,6 +391,9 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor],
         if isinstance(module, LoraLinear) and adapter_name in module.r:
             expected[f"{name}.lora_A.weight"] = module.lora_A[adapter_name].weight
             expected[f"{name}.lora_B.weight"] = module.lora_B[adapter_name].weight
+            if module.is_dora(adapter_name):
+                expected[f"{name}.lora_magnitude_vector"] = \
+                    module.lora_magnitude_vector[adapter_name]
         elif isinstance(module, LoraEmbedding) and adapter_name in module.r:
             expected[f"{name}.lora_embedding_A"] = module.lora_embedding_A[adapter_name]
             expected[f"{name}.lora_embedding_B"] = module.lora_embedding_B[adapter_name]
@@ -467,6 +495,7 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
         "r": raw.get("r"),
         "lora_alpha": raw.get("lora_alpha"),
         "use_rslora": bool(raw.get("use_rslora", False)),
+        "use_dora": bool(raw.get("use_dora", False)),
         "rank_pattern": raw.get("rank_pattern") or {},
         "alpha_pattern": raw.get("alpha_pattern") or {},
         "target_modules": raw.get("target_modules"),

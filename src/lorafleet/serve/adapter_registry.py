@@ -91,6 +91,11 @@ def build_spec(name: str, adapter: PeftAdapter, layout: BaseLayout) -> AdapterSp
     """Check a parsed adapter (header-only or with data) against the base and lay it out.
     Raises AdapterError / ShapeError naming the adapter and the module."""
     names = sorted(adapter.modules)
+    if adapter.config.use_dora:
+        # DoRA rescales the base output per row (lora/dora.py); the batched kernels add B A x
+        # only, so serving it here would give wrong outputs.
+        raise AdapterError(f"adapter {name!r}: use_dora=true: DoRA adapters are not served by "
+                           f"the engine yet; merge it into the base (lorafleet merge) to serve it")
     # Before anything else: peft saves an adapted lm_head's base weight too
     # (`lm_head.base_layer.weight`), which would read as an unsupported extra tensor.
     excluded = [m for m in names if m in layout.exclude] + [
