@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -135,6 +136,38 @@ def test_stats_needs_a_key_and_reports_the_engine(server, client):
     assert metrics.status_code == 200 and "lorafleet_" in metrics.text
 
 
+def test_stats_report_the_callers_own_quota(server, client, tokenizer):
+    from lorafleet.api.auth import Grant, key_id
+
+    # A key with limits, added to this module's server only.
+    grant = Grant(frozenset({"alpha"}), key_id("sk-limited"), max_concurrent=2,
+                  tokens_per_minute=6000)
+    keys = server_keys(server)
+    keys.grants["sk-limited"] = grant
+    try:
+        usage = get(server, "/v1/stats", "sk-limited").json()["key"]
+        assert usage == {"key_id": grant.key_id, "max_concurrent": 2, "in_flight": 0,
+                         "tokens_per_minute": 6000, "tokens_available": 6000.0}
+        limited = client.with_options(api_key="sk-limited")
+        start = time.monotonic()
+        limited.completions.create(model="alpha", prompt=PROMPT, max_tokens=4,
+                                   extra_body={"ignore_eos": True})
+        usage = get(server, "/v1/stats", "sk-limited").json()["key"]
+        used = len(tokenizer.encode(PROMPT)) + 4
+        refilled = (time.monotonic() - start) * 6000 / 60
+        assert 6000 - used <= usage["tokens_available"] <= 6000 - used + refilled
+        assert usage["in_flight"] == 0
+        # Another key sees its own (no limits), not this one's.
+        assert get(server, "/v1/stats", "sk-admin").json()["key"]["tokens_per_minute"] is None
+    finally:
+        del keys.grants["sk-limited"]
+
+
+def server_keys(server):
+    """The running app's ApiKeys (uvicorn's config holds the app)."""
+    return server.server.config.app.state.lorafleet.config.api_keys
+
+
 def test_only_admin_keys_may_load(server):
     resp = httpx.post(server.url + "/v1/load_lora_adapter", timeout=30,
                       headers={"Authorization": "Bearer sk-alpha"},
@@ -146,15 +179,21 @@ def test_only_admin_keys_may_load(server):
 
 def browser_problem() -> str | None:
     """Why the browser tests cannot run here, or None."""
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        return "selenium is not installed (pip install -e '.[test]')"
     for path in (CHROMIUM, CHROMEDRIVER):
         if not path.exists():
             return (f"{path} is missing: `make test` installs Debian's chromium and "
                     f"chromium-driver as root; that did not happen here")
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[test]')"
     return None
+
+
+def test_browser_tests_say_why_they_skip(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", tmp_path / "none")
+    problem = browser_problem()
+    assert problem is not None and str(tmp_path / "none") in problem and "make test" in problem
 
 
 @pytest.fixture(scope="module")

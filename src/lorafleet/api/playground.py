@@ -1,6 +1,6 @@
 """The browser playground: GET /ui (static HTML, CSS and JS shipped in the package, no build step
 and nothing fetched from elsewhere: the machines that serve may be offline) and GET /v1/stats,
-the engine's counters as JSON that the live dashboard polls.
+the engine's counters (and the caller's own quota) as JSON, which the live dashboard polls.
 
 The static files hold no data and no secret, so they are served without a key (a browser cannot
 attach an Authorization header to a page load). Everything the page shows comes from the API,
@@ -20,6 +20,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 
 from lorafleet.api.access import authorize
+from lorafleet.api.auth import Grant
+from lorafleet.api.quota import SECONDS_PER_MINUTE, Quotas
 from lorafleet.api.state import ApiError, ServerState
 
 router = APIRouter()
@@ -63,11 +65,28 @@ async def ui_file(name: str = "index.html"):
                     headers=SECURITY_HEADERS)
 
 
-def engine_stats(state: ServerState) -> dict:
+def key_usage(quotas: Quotas, grant: Grant) -> dict:
+    """The caller's own limits (quota.py) and how much of them it is using now; None = no
+    limit. Read only: the bucket's refill is computed, not applied."""
+    usage = {"key_id": grant.key_id, "max_concurrent": grant.max_concurrent,
+             "in_flight": quotas.in_flight.get(grant.key_id, 0) if grant.key_id else 0,
+             "tokens_per_minute": grant.tokens_per_minute, "tokens_available": None}
+    if grant.tokens_per_minute is not None:
+        bucket = quotas.buckets.get(grant.key_id)
+        if bucket is None or bucket.level < 0:          # never used: full
+            usage["tokens_available"] = float(grant.tokens_per_minute)
+        else:
+            refill = (quotas.clock() - bucket.updated) * bucket.per_minute / SECONDS_PER_MINUTE
+            usage["tokens_available"] = min(float(bucket.per_minute), bucket.level + refill)
+    return usage
+
+
+def engine_stats(state: ServerState, grant: Grant) -> dict:
     return {"object": "stats", "time": time.time(),
             "model": state.config.model_name,
             "server": {"outstanding": state.outstanding, "draining": state.draining,
                        "max_queue": state.config.max_queue},
+            "key": key_usage(state.quotas, grant),
             # Whatever the engine reports, as it reports it: the page charts the keys it
             # knows and lists every one.
             "engine": state.engine.stats()}
@@ -76,6 +95,6 @@ def engine_stats(state: ServerState) -> dict:
 @router.get("/v1/stats")
 async def stats(request: Request):
     state: ServerState = request.app.state.lorafleet
-    authorize(request)
+    grant = authorize(request)
     # engine.stats() waits for the engine's lock (held through a step): off the loop.
-    return await asyncio.to_thread(engine_stats, state)
+    return await asyncio.to_thread(engine_stats, state, grant)

@@ -396,6 +396,13 @@ const CHARTS = [
     { label: "loads", color: "#0b5cad", value: (s, p) => rate(s, p, "adapter_loads") },
     { label: "evictions", color: "#cf222e", value: (s, p) => rate(s, p, "cache_evictions") },
     { label: "prefetches", color: "#8c959f", value: (s, p) => rate(s, p, "cache_prefetches") } ] },
+  // Only for a key with limits (keys file: max_concurrent, tokens_per_minute).
+  { id: "quota", title: "This key's quota", unit: "% of limit", series: [
+    { label: "sequences in flight", color: "#0b5cad",
+      value: (s) => s.key && s.key.max_concurrent ? (100 * s.key.in_flight) / s.key.max_concurrent : undefined },
+    { label: "tokens per minute used", color: "#b35900",
+      value: (s) => s.key && s.key.tokens_per_minute
+        ? 100 * (1 - s.key.tokens_available / s.key.tokens_per_minute) : undefined } ] },
 ];
 
 function rate(sample, previous, key) {
@@ -493,6 +500,9 @@ function niceMax(value) {
 function renderStatsTable(sample) {
   const rows = [["time", new Date(sample.time * 1000).toISOString()]];
   for (const [key, value] of Object.entries(sample.server)) rows.push([`server.${key}`, value]);
+  for (const [key, value] of Object.entries(sample.key || {})) {
+    rows.push([`key.${key}`, value !== null ? value : key === "key_id" ? "– (no keys file)" : "no limit"]);
+  }
   for (const [key, value] of Object.entries(sample.engine)) rows.push([key, value]);
   $("#stats-table tbody").replaceChildren(...rows.map(([key, value]) =>
     el("tr", { "data-key": key }, el("th", { scope: "row", text: key }),
