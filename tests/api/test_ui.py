@@ -280,6 +280,21 @@ def test_browser_compare_streams_what_the_completions_api_answers(browser, serve
             assert float(column["rate"]) > 0
     # The adapters differ from the base (random B), so the columns are not all the same.
     assert len({c["text"] for c in columns}) > 1
+    # Every sampling control reaches the request: seeded sampling equals the API's.
+    sampling = {"temperature": 0.9, "top_p": 0.95, "top_k": 20, "seed": 7}
+    for field, value in sampling.items():
+        element = browser.find_element("id", field.replace("_", "-"))
+        element.clear()
+        element.send_keys(str(value))
+    browser.find_element("id", "run").click()
+    wait_for(lambda: js(browser, "return document.querySelector('#columns').dataset.state") == "done",
+             what="the seeded comparison")
+    texts = js(browser, "return [...document.querySelectorAll('#columns .output')].map(o => o.textContent)")
+    answers = [client.completions.create(model=model, prompt=PROMPT, max_tokens=8,
+                                         extra_body={"top_k": 20}, temperature=0.9,
+                                         top_p=0.95, seed=7).choices[0].text
+               for model in chosen]
+    assert texts == answers
 
 
 def test_browser_chat_compare_equals_the_chat_api(browser, server, client):

@@ -166,7 +166,7 @@ function requestBody(model) {
   const number = (id) => { const v = $(id).value; return v === "" ? undefined : Number(v); };
   const body = { model, stream: true, stream_options: { include_usage: true },
                  temperature: number("#temperature"), top_p: number("#top-p"),
-                 max_tokens: number("#max-tokens"), seed: number("#seed") };
+                 top_k: number("#top-k"), max_tokens: number("#max-tokens"), seed: number("#seed") };
   const chat = document.querySelector("input[name=mode]:checked").value === "chat";
   if (chat) {
     const messages = [];
@@ -223,7 +223,8 @@ async function runColumn(column, model, controller) {
                                          body: JSON.stringify(body), signal: controller.signal });
     if (!response.ok) throw await errorFrom(response);
     await readEvents(response, (event) => {
-      if (event.error) throw new ApiError(event.error.code || "stream", event.error.message, event.error.code);
+      // An error after the stream started arrives as an event (the HTTP status was 200).
+      if (event.error) throw new ApiError("in stream", event.error.message, event.error.code);
       if (event.usage) usage = event.usage;
       for (const choice of event.choices || []) {
         const text = choice.text !== undefined ? choice.text : (choice.delta && choice.delta.content) || "";
