@@ -237,12 +237,21 @@ def _check_names(model: nn.Module, names) -> None:
         raise AdapterError(f"unknown adapter(s) {unknown}; this model has {known}")
 
 
-def set_adapter(model: nn.Module, name: str | None) -> None:
-    """Make `name` the active adapter of every LoRA layer (None: the bare base model)."""
-    _check_names(model, [name])
+def set_adapter(model: nn.Module, name: str | Sequence[str] | None) -> None:
+    """Make `name` the active adapter of every LoRA layer (None: the bare base model); a list
+    activates several, whose updates add (PEFT's `set_adapter([...])`)."""
+    names = [name] if name is None or isinstance(name, str) else list(name)
+    _check_names(model, names)
+    several = not (name is None or isinstance(name, str))
     for module in model.modules():
-        if isinstance(module, (LoraLayer, ModulesToSave)):
-            module.active_adapter = name
+        if isinstance(module, LoraLayer):
+            module.active_adapter = names if several else name
+        elif isinstance(module, ModulesToSave):
+            own = [n for n in names if n in module.modules_to_save]
+            if len(own) > 1:   # two trained copies of one module cannot both run (PEFT too)
+                raise AdapterError(f"adapters {own} each keep their own copy of a module "
+                                   "(modules_to_save); they cannot be active together")
+            module.active_adapter = own[0] if own else (None if several else name)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,10 +121,12 @@ def _base_files(base_dir: Path) -> tuple[list[str], dict | None]:
                          + (f" (found {pickled}; safetensors is required)" if pickled else ""))
 
 
-def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
-                     dtype: str | torch.dtype | None = None) -> MergeReport:
-    """Merge a PEFT adapter into a Hugging Face checkpoint folder by tensor-name arithmetic and
+def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path | Sequence[str | Path],
+                     out_dir: str | Path, dtype: str | torch.dtype | None = None,
+                     weights: Sequence[float] | None = None) -> MergeReport:
+    """Merge PEFT adapter(s) into a Hugging Face checkpoint folder by tensor-name arithmetic and
     write a full checkpoint (same sharding, config and tokenizer files copied) to `out_dir`.
+    Several adapters: W = W0 + sum_i weights[i] * s_i B_i A_i (weights default to 1 each).
     `dtype`: output dtype of floating tensors (default: keep the checkpoint's)."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -136,32 +140,53 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str
         dtype = DTYPES[dtype]
     if out_dir.exists() and any(out_dir.iterdir()):
         raise AdapterError(f"{out_dir}: output folder exists and is not empty")
-    adapter = load_peft(adapter_dir)      # refuses non-float and non-finite tensors
+    dirs = [adapter_dir] if isinstance(adapter_dir, (str, Path)) else list(adapter_dir)
+    weights = [1.0] * len(dirs) if weights is None else list(weights)
+    if not dirs or len(weights) != len(dirs):
+        raise AdapterError(f"weights: expected one weight per adapter ({len(dirs)}: "
+                           f"{[str(d) for d in dirs]}), found {len(weights)}")
+    for d, w in zip(dirs, weights):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise AdapterError(f"weights: the weight of adapter {str(d)!r} must be a finite "
+                               f"number, found {w!r}")
+    adapters = [load_peft(d) for d in dirs]   # refuses non-float and non-finite tensors
+    for d, a, w in zip(dirs, adapters, weights):
+        if a.config.use_dora and (len(dirs) > 1 or w != 1):
+            raise AdapterError(f"adapter {str(d)!r}: use_dora=true: a DoRA adapter rescales the "
+                               "merged weight, so it merges alone and with weight 1")
     files, index = _base_files(base_dir)
     model_type = None
     if (base_dir / "config.json").is_file():
         model_type = json.loads((base_dir / "config.json").read_text()).get("model_type")
-    fan_in_fan_out = adapter.config.fan_in_fan_out or model_type in CONV1D_MODEL_TYPES
-
-    # Besides the LoRA pairs, a PEFT file may replace checkpoint tensors outright (biases,
-    # modules_to_save copies); PEFT's copy of an adapted embedding's base weight is skipped.
-    replacements = {key[len(PREFIX):].replace(".base_layer.", "."): (key, adapter.tensors[key])
-                    for key in adapter.extras if not key.endswith(".base_layer.weight")}
 
     with_keys = {}
     for f in files:
         with safe_open(base_dir / f, framework="pt") as handle:
             with_keys.update(dict.fromkeys(handle.keys(), f))
     keys = set(with_keys)
-    updates: dict[str, tuple] = {}  # checkpoint key -> (adapter key, delta, is_embedding)
-    for module in adapter.modules.values():
-        adapter_key = PREFIX + module.name
-        delta = delta_weight(module.A.float(), module.B.float(), module.scaling)
-        if module.embedding:
-            delta = delta.T  # embedding tables are [vocab, dim]
-        target = _checkpoint_key(module.name + ".weight", keys, adapter_key)
-        updates[target] = (adapter_key, delta, module.embedding, module.magnitude)
-    replace_keys = {_checkpoint_key(n, keys, k): t for n, (k, t) in replacements.items()}
+    # checkpoint key -> [(adapter key, delta [out, in], is_embedding, magnitude, fan_in_fan_out)]
+    updates: dict[str, list[tuple]] = {}
+    replace_keys: dict[str, torch.Tensor] = {}
+    for d, adapter, w in zip(dirs, adapters, weights):
+        fan_in_fan_out = adapter.config.fan_in_fan_out or model_type in CONV1D_MODEL_TYPES
+        # Besides the LoRA pairs, a PEFT file may replace checkpoint tensors outright (biases,
+        # modules_to_save copies); PEFT's copy of an adapted embedding's base weight is skipped.
+        for key in adapter.extras:
+            if key.endswith(".base_layer.weight"):
+                continue
+            target = _checkpoint_key(key[len(PREFIX):].replace(".base_layer.", "."), keys, key)
+            if target in replace_keys:
+                raise AdapterError(f"adapter {str(d)!r}: {key} replaces {target}, which another "
+                                   "adapter replaces too; merge them one at a time")
+            replace_keys[target] = adapter.tensors[key]
+        for module in adapter.modules.values():
+            adapter_key = PREFIX + module.name
+            delta = delta_weight(module.A.float(), module.B.float(), module.scaling) * w
+            if module.embedding:
+                delta = delta.T  # embedding tables are [vocab, dim]
+            target = _checkpoint_key(module.name + ".weight", keys, adapter_key)
+            updates.setdefault(target, []).append(
+                (adapter_key, delta, module.embedding, module.magnitude, fan_in_fan_out))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     merged, replaced, total_size = [], [], 0
@@ -170,21 +195,23 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: str
         for key in list(shard):
             weight = shard[key]
             if key in updates:
-                adapter_key, delta_oi, embedding, magnitude = updates[key]
-                delta = delta_oi if embedding else _oriented(delta_oi, tuple(weight.shape),
-                                                             fan_in_fan_out, key)
-                if tuple(delta.shape) != tuple(weight.shape):
-                    raise ShapeError(f"{adapter_key}: expected update shape {tuple(weight.shape)} "
-                                     f"for {key}, found {tuple(delta.shape)}")
-                if magnitude is not None:   # DoRA: W' = m * (W0 + dW) / ||W0 + dW||_row
-                    transposed = delta is not delta_oi
-                    base = weight.float().T if transposed else weight.float()
-                    new, _ = dora.merged_weight(base, delta_oi, magnitude)
-                    new = new.T if transposed else new
-                else:
-                    new = weight.float() + delta
-                if not torch.isfinite(new).all():
-                    raise AdapterError(f"{adapter_key}: merging gives NaN/Inf in {key}")
+                new = weight.float()
+                for adapter_key, delta_oi, embedding, magnitude, fan_in_fan_out in updates[key]:
+                    delta = delta_oi if embedding else _oriented(delta_oi, tuple(weight.shape),
+                                                                 fan_in_fan_out, key)
+                    if tuple(delta.shape) != tuple(weight.shape):
+                        raise ShapeError(f"{adapter_key}: expected update shape "
+                                         f"{tuple(weight.shape)} for {key}, found "
+                                         f"{tuple(delta.shape)}")
+                    if magnitude is not None:   # DoRA: W' = m * (W0 + dW) / ||W0 + dW||_row
+                        transposed = delta is not delta_oi
+                        base = new.T if transposed else new
+                        new, _ = dora.merged_weight(base, delta_oi, magnitude)
+                        new = new.T if transposed else new
+                    else:
+                        new = new + delta
+                    if not torch.isfinite(new).all():
+                        raise AdapterError(f"{adapter_key}: merging gives NaN/Inf in {key}")
                 shard[key] = new.to(weight.dtype)
                 merged.append(key)
             elif key in replace_keys:
