@@ -114,8 +114,10 @@ def wrap(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
         # Every rank built the same model from the same seed, but DDP also broadcasts rank 0's
         # parameters and buffers at construction, so the replicas start identical regardless.
+        # gradient_as_bucket_view: .grad tensors are views into the all-reduce buckets rather
+        # than a second copy of every gradient (for full fine-tuning, the model's size again).
         return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
-                                       else None)
+                                       else None, gradient_as_bucket_view=True)
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
         layers = decoder_layers(model)
@@ -154,21 +156,28 @@ def full_norm(norm: torch.Tensor) -> float:
 
 
 @contextlib.contextmanager
-def unsharded(model: nn.Module, mode: str):
-    """Inside: every parameter of an FSDP-sharded `model` is whole and plain on every rank, so
-    the usual writers (PEFT folder, trainable.safetensors) work; resharded on exit."""
+def gathered_trainable(model: nn.Module, mode: str):
+    """Inside, on the main process, every trained parameter of an FSDP-sharded `model` is a
+    whole plain tensor, so the usual writers (PEFT folder, trainable.safetensors) work; the
+    frozen base stays sharded (gathering it would put a large base whole on every process).
+    Each parameter is all-gathered in turn; the other processes drop their copy at once."""
     if mode != "fsdp":
         yield model
         return
-    from torch.distributed.fsdp import FSDPModule
-    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for module in sharded:
-        module.unshard()
+    swapped = []
+    for module in model.modules():  # the same order on every process: collectives match
+        for name, param in list(module._parameters.items()):
+            if param is None or not param.requires_grad or not hasattr(param, "full_tensor"):
+                continue
+            whole = param.full_tensor()
+            if is_main():
+                module._parameters[name] = nn.Parameter(whole.detach(), requires_grad=True)
+                swapped.append((module, name, param))
     try:
         yield model
     finally:
-        for module in sharded:
-            module.reshard()
+        for module, name, param in swapped:
+            module._parameters[name] = param
 
 
 def cleanup() -> None:

@@ -279,9 +279,23 @@ def save_trained(model: nn.Module, cfg: MethodConfig, state: dict, path: str | P
         # pipeline (STYLE.md rule 1), and the top level is what users call too.
         lorafleet.save_adapter(model, path)
     else:
-        tensors = {k: v.contiguous().clone() for k, v in trainable_state(model).items()}
-        save_file(tensors, str(path / TRAINABLE_FILE))
+        save_file(_unshared(trainable_state(model)), str(path / TRAINABLE_FILE))
     (path / METHOD_FILE).write_text(json.dumps({**asdict(cfg), "state": state}, indent=2))
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors, none sharing storage (safetensors refuses tied weights): a copy
+    only of those that need one, since for full fine-tuning this is the whole model."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.contiguous()
+        if tensor.untyped_storage().data_ptr() in seen or tensor.numel() != \
+                tensor.untyped_storage().nbytes() // tensor.element_size():
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[name] = tensor
+    return out
 
 
 def load_trained(model: nn.Module, path: str | Path) -> nn.Module:

@@ -345,7 +345,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
             log.write({"type": "eval", "step": step, "eval_loss": eval_loss,
                        "perplexity": perplexity(eval_loss)})
         artifact = out / "adapter"
-        with dist.unsharded(trained, mode):  # FSDP: gathered on every rank, written by rank 0
+        with dist.gathered_trainable(trained, mode):  # FSDP: whole on rank 0, which writes
             if dist.is_main():
                 save_trained(trained, cfg.method, method_state, artifact)
         dist.barrier()
