@@ -123,8 +123,9 @@ def _prune(root: Path, keep: int) -> None:
     steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
     for old in steps[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    # Temp folders / pointer files left by a process that crashed mid-save (a resumed run has
-    # another pid, so nothing else would remove them). Only the main process saves: none is live.
+    # Temp folders / pointer files left by a run that crashed mid-save (nothing else would
+    # remove them). Called by the main process after every process finished writing: none is
+    # live.
     for stale in root.glob(".tmp-step-*"):
         shutil.rmtree(stale, ignore_errors=True)
     for stale in root.glob(f".{LATEST}.tmp-*"):

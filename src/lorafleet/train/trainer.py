@@ -193,6 +193,35 @@ class StopFlag:
 
 # ---- the loop ---------------------------------------------------------------------------------
 
+def resume(out: Path, cfg: TrainConfig, mode: str, trained: nn.Module, optimizer, sampler
+           ) -> tuple[int, float]:
+    """Load the latest checkpoint of `out` into this run (every process its own part); returns
+    (step, loss). A checkpoint of another method/targets, process count or --parallel mode is
+    refused with the setting to change."""
+    path = latest_checkpoint(out)
+    ckpt = load_checkpoint(path, dist.rank(), dist.world_size())
+    names = sorted(trainable_state(trained))
+    saved_names = sorted(ckpt.trainable) if ckpt.trainable is not None else ckpt.trainable_names
+    if ckpt.extra.get("method") not in (None, asdict(cfg.method)) \
+            or (saved_names and saved_names != names):
+        raise TrainingError(f"--resume: the checkpoint in {out} does not fit this run's "
+                            f"method/targets ({cfg.method.method}, {cfg.method.targets}); use "
+                            f"the settings of {out / 'train_config.json'}")
+    if mode == "fsdp":
+        load_sharded_state(trained, optimizer, path / SHARDED)
+    elif ckpt.trainable is None:
+        raise TrainingError(f"--resume: {path} holds sharded state; resume with --parallel "
+                            "fsdp under the same torchrun command")
+    else:
+        trained.load_state_dict(ckpt.trainable, strict=False)
+        optimizer.load_state_dict(ckpt.optimizer)
+    sampler.load_state_dict(ckpt.data_position)
+    restore_rng(ckpt.rng)
+    logger.info("resumed from %s (step %d)", path, ckpt.step)
+    return ckpt.step, ckpt.extra.get("loss", float("nan"))
+
+
+
 def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
           callback: Callable[[dict], bool | None] | None = None) -> TrainResult:
     """Train `cfg.method` on `cfg.data` and save the artifact to `cfg.out/adapter`.
@@ -236,30 +265,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
 
     step, loss_value, eval_loss, history = 0, float("nan"), None, []
     if cfg.resume:
-        path = latest_checkpoint(out)
-        ckpt = load_checkpoint(path, rank, world)
-        saved_method = ckpt.extra.get("method")
-        if (saved_method not in (None, run_identity["method"])
-                or (ckpt.trainable_names or trained_names) != trained_names):
-            raise TrainingError(f"--resume: the checkpoint in {out} does not fit this run's "
-                                f"method/targets ({cfg.method.method}, {cfg.method.targets}); "
-                                f"use the settings of {out / 'train_config.json'}")
-        if mode == "fsdp":
-            load_sharded_state(trained, optimizer, path / SHARDED)
-        elif ckpt.trainable is None:
-            raise TrainingError(f"--resume: {path} holds sharded state; resume with "
-                                "--parallel fsdp under the same torchrun command")
-        else:
-            if set(ckpt.trainable) != set(trained_names):
-                raise TrainingError(f"--resume: the checkpoint in {out} does not fit this "
-                                    f"run's method/targets ({cfg.method.method}, "
-                                    f"{cfg.method.targets})")
-            trained.load_state_dict(ckpt.trainable, strict=False)
-            optimizer.load_state_dict(ckpt.optimizer)
-        sampler.load_state_dict(ckpt.data_position)
-        restore_rng(ckpt.rng)
-        step, loss_value = ckpt.step, ckpt.extra.get("loss", float("nan"))
-        logger.info("resumed from %s (step %d)", path, step)
+        step, loss_value = resume(out, cfg, mode, trained, optimizer, sampler)
     elif dist.is_main():
         (out / "train_config.json").write_text(json.dumps(cfg.to_json(), indent=2))
     log = RunLog(out, enabled=dist.is_main())
