@@ -143,3 +143,32 @@ def test_gpt2_qlora_adapter_loads_into_peft_over_bnb_nf4(gpt2_dir, tmp_path, cap
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(IDS[:, :12]), oracle(input_ids=IDS[:, :12]).logits,
                                    rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_trainer_qlora_streams_nf4_and_its_adapter_loads_into_peft(llama_dir, tmp_path):
+    """`train(method="qlora")` builds its base by streaming the checkpoint into NF4 (never a
+    float32 model); the adapter it writes loads into PEFT over bitsandbytes' NF4 base of the
+    same checkpoint and gives the trained model's outputs."""
+    import json
+
+    import peft
+
+    from lorafleet.train import TrainConfig, train
+    from tests.train.conftest import toy_records, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", toy_records(8))
+    result = train(TrainConfig.from_flat(model=str(llama_dir), data=str(data),
+                                         out=str(tmp_path / "run"), method="qlora", steps=6,
+                                         lr=1e-2, batch_size=4, targets="all-linear"))
+    config = json.loads((result.artifact / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and len(config["target_modules"]) == 7
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        oracle = peft.PeftModel.from_pretrained(bnb_nf4_transformers(llama_dir, True),
+                                                result.artifact).eval()
+        base = bnb_nf4_transformers(llama_dir, True)
+    with torch.no_grad():
+        expected = oracle(input_ids=IDS).logits
+        assert (expected - base(input_ids=IDS).logits).abs().max() > 1e-2  # it learned something
+        torch.testing.assert_close(result.model.eval()(IDS), expected, rtol=0, atol=1e-4)
