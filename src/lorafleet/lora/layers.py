@@ -26,6 +26,7 @@ from torch import nn
 
 from lorafleet.errors import AdapterError, ShapeError
 from lorafleet.lora import dora
+from lorafleet.lora.init import init_weights
 from lorafleet.models.modules import is_conv1d, linear_features
 
 
@@ -130,7 +131,7 @@ class LoraLayer(nn.Module):
         if name in self.merged_adapters:
             raise AdapterError(f"cannot delete adapter {name!r}: it is merged into the base "
                                "weights; unmerge() first")
-        for table in (self.r, self.lora_alpha, self.scaling):
+        for table in (self.r, self.lora_alpha, self.scaling, getattr(self, "initial_lora", {})):
             table.pop(name, None)
         for attr in self._adapter_tables:
             table = getattr(self, attr)
@@ -199,6 +200,9 @@ class LoraLinear(LoraLayer):
         # DoRA: m [out] per adapter (PEFT's name); the norm each merged DoRA adapter used.
         self.lora_magnitude_vector = nn.ParameterDict()
         self._dora_norm: dict[str, torch.Tensor] = {}
+        # (A0, B0) of adapters whose init rewrote the base (PiSSA, OLoRA, LoftQ): saving them
+        # as a plain LoRA over the original base needs them (lora/init.py convert_to_lora).
+        self.initial_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float = 0.0,
                     init: bool | str = True, use_dora: bool = False) -> None:
@@ -281,6 +285,8 @@ class LoraLinear(LoraLayer):
         the adapted model starts equal to the base; False keeps nn.Linear's random init for both
         (useful in tests: a non-zero update)."""
         if init is False:
+            return
+        if init_weights(self, name, init):   # pissa / olora: they rewrite the base too
             return
         A = self.lora_A[name].weight
         if isinstance(init, str) and init.lower() == "gaussian":

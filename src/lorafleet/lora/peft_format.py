@@ -446,9 +446,17 @@ def _warn_if_differs(key: str, tensor: torch.Tensor, base: torch.Tensor | None) 
 
 
 # -- the user-facing pair ------------------------------------------------------------------------
-def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> Path:
-    """Write adapter `adapter_name` of `model` as a PEFT folder (`PeftModel.from_pretrained` loads it)."""
+def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default",
+                 path_initial_model_for_weight_conversion: str | Path | None = None,
+                 convert_to_lora: bool = False) -> Path:
+    """Write adapter `adapter_name` of `model` as a PEFT folder (`PeftModel.from_pretrained` loads
+    it). An adapter trained from PiSSA / OLoRA (whose init rewrote the base): with
+    `convert_to_lora` or PEFT's `path_initial_model_for_weight_conversion`, written as the equal
+    plain LoRA of rank 2r over the original base (lora/init.py)."""
     import dataclasses
+
+    if convert_to_lora or path_initial_model_for_weight_conversion is not None:
+        return _save_converted(model, path, adapter_name, path_initial_model_for_weight_conversion)
 
     config = adapter_config(model, adapter_name)
     if config.base_model_name_or_path is None:  # as PEFT does, name the base when it is known
@@ -459,17 +467,49 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     return write_adapter(path, config, adapter_state_dict(model, adapter_name, config.bias))
 
 
-def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> nn.Module:
+def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default",
+                 is_trainable: bool = False) -> nn.Module:
     """Load a PEFT adapter folder into `model` as `adapter_name`, injecting its LoRA layers first
-    (from the folder's config) when the model does not have that adapter yet."""
+    (from the folder's config) when the model does not have that adapter yet. As PEFT's
+    `from_pretrained` / `load_adapter`: frozen unless `is_trainable=True` (then its weights, the
+    biases its config trains and its modules_to_save copies take gradients)."""
+    import dataclasses
+
     from lorafleet.lora.inject import adapter_names, inject_lora
 
     adapter = load_peft(path)
     if adapter_name not in adapter_names(model):
-        inject_lora(model, adapter.config, adapter_name)
+        config = adapter.config
+        if config.init_lora_weights == "loftq":   # the file holds the result; no re-quantizing
+            config = dataclasses.replace(config, init_lora_weights=True)
+        inject_lora(model, config, adapter_name)
+        if not is_trainable:    # inject_lora froze all else and made the adapter trainable
+            model.requires_grad_(False)
     load_adapter_state_dict(model, adapter.tensors, adapter_name)
     log.info("loaded adapter %r from %s (%d tensors)", adapter_name, path, len(adapter.tensors))
     return model
+
+
+def _save_converted(model: nn.Module, path: str | Path, adapter_name: str,
+                    initial_path: str | Path | None) -> Path:
+    """`save_adapter` of a PiSSA / OLoRA-trained adapter as the equal plain LoRA over the original
+    base; A0, B0 from `initial_path` (a folder saved before training, PEFT's way) or else from
+    what the init recorded in the model."""
+    from lorafleet.lora.init import convert_to_lora, initial_tensors
+
+    config = adapter_config(model, adapter_name)
+    if initial_path is not None:
+        initial = load_peft(initial_path).tensors
+    else:
+        initial = initial_tensors(model, adapter_name)
+        if not initial:
+            raise AdapterError(f"adapter {adapter_name!r}: init_lora_weights="
+                               f"{config.init_lora_weights!r} did not change the base, or the "
+                               "initial weights are unknown; nothing to convert (pass the folder "
+                               "saved before training as path_initial_model_for_weight_conversion)")
+    converted, tensors = convert_to_lora(config, adapter_state_dict(model, adapter_name,
+                                                                    config.bias), initial)
+    return write_adapter(path, converted, tensors)
 
 
 def adapter_config(model: nn.Module, adapter_name: str = "default"):

@@ -96,6 +96,13 @@ def build_spec(name: str, adapter: PeftAdapter, layout: BaseLayout) -> AdapterSp
         # only, so serving it here would give wrong outputs.
         raise AdapterError(f"adapter {name!r}: use_dora=true: DoRA adapters are not served by "
                            f"the engine yet; merge it into the base (lorafleet merge) to serve it")
+    init = adapter.config.init_lora_weights
+    if isinstance(init, str) and init.split("_niter_")[0] in ("pissa", "olora", "loftq"):
+        # trained over a residual base the engine does not hold (lora/init.py)
+        raise AdapterError(f"adapter {name!r}: init_lora_weights={init!r}: it was trained over "
+                           f"a rewritten base; save it converted to a plain LoRA over the "
+                           f"original base (save_adapter(..., convert_to_lora=True), or PEFT's "
+                           f"path_initial_model_for_weight_conversion)")
     # Before anything else: peft saves an adapted lm_head's base weight too
     # (`lm_head.base_layer.weight`), which would read as an unsupported extra tensor.
     excluded = [m for m in names if m in layout.exclude] + [
