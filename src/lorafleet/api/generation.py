@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request
 
 from lorafleet.api.access import authorize, resolve_model
 from lorafleet.api.body import parse_body
-from lorafleet.api.job import Job, JobStreamingResponse, token_logprobs
+from lorafleet.api.job import Job, JobStreamingResponse, token_logprobs, token_logprobs_of
 from lorafleet.api.protocol import (ChatChoiceLogprobs, ChatCompletionChoice,
                                     ChatCompletionChunk, ChatCompletionRequest,
                                     ChatCompletionResponse, ChatResponseMessage,
@@ -65,13 +65,46 @@ async def collect_unless_disconnected(request: Request, job: Job) -> None:
 
 # ---- request -> engine inputs ------------------------------------------------------------------
 
-def _sampling_params(body, max_tokens: int, logprobs: bool, top_logprobs: int,
-                     n: int) -> list[SamplingParams]:
-    return [SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                           top_k=body.top_k, seed=None if body.seed is None else body.seed + i,
-                           stop=body.stop, logprobs=logprobs, top_logprobs=top_logprobs,
-                           ignore_eos=body.ignore_eos)
+# Sampling fields a model's generation_config.json may set (used where a request leaves them
+# out, as vLLM's --generation-config auto does).
+DEFAULTABLE = ("temperature", "top_p", "top_k", "repetition_penalty", "min_p")
+
+
+def _sampling_params(state: ServerState, body, max_tokens: int, logprobs: bool,
+                     top_logprobs: int, n: int, prompt_logprobs: int | None = None
+                     ) -> list[SamplingParams]:
+    given = body.model_fields_set
+    defaults = state.config.generation_defaults
+    options = {}
+    for name in DEFAULTABLE:
+        value = getattr(body, name)
+        if (name not in given or value is None) and name in defaults:
+            value = defaults[name]
+        if value is not None:
+            options[name] = value
+    response_format = body.response_format or {}
+    try:
+        return [SamplingParams(
+            max_tokens=max_tokens, seed=None if body.seed is None else body.seed + i,
+            stop=body.stop, logprobs=logprobs, top_logprobs=top_logprobs,
+            ignore_eos=body.ignore_eos, presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0, logit_bias=body.logit_bias,
+            stop_token_ids=body.stop_token_ids or [], min_tokens=min(body.min_tokens or 0,
+                                                                    max_tokens),
+            prompt_logprobs=prompt_logprobs,
+            json_object=response_format.get("type") == "json_object", **options)
             for i in range(n)]
+    except LoraFleetError as exc:   # e.g. a generation_config value out of range
+        raise ApiError(400, str(exc), code="invalid_sampling_params") from exc
+
+
+def _log_request(state: ServerState, job, body) -> None:
+    if state.config.log_requests:
+        p = job.params[0]
+        log.info("request %s: model=%r prompts=%d prompt_tokens=%s n=%d max_tokens=%d "
+                 "temperature=%s top_p=%s top_k=%s stream=%s key=%s", job.id, body.model,
+                 len(job.prompts), [len(x) for x in job.prompts][:8], body.n, p.max_tokens,
+                 p.temperature, p.top_p, p.top_k, body.stream, job.grant.key_id)
 
 
 def _check_lengths(state: ServerState, prompt_ids: list[int], max_tokens: int | None,
@@ -169,30 +202,68 @@ def _chat_logprobs(state, entries, top_n: int) -> ChatChoiceLogprobs:
     return ChatChoiceLogprobs(content=content)
 
 
+def _echo_logprobs(state, prompt_ids: list[int], entries) -> CompletionLogprobs:
+    """The prompt's part of an echoed response's logprobs, as vLLM returns it: the first token
+    has no logprob (null) and no alternatives (null); each other token its logprob under the
+    model given the tokens before it, and the top alternatives."""
+    result = _completion_logprobs(state, [e for e in entries if e is not None], 0)
+    first = _token_text(state, prompt_ids[0])
+    result.tokens.insert(0, first)
+    result.token_logprobs.insert(0, None)
+    result.top_logprobs.insert(0, None)
+    result.text_offset = [0]
+    for token in result.tokens[:-1]:
+        result.text_offset.append(result.text_offset[-1] + len(token))
+    return result
+
+
+def _choice_logprobs(state, job, i: int, echo: str, want: bool) -> CompletionLogprobs | None:
+    if not want:
+        return None
+    c = job.choices[i]
+    completion = _completion_logprobs(state, c.logprobs, len(echo))
+    if not echo:
+        return completion
+    prompt = _echo_logprobs(state, job.prompts[i], token_logprobs_of(c.prompt_logprobs,
+                                                                     job.prompts[i]))
+    for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        getattr(prompt, field).extend(getattr(completion, field))
+    return prompt
+
+
 @router.post("/v1/completions")
 async def completions(request: Request):
     state: ServerState = request.app.state.lorafleet
     grant = authorize(request)
     body = await parse_body(request, CompletionRequest)
     adapter = await resolve_model(state, grant, body.model)
-    prompt_ids = await asyncio.to_thread(_encode_prompt, state, body.prompt)
-    max_tokens = _check_lengths(state, prompt_ids, body.max_tokens, "prompt")
+    prompts = body.prompts()
+    prompt_ids = [await asyncio.to_thread(_encode_prompt, state, p) for p in prompts]
+    max_tokens = [_check_lengths(state, ids, body.max_tokens, "prompt") for ids in prompt_ids]
     want_logprobs = body.logprobs is not None
-    job = Job(state, "completions", adapter, prompt_ids,
-              _sampling_params(body, max_tokens, want_logprobs, body.logprobs or 0, body.n),
-              grant)
-    echo = ""
+    # echo with logprobs: the prompt's tokens get theirs too (lm-eval's loglikelihood)
+    prompt_logprobs = body.logprobs if body.echo and want_logprobs else None
+    params, choice_prompts = [], []
+    for ids, limit in zip(prompt_ids, max_tokens):
+        params += _sampling_params(state, body, limit, want_logprobs, body.logprobs or 0,
+                                   body.n, prompt_logprobs)
+        choice_prompts += [ids] * body.n
+    job = Job(state, "completions", adapter, prompt_ids[0], params, grant,
+              prompts=choice_prompts)
+    echoes = [""] * len(params)
     if body.echo:
-        echo = body.prompt if isinstance(body.prompt, str) else await asyncio.to_thread(
-            state.tokenizer.decode, prompt_ids)
+        texts = [p if isinstance(p, str) else await asyncio.to_thread(state.tokenizer.decode, ids)
+                 for p, ids in zip(prompts, prompt_ids)]
+        echoes = [t for t in texts for _ in range(body.n)]
+    _log_request(state, job, body)
     job.admit()
     if body.stream:
-        return JobStreamingResponse(_stream_completion(state, job, body, echo), job)
+        return JobStreamingResponse(_stream_completion(state, job, body, echoes), job)
     await collect_unless_disconnected(request, job)
     choices = [CompletionChoice(
-        index=i, text=echo + c.text, finish_reason=c.finish_reason,
-        logprobs=_completion_logprobs(state, c.logprobs, len(echo)) if want_logprobs
-        else None) for i, c in enumerate(job.choices)]
+        index=i, text=echoes[i] + c.text, finish_reason=c.finish_reason,
+        logprobs=_choice_logprobs(state, job, i, echoes[i], want_logprobs))
+        for i, c in enumerate(job.choices)]
     return CompletionResponse(id=job.id, model=body.model, choices=choices,
                               usage=job.usage()).model_dump()
 
@@ -207,8 +278,9 @@ async def chat_completions(request: Request):
     requested = body.max_completion_tokens or body.max_tokens
     max_tokens = _check_lengths(state, prompt_ids, requested, "messages")
     job = Job(state, "chat", adapter, prompt_ids,
-              _sampling_params(body, max_tokens, body.logprobs, body.top_logprobs or 0, body.n),
-              grant)
+              _sampling_params(state, body, max_tokens, body.logprobs, body.top_logprobs or 0,
+                               body.n), grant)
+    _log_request(state, job, body)
     job.admit()
     if body.stream:
         return JobStreamingResponse(_stream_chat(state, job, body), job)
@@ -236,14 +308,22 @@ def _stream_error(exc: Exception) -> str:
 
 
 async def _stream_completion(state: ServerState, job: Job, body: CompletionRequest,
-                             echo: str) -> AsyncIterator[str]:
-    offsets = [len(echo)] * len(job.choices)
+                             echoes: list[str]) -> AsyncIterator[str]:
+    offsets = [len(echo) for echo in echoes]
+    echo_logprobs = body.logprobs is not None and body.echo
     try:
-        if echo:
-            for i in range(len(job.choices)):
+        for i, echo in enumerate(echoes):
+            if echo and not echo_logprobs:
                 yield _sse(CompletionChunk(id=job.id, model=body.model,
                                            choices=[CompletionChoice(index=i, text=echo)]))
         async for index, out in job.events():
+            if echo_logprobs and out.prompt_logprobs is not None:
+                # the echoed prompt with its logprobs: they come with the first output
+                prompt = _echo_logprobs(state, job.prompts[index],
+                                        token_logprobs_of(out.prompt_logprobs,
+                                                          job.prompts[index]))
+                yield _sse(CompletionChunk(id=job.id, model=body.model, choices=[
+                    CompletionChoice(index=index, text=echoes[index], logprobs=prompt)]))
             entries = token_logprobs(out)
             logprobs = (_completion_logprobs(state, entries, offsets[index])
                         if body.logprobs is not None else None)

@@ -49,6 +49,7 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[tuple[int, float, dict[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: list | None = None     # the engine's, with params.prompt_logprobs
 
 
 def token_logprobs(out: RequestOutput) -> list[tuple[int, float, dict[int, float]]]:
@@ -58,9 +59,17 @@ def token_logprobs(out: RequestOutput) -> list[tuple[int, float, dict[int, float
     {token_id: logprob} of the most likely tokens and the chosen one (engine.TokenLogprob)."""
     if not out.logprobs:
         return []
+    return token_logprobs_of(out.logprobs, out.new_token_ids)
+
+
+def token_logprobs_of(values, token_ids) -> list:
+    """The same for any list of engine logprobs and their tokens; a None value (the first
+    prompt token's) stays None."""
     entries = []
-    for token_id, value in zip(out.new_token_ids, out.logprobs):
-        if isinstance(value, dict):
+    for token_id, value in zip(token_ids, values or []):
+        if value is None:
+            entries.append(None)
+        elif isinstance(value, dict):
             top = {t: max(float(lp), LOGPROB_FLOOR) for t, lp in value.items()}
             entries.append((token_id, top[token_id], top))
         else:
@@ -97,9 +106,15 @@ class Job:
     """One HTTP generation request: its engine requests, accounting and merged output."""
 
     def __init__(self, state: ServerState, endpoint: Endpoint, adapter: str | None,
-                 prompt_ids: list[int], params: list[SamplingParams], grant: Grant):
+                 prompt_ids: list[int], params: list[SamplingParams], grant: Grant,
+                 prompts: list[list[int]] | None = None):
+        """prompts: each choice's prompt (a completions batch); default prompt_ids for all."""
         self.state, self.endpoint, self.adapter = state, endpoint, adapter
         self.prompt_ids, self.params, self.grant = prompt_ids, params, grant
+        self.prompts = prompts if prompts is not None else [prompt_ids] * len(params)
+        # Each distinct prompt counts once in usage, whatever `n` (OpenAI's and vLLM's usage).
+        self.prompt_tokens = sum(len(p) for i, p in enumerate(self.prompts)
+                                 if i == 0 or p is not self.prompts[i - 1])
         self.id = new_id("cmpl" if endpoint == "completions" else "chatcmpl")
         self.request_ids = [f"{self.id}-{i}" for i in range(len(params))]
         self.choices = [Choice() for _ in params]
@@ -111,7 +126,8 @@ class Job:
         self.closed = False
         self.admitted = False
         # The most tokens the job can use, reserved against the key's tokens_per_minute.
-        self.reserved_tokens = sum(len(prompt_ids) + p.max_tokens for p in params)
+        self.reserved_tokens = sum(len(ids) + p.max_tokens
+                                   for ids, p in zip(self.prompts, params))
 
     def admit(self) -> None:
         """Take queue slots (429 when the queue or the key's share is full) and mark the
@@ -159,19 +175,18 @@ class Job:
             state.in_use.pop(self.adapter, None)
         completion = sum(len(c.token_ids) for c in self.choices)
         if self.grant.key_id is not None:
-            used = len(self.prompt_ids) * len(self.params) + completion
+            used = sum(len(p) for p in self.prompts) + completion
             state.quotas.release(self.grant.key_id, len(self.params),
                                  self.reserved_tokens - used)
-        metrics = state.metrics
-        metrics.requests.labels(self.label, self.endpoint, self.status.value).inc()
-        metrics.prompt_tokens.labels(self.label).inc(len(self.prompt_ids))
-        metrics.completion_tokens.labels(self.label).inc(completion)
-        metrics.latency.labels(self.label).observe(time.perf_counter() - self.started)
+        state.metrics.observe_request(
+            self.label, self.endpoint, self.status.value, self.prompt_tokens, completion,
+            time.perf_counter() - self.started,
+            [c.finish_reason for c in self.choices] if self.status is JobStatus.OK else [])
 
     def usage(self) -> UsageInfo:
         completion = sum(len(c.token_ids) for c in self.choices)
-        return UsageInfo(prompt_tokens=len(self.prompt_ids), completion_tokens=completion,
-                         total_tokens=len(self.prompt_ids) + completion)
+        return UsageInfo(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
+                         total_tokens=self.prompt_tokens + completion)
 
     async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(choice index, RequestOutput) from every choice's stream, as they come. Raises
@@ -182,7 +197,7 @@ class Job:
 
         async def pump(index: int) -> None:
             try:
-                async for out in engine.stream(self.request_ids[index], self.prompt_ids,
+                async for out in engine.stream(self.request_ids[index], self.prompts[index],
                                                self.adapter, self.params[index],
                                                tenant=self.grant.key_id):
                     await queue.put((index, out, None))
@@ -235,10 +250,12 @@ class Job:
         choice = self.choices[index]
         if out.new_token_ids and self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-            self.state.metrics.ttft.labels(self.label).observe(self.first_token_at - self.started)
+            self.state.metrics.observe_ttft(self.label, self.first_token_at - self.started)
         choice.text += out.new_text or ""
         choice.token_ids.extend(out.new_token_ids)
         choice.logprobs.extend(token_logprobs(out))
+        if out.prompt_logprobs is not None:
+            choice.prompt_logprobs = out.prompt_logprobs
         if out.finished:
             choice.finish_reason = out.finish_reason or "stop"
 

@@ -54,6 +54,13 @@ ENGINE_COUNTERS = {
 }
 
 
+# vLLM's names for the same gauges (labelled model_name, as vLLM's Grafana dashboard filters).
+VLLM_GAUGES = {
+    "running": ("vllm:num_requests_running", "Number of requests in model execution batches."),
+    "queue_depth": ("vllm:num_requests_waiting", "Number of requests waiting to be processed."),
+}
+
+
 def flatten_stats(stats: Any, prefix: str = "") -> dict[str, float]:
     """Numbers of a (possibly nested) stats dict or dataclass, keys joined with '_'."""
     if hasattr(stats, "__dataclass_fields__"):
@@ -75,8 +82,9 @@ def flatten_stats(stats: Any, prefix: str = "") -> dict[str, float]:
 class EngineCollector:
     """A custom collector: reads `stats_fn()` on every scrape."""
 
-    def __init__(self, stats_fn: Callable[[], Any]):
+    def __init__(self, stats_fn: Callable[[], Any], model_name: str = "base"):
         self.stats_fn = stats_fn
+        self.model_name = model_name
 
     def collect(self):
         try:
@@ -94,6 +102,18 @@ class EngineCollector:
                     family = GaugeMetricFamily(name + suffix, doc)
                     family.add_metric([], stats[key])
                     yield family
+        for key, (name, doc) in VLLM_GAUGES.items():
+            if key in stats:
+                family = GaugeMetricFamily(name, doc, labels=["model_name"])
+                family.add_metric([self.model_name], stats[key])
+                yield family
+        total, free = stats.get("pages_total"), stats.get("pages_free")
+        if total:       # the unified pool is vLLM's KV cache (adapters share it here)
+            for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):
+                family = GaugeMetricFamily(name, "Fraction of the KV/adapter page pool in use "
+                                           "(1 = full).", labels=["model_name"])
+                family.add_metric([self.model_name], 1.0 - (free or 0) / total)
+                yield family
         every = GaugeMetricFamily("lorafleet_engine_stat", "Every numeric engine.stats() value",
                                   labels=["name"])
         for key, value in sorted(stats.items()):
@@ -102,8 +122,9 @@ class EngineCollector:
 
 
 class ServerMetrics:
-    def __init__(self, stats_fn: Callable[[], Any]):
+    def __init__(self, stats_fn: Callable[[], Any], model_name: str = "base"):
         self.registry = CollectorRegistry()
+        self.model_name = model_name
         self.requests = Counter("lorafleet_requests", "HTTP generation requests",
                                 ["adapter", "endpoint", "status"], registry=self.registry)
         self.prompt_tokens = Counter("lorafleet_prompt_tokens", "Prompt tokens processed",
@@ -124,7 +145,41 @@ class ServerMetrics:
         self.ttft = Histogram("lorafleet_time_to_first_token_seconds",
                               "Time from request to first token", ["adapter"],
                               buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.registry.register(EngineCollector(stats_fn))
+        # The same numbers under vLLM's names, so dashboards built for vLLM work unchanged.
+        self.vllm_prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens "
+                                          "processed.", ["model_name"], registry=self.registry)
+        self.vllm_generation_tokens = Counter("vllm:generation_tokens", "Number of generation "
+                                              "tokens processed.", ["model_name"],
+                                              registry=self.registry)
+        self.vllm_success = Counter("vllm:request_success", "Count of successfully processed "
+                                    "requests.", ["model_name", "finished_reason"],
+                                    registry=self.registry)
+        self.vllm_ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to "
+                                   "first token in seconds.", ["model_name"],
+                                   buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.vllm_e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of end to end "
+                                  "request latency in seconds.", ["model_name"],
+                                  buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(EngineCollector(stats_fn, model_name))
+
+    def observe_ttft(self, label: str, seconds: float) -> None:
+        self.ttft.labels(label).observe(seconds)
+        self.vllm_ttft.labels(self.model_name).observe(seconds)
+
+    def observe_request(self, label: str, endpoint: str, status: str, prompt_tokens: int,
+                        completion_tokens: int, seconds: float,
+                        finish_reasons: list[str | None]) -> None:
+        """One finished HTTP generation request, under both names."""
+        self.requests.labels(label, endpoint, status).inc()
+        self.prompt_tokens.labels(label).inc(prompt_tokens)
+        self.completion_tokens.labels(label).inc(completion_tokens)
+        self.latency.labels(label).observe(seconds)
+        self.vllm_prompt_tokens.labels(self.model_name).inc(prompt_tokens)
+        self.vllm_generation_tokens.labels(self.model_name).inc(completion_tokens)
+        self.vllm_e2e.labels(self.model_name).observe(seconds)
+        for reason in finish_reasons:
+            if reason is not None:
+                self.vllm_success.labels(self.model_name, reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -20,7 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 MAX_N = 128
 MAX_COMPLETION_LOGPROBS = 5
 MAX_TOP_LOGPROBS = 20
-MAX_STOP_SEQUENCES = 4
+# OpenAI allows 4 stop sequences; vLLM has no cap. 64 serves every real use (lm-eval sends a
+# handful) and bounds the per-token stop search.
+MAX_STOP_SEQUENCES = 64
+MAX_STOP_CHARS = 1024
+# Prompts in one completions request (OpenAI's batch form): each is its own engine request.
+MAX_PROMPTS = 256
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1   # OpenAI's and vLLM's range for `seed`
 MAX_PATH_BYTES = 4096                          # PATH_MAX on Linux
 
@@ -33,18 +38,14 @@ def _is_neutral(field: str, value: Any, info: ValidationInfo) -> bool:
     """Whether `value` of an unimplemented field leaves the request's meaning unchanged."""
     if value is None:
         return True
-    if field in ("presence_penalty", "frequency_penalty", "min_p", "min_tokens"):
-        return not isinstance(value, bool) and value == 0
-    if field in ("repetition_penalty", "length_penalty"):
+    if field == "length_penalty":
         return not isinstance(value, bool) and value == 1
-    if field in ("logit_bias", "tools", "functions", "stop_token_ids", "suffix"):
+    if field in ("tools", "functions", "suffix"):
         return value in ({}, [], "")
     if field == "use_beam_search":
         return value is False
     if field in ("tool_choice", "function_call"):
         return value in ("none", "auto")
-    if field == "response_format":
-        return value == {"type": "text"}
     if field == "best_of":
         return not isinstance(value, bool) and value in (1, info.data.get("n", 1))
     if field == "modalities":
@@ -56,6 +57,9 @@ def neutral_only(value: Any, info: ValidationInfo) -> Any:
     """The validator of an unimplemented field: its neutral value passes, any other is refused
     with a message naming the field."""
     if not _is_neutral(info.field_name, value, info):
+        if info.field_name in ("tools", "tool_choice", "functions", "function_call"):
+            raise ValueError(f"{info.field_name}: tool calling is not supported by this server "
+                             f"yet (send the request without tools)")
         raise ValueError(f"{info.field_name}={str(value)[:64]} is not supported by this server "
                          f"(only its neutral value is accepted)")
     return value
@@ -84,14 +88,18 @@ class _Request(BaseModel):
     # (-1 or 0: no limit; a k above the vocabulary is no limit either).
     ignore_eos: bool = False
     top_k: int = Field(default=0, ge=-1, le=INT64_MAX)
-    # Known, not implemented: only their neutral values are accepted (see _is_neutral).
+    # Penalties and filters (OpenAI's and vLLM's meanings; models/sampling.py). None: the
+    # model's generation_config.json value, else the neutral one.
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = None
-    logit_bias: Any = None
-    min_p: float | None = None
-    min_tokens: int | None = None
-    stop_token_ids: Any = None
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=100.0)
+    logit_bias: dict[str, float] | None = None
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    min_tokens: int | None = Field(default=None, ge=0)
+    stop_token_ids: list[int] | None = None
+    # {"type": "text"} or {"type": "json_object"} (constrained decoding: the output parses)
+    response_format: dict[str, Any] | None = None
+    # Known, not implemented: only their neutral values are accepted (see _is_neutral).
     use_beam_search: Any = None
     length_penalty: float | None = None
 
@@ -103,11 +111,42 @@ class _Request(BaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must be non-empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
         return stops
 
-    @field_validator("presence_penalty", "frequency_penalty", "repetition_penalty",
-                     "logit_bias", "min_p", "min_tokens", "stop_token_ids", "use_beam_search",
-                     "length_penalty")
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[int, float] | None:
+        """OpenAI's form: token ids as JSON object keys (strings), biases in [-100, 100]."""
+        if value is None:
+            return None
+        bias = {}
+        for key, b in value.items():
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key[:32]!r}")
+            if not -100 <= b <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {b}")
+            bias[int(key)] = float(b)
+        return bias
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_token_ids(cls, value: list[int] | None) -> list[int] | None:
+        if value and any(t < 0 for t in value):
+            raise ValueError("stop_token_ids must be token ids (>= 0)")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        kind = None if value is None else value.get("type")
+        if value is not None and kind not in ("text", "json_object"):
+            raise ValueError(f"response_format type {str(kind)[:32]!r} is not supported by this "
+                             f"server: use \"text\" or \"json_object\"")
+        return value
+
+    @field_validator("use_beam_search", "length_penalty")
     @classmethod
     def _neutral_only(cls, value, info: ValidationInfo):
         return neutral_only(value, info)
@@ -124,16 +163,22 @@ class CompletionRequest(_Request):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value):
-        # A batch of prompts is a list of strings or of token lists; we serve one prompt per
-        # request (clients send several requests), so say so instead of guessing.
-        if isinstance(value, list) and value and not isinstance(value[0], int):
-            if len(value) != 1:
-                raise ValueError("one prompt per request (a string or a list of token ids)")
-            value = value[0]
+    def _prompts(cls, value):
         if isinstance(value, list) and not value:
             raise ValueError("prompt must not be empty")
+        if isinstance(value, list) and not isinstance(value[0], int):
+            # a batch: a list of strings or of token lists, each its own set of choices
+            if len(value) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(value)}")
+            if any(isinstance(p, list) and not p for p in value):
+                raise ValueError("prompt must not contain an empty token list")
         return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts: one, or the batch."""
+        if isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int):
+            return list(self.prompt)
+        return [self.prompt]
 
     @field_validator("best_of", "suffix")
     @classmethod
@@ -174,7 +219,6 @@ class ChatCompletionRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -188,8 +232,7 @@ class ChatCompletionRequest(_Request):
             raise ValueError("top_logprobs needs logprobs: true")
         return value
 
-    @field_validator("response_format", "tools", "tool_choice", "functions", "function_call",
-                     "modalities")
+    @field_validator("tools", "tool_choice", "functions", "function_call", "modalities")
     @classmethod
     def _chat_neutral_only(cls, value, info: ValidationInfo):
         return neutral_only(value, info)

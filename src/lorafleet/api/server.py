@@ -17,7 +17,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException
 
-from lorafleet.api import adapter_info, admin, generation, info, playground
+from lorafleet.api import adapter_info, admin, generation, info, playground, tokens
 from lorafleet.api.metrics import ServerMetrics
 from lorafleet.api.state import ApiError, ServerConfig, ServerState
 from lorafleet.serve import AsyncEngine, Engine
@@ -43,7 +43,8 @@ def create_app(engine: Engine | AsyncEngine, tokenizer, config: ServerConfig | N
         # Requests may name any adapter folder of the dir (resolved on demand, access.py).
         # (`lorafleet serve` attaches it before its --adapter registrations, which then win.)
         engine.register_store(config.adapter_dir, lazy=True)
-    state = ServerState(engine, async_engine, tokenizer, config, ServerMetrics(async_engine.stats))
+    metrics = ServerMetrics(async_engine.stats, config.model_name)
+    state = ServerState(engine, async_engine, tokenizer, config, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -83,6 +84,6 @@ def create_app(engine: Engine | AsyncEngine, tokenizer, config: ServerConfig | N
         return ApiError(500, f"internal error: {type(exc).__name__}", type_="server_error",
                         code="internal_error").response()
 
-    for module in (generation, admin, info, adapter_info, playground):
+    for module in (generation, admin, info, adapter_info, playground, tokens):
         app.include_router(module.router)
     return app

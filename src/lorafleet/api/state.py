@@ -50,6 +50,12 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_json_depth: int = DEFAULT_MAX_JSON_DEPTH
     max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
+    # Log each generation request at INFO (id, model, token counts, sampling options; never
+    # the prompt text): `--enable-log-requests`.
+    log_requests: bool = False
+    # Sampling defaults from the model's generation_config.json (temperature, top_p, top_k,
+    # repetition_penalty, min_p): used where a request leaves the field out.
+    generation_defaults: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.max_model_len is not None and self.max_model_len < 2:
@@ -72,6 +78,28 @@ class ServerConfig:
         if self.vocab_size is None:
             model_config = getattr(getattr(engine, "model", None), "config", None)
             self.vocab_size = getattr(model_config, "vocab_size", None)
+
+
+# generation_config.json keys that become request defaults (vLLM's --generation-config auto).
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "min_p")
+
+
+def read_generation_defaults(model_dir: str | Path) -> dict:
+    """The sampling defaults a checkpoint's generation_config.json sets ({} without one)."""
+    import json
+    import logging
+
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        logging.getLogger(__name__).warning("ignoring %s: %s", path, exc)
+        return {}
+    return {k: raw[k] for k in GENERATION_DEFAULT_KEYS
+            if isinstance(raw, dict) and isinstance(raw.get(k), (int, float))
+            and not isinstance(raw.get(k), bool)}
 
 
 class ApiError(Exception):

@@ -1,11 +1,14 @@
 """`lorafleet`: one command, a subcommand per job. Parse, call the library, render.
 
 Each job lives in its own module under `lorafleet.cli` exposing `add_parser(subparsers)`;
-the module's parser sets `func` to the function that runs it.
+the module's parser sets `func` to the function that runs it. Global flags (`-v`) may come
+before or after the job's name; `--config FILE` of a job (config_file.py) sets its defaults,
+which the command line overrides; an unknown flag is answered with the closest known one.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import sys
@@ -19,13 +22,46 @@ COMMANDS = [
 ]
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose "unrecognized arguments" error names the closest known flag."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments:"):
+            message += suggestions(self, message.split(":", 1)[1].split())
+        super().error(message)
+
+
+def option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    return [s for action in parser._actions for s in action.option_strings]
+
+
+def suggestions(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """'; did you mean --x?' for each unknown flag with a close known one (difflib)."""
+    known = option_strings(parser)
+    hints = []
+    for arg in unknown:
+        flag = arg.split("=", 1)[0]
+        if not flag.startswith("-"):
+            continue
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        if close:
+            hints.append(f"{flag} -> did you mean {close[0]}?")
+    return ("; " + "; ".join(hints)) if hints else ""
+
+
+def _version() -> str:
+    from lorafleet import __version__
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lorafleet",
         description="Low-rank adaptation of LLMs: train adapters (LoRA, QLoRA), keep them in "
                     "PEFT format, merge them, and serve thousands at once over one base model.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    subparsers = parser.add_subparsers(dest="command", metavar="JOB")
+    parser.add_argument("--version", action="version", version=f"lorafleet {_version()}")
+    subparsers = parser.add_subparsers(dest="command", metavar="JOB", parser_class=Parser)
     for name in COMMANDS:
         try:
             module = importlib.import_module(f"lorafleet.cli.{name}")
@@ -34,12 +70,33 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # job not built yet
             raise
         module.add_parser(subparsers)
+    parser.jobs = subparsers.choices          # name -> the job's parser
+    for sub in subparsers.choices.values():
+        # Global flags after the job's name too (`lorafleet serve ... -v`). SUPPRESS: a job's
+        # namespace would otherwise reset the value given before the job's name.
+        known = set(option_strings(sub))
+        flags = [f for f in ("-v", "--verbose") if f not in known]
+        if flags:
+            sub.add_argument(*flags, dest="verbose", action="store_true",
+                             default=argparse.SUPPRESS, help="debug logging")
+        if "--version" not in known:
+            sub.add_argument("--version", action="version", version=f"lorafleet {_version()}")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lorafleet.cli.config_file import apply_config_file
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        apply_config_file(parser, argv)
+    except LoraFleetError as exc:
+        parser.error(str(exc))
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:     # the job's own parser says it: its usage, its flags as suggestions
+        parser.jobs.get(getattr(args, "command", None), parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(message)s")
     if not getattr(args, "func", None):

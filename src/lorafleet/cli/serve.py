@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -18,6 +20,9 @@ log = logging.getLogger("lorafleet.serve")
 EXAMPLES = """\
 examples:
   lorafleet serve --model ./tiny-llama --adapter sql=runs/sql/adapter
+  lorafleet serve --model ./llama --enable-lora --lora-modules sql=./sql support=./support \\
+      --max-loras 4 --api-key sk-admin          # vLLM's spellings
+  lorafleet serve --config serve.yaml --port 9000   # file values, the command line overrides
   lorafleet serve --model ./llama --quantize nf4 --adapter-dir ./adapters \\
       --api-keys keys.json --port 8000
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
@@ -35,12 +40,25 @@ def add_parser(subparsers) -> None:
                     "/v1/models, run-time adapter loading, /metrics) over one base model; the "
                     "request's `model` field picks an adapter.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="YAML, TOML or JSON file of these flags "
+                   "(`max-loras: 4`); the command line overrides it")
     p.add_argument("--model", required=True, help="base model folder (config.json, "
                    "safetensors, tokenizer.json)")
     p.add_argument("--served-model-name", help="the id clients use for the bare base model "
                    "(default: the model folder's name)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="register a PEFT adapter folder at start-up (repeatable)")
+    p.add_argument("--lora-modules", nargs="+", action="extend", default=[],
+                   metavar="NAME=DIR|JSON",
+                   help="vLLM's spelling of --adapter: NAME=DIR, or JSON {\"name\": ..., "
+                        "\"path\": ..., \"base_model_name\": ...}")
+    p.add_argument("--enable-lora", action="store_true",
+                   help="accepted for vLLM compatibility: adapters are always on")
+    p.add_argument("--max-loras", type=int, default=_default("max_adapters_per_step"),
+                   help="distinct adapters in one batch (vLLM's meaning; default: no limit "
+                        "beyond the pool)")
+    p.add_argument("--max-lora-rank", type=int, default=_default("max_lora_rank"),
+                   help="largest adapter rank accepted (default %(default)s)")
     p.add_argument("--adapter-dir", help="folder that POST /v1/load_lora_adapter may load "
                    "from (paths are confined to it); without it run-time loading is off")
     p.add_argument("--quantize", choices=["nf4"], help="store the base model in 4-bit NF4 "
@@ -49,8 +67,22 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
-    p.add_argument("--api-keys", help="JSON file {key: [adapters] or \"*\"}; without it the "
-                   "server accepts every request")
+    p.add_argument("--api-keys", metavar="FILE", help="JSON file {key: [adapters] or \"*\"}; "
+                   "without it (and --api-key) the server accepts every request")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="a key that may use every adapter (repeatable; vLLM's flag); also read "
+                        "from the LORAFLEET_API_KEY and VLLM_API_KEY environment variables")
+    p.add_argument("--chat-template", metavar="FILE|TEMPLATE",
+                   help="Jinja chat template for /v1/chat/completions: a file, or the "
+                        "template itself (default: the tokenizer's)")
+    p.add_argument("--uvicorn-log-level", default="warning",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="uvicorn's own log level (default %(default)s)")
+    p.add_argument("--enable-log-requests", dest="log_requests", action="store_true",
+                   default=False, help="log each generation request (id, model, tokens, "
+                                       "sampling options; never the prompt text)")
+    p.add_argument("--disable-log-requests", dest="log_requests", action="store_false",
+                   help="no request log (the default; accepted for vLLM compatibility)")
     p.add_argument("--max-queue", type=int, default=_default("max_queue", server=True),
                    help="sequences accepted and not finished before answering 429 "
                         "(default %(default)s)")
@@ -116,28 +148,89 @@ def memory_budget(args) -> int | float | None:
     return None
 
 
-def parse_adapter_args(values: list[str]) -> dict[str, Path]:
-    adapters: dict[str, Path] = {}
+def parse_adapter_args(values: list, flag: str = "--adapter",
+                       adapters: dict[str, Path] | None = None) -> dict[str, Path]:
+    """NAME=DIR values (and, for --lora-modules, vLLM's JSON form {"name", "path",
+    "base_model_name"}, as a string or, from a config file, a mapping) -> {name: folder}."""
+    adapters = {} if adapters is None else adapters
     for value in values:
-        name, sep, folder = value.partition("=")
-        if not sep or not name or not folder:
-            raise ConfigError(f"--adapter expects NAME=DIR, got {value!r}")
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{flag}: invalid JSON {value!r}: {exc.msg}") from exc
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {"name", "path", "base_model_name"})
+            if unknown or not isinstance(value.get("name"), str) \
+                    or not isinstance(value.get("path"), str):
+                raise ConfigError(f"{flag} expects {{\"name\": ..., \"path\": ...[, "
+                                  f"\"base_model_name\": ...]}}, got {value!r}")
+            name, folder = value["name"], value["path"]
+        elif isinstance(value, str):
+            name, sep, folder = value.partition("=")
+            if not sep or not name or not folder:
+                raise ConfigError(f"{flag} expects NAME=DIR, got {value!r}")
+        else:
+            raise ConfigError(f"{flag} expects NAME=DIR, got {value!r}")
         if name in adapters:
-            raise ConfigError(f"--adapter {name!r} is given twice")
+            raise ConfigError(f"{flag} {name!r} is given twice")
         adapters[name] = Path(folder)
     return adapters
+
+
+# Environment variables holding an admin key each, as vLLM reads VLLM_API_KEY.
+API_KEY_ENV = ("LORAFLEET_API_KEY", "VLLM_API_KEY")
+
+
+def api_keys(args):
+    """ApiKeys from --api-keys FILE, --api-key KEY (every adapter) and the environment; None
+    when none is given (an open server)."""
+    from lorafleet.api.auth import ALL_ADAPTERS, ApiKeys, _parse_grant
+
+    grants = {}
+    if args.api_keys:
+        if not Path(args.api_keys).is_file():
+            # Never echo the value: a user who typed a key here would see it in logs.
+            raise ConfigError("--api-keys expects a JSON keys file, and the value given is not "
+                              "an existing file (value not shown: it may be a secret); to pass "
+                              "a key itself use --api-key KEY")
+        grants.update(ApiKeys.from_file(args.api_keys).grants)
+    extra = list(args.api_key) + [os.environ[v] for v in API_KEY_ENV if os.environ.get(v)]
+    for key in extra:
+        if not key.strip():
+            raise ConfigError("--api-key: empty key")
+        grants[key] = _parse_grant(Path("--api-key"), key, ALL_ADAPTERS)
+    return ApiKeys(grants) if grants else None
+
+
+def load_chat_template(value: str) -> str:
+    """--chat-template: a file's text, or the value itself when it is no file (vLLM's rule);
+    checked by compiling it now, not at the first chat request."""
+    from lorafleet.models.tokenizer import _compile_chat_template
+
+    path = Path(value)
+    try:
+        text = path.read_text() if len(value) < 4096 and path.is_file() else value
+    except OSError as exc:
+        raise ConfigError(f"--chat-template {value}: cannot read: {exc}") from exc
+    try:
+        _compile_chat_template(text)
+    except Exception as exc:  # jinja2's TemplateSyntaxError, among others
+        raise ConfigError(f"--chat-template: not a valid Jinja template: {exc}") from exc
+    return text
 
 
 def build(args):
     """The engine, tokenizer and app the arguments describe (also used by tests)."""
     from lorafleet.adapters.store import check_name
-    from lorafleet.api.auth import ApiKeys
     from lorafleet.api.server import ServerConfig, create_app
+    from lorafleet.api.state import read_generation_defaults
     from lorafleet.models import load_model, load_tokenizer
     from lorafleet.serve import Engine, EngineConfig
 
     adapters = parse_adapter_args(args.adapter)
-    keys = ApiKeys.from_file(args.api_keys) if args.api_keys else None
+    parse_adapter_args(args.lora_modules, "--lora-modules", adapters)
+    keys = api_keys(args)
     if args.adapter_dir and not Path(args.adapter_dir).is_dir():
         raise ConfigError(f"--adapter-dir {args.adapter_dir} is not a folder")
     served_name = args.served_model_name or Path(args.model).resolve().name
@@ -148,6 +241,8 @@ def build(args):
                               f"request for {name!r} could not tell them apart")
     budget = memory_budget(args)
     tokenizer = load_tokenizer(args.model)
+    if args.chat_template:
+        tokenizer.chat_template, tokenizer._template = load_chat_template(args.chat_template), None
     dtype = resolve_dtype(args.dtype, args.model, args.device, prefer_half=True)
     if args.quantize == "nf4":
         from lorafleet.quant import load_quantized_model  # lazily: only NF4 users pay for it
@@ -162,6 +257,7 @@ def build(args):
         memory_budget=budget, num_pages=args.num_pages, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.chunked_prefill, max_cpu_loras=args.max_cpu_loras,
+        max_lora_rank=args.max_lora_rank, max_adapters_per_step=args.max_loras,
         max_model_len=args.max_model_len, dtype=dtype, device=args.device))
     if args.adapter_dir:
         # Every folder of the dir can be named by a request (resolved on demand); an explicit
@@ -174,7 +270,8 @@ def build(args):
         model_name=served_name,
         max_model_len=max_model_len, max_tokens_limit=args.max_tokens_limit,
         max_queue=args.max_queue, adapter_dir=args.adapter_dir, api_keys=keys,
-        vocab_size=model.config.vocab_size,
+        vocab_size=model.config.vocab_size, log_requests=args.log_requests,
+        generation_defaults=read_generation_defaults(args.model),
         **({"max_body_bytes": args.max_body_bytes} if args.max_body_bytes else {}))
     return engine, tokenizer, create_app(engine, tokenizer, config), config
 
@@ -207,7 +304,7 @@ def _startup_log(args, engine, config, url: str) -> None:
     log.info("  limits    max_model_len %d, max_tokens %d, max_queue %d, batch %d",
              config.max_model_len, config.max_tokens_limit, config.max_queue,
              args.max_num_seqs)
-    log.info("  auth      %s", f"{len(config.api_keys.grants)} API keys from {args.api_keys}"
+    log.info("  auth      %s", f"{len(config.api_keys.grants)} API keys"
              if config.api_keys else "none (every request accepted)")
     log.info("  listening %s/v1  (metrics %s/metrics)", url, url)
 
@@ -228,7 +325,7 @@ def run(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: the server speaks plain HTTP; put TLS in front of it",
                     args.host)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.uvicorn_log_level,
                                            timeout_graceful_shutdown=args.drain_timeout))
     # uvicorn answers SIGTERM by closing the listener, waiting for in-flight requests and the
     # app's shutdown (the engine drains), then re-raising the signal with the handler that was

@@ -58,6 +58,24 @@ class SamplingParams:
     top_logprobs: int = 0
     ignore_eos: bool = False
     eos_token_ids: list[int] | None = None
+    # Penalties (OpenAI's and vLLM's meanings), applied to the raw logits before temperature:
+    # presence subtracts `presence_penalty` from every token already in the output, frequency
+    # `frequency_penalty` times its count there; repetition (CTRL, transformers'
+    # RepetitionPenaltyLogitsProcessor) divides positive / multiplies negative logits of every
+    # token in the prompt or the output. min_p (after top-k and top-p, as transformers):
+    # drop tokens below min_p times the most likely token's probability.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: dict[int, float] | None = None   # token id -> added to its logit
+    stop_token_ids: list[int] = field(default_factory=list)   # end like EOS, not returned
+    min_tokens: int = 0              # EOS and stop_token_ids masked until this many tokens
+    # Logprobs of the prompt's tokens (the first has none): None = off, 0 = each token's own,
+    # N = also the N most likely tokens per position.
+    prompt_logprobs: int | None = None
+    # Constrain the output to one JSON value (json_grammar.py); the response_format json_object.
+    json_object: bool = False
 
     def __post_init__(self):
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -100,6 +118,44 @@ class SamplingParams:
         if self.eos_token_ids is not None and not all(_is_int(t) for t in self.eos_token_ids):
             raise SamplingError(f"eos_token_ids must be a list of token ids, got "
                                 f"{self.eos_token_ids!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                raise SamplingError(f"{name} must be in [-2, 2], got {value!r}")
+        if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty <= 100:
+            raise SamplingError(f"repetition_penalty must be in (0, 100], got "
+                                f"{self.repetition_penalty!r}")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise SamplingError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if self.logit_bias:
+            if not isinstance(self.logit_bias, dict) or not all(
+                    _is_int(k) and _is_number(v) and -100 <= v <= 100
+                    for k, v in self.logit_bias.items()):
+                raise SamplingError("logit_bias must map token ids to numbers in [-100, 100]")
+        self.logit_bias = dict(self.logit_bias) if self.logit_bias else None
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        if not isinstance(self.stop_token_ids, (list, tuple)) or \
+                not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise SamplingError(f"stop_token_ids must be a list of token ids, got "
+                                f"{self.stop_token_ids!r}")
+        self.stop_token_ids = list(self.stop_token_ids)
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise SamplingError(f"min_tokens must be an integer in [0, max_tokens], got "
+                                f"{self.min_tokens!r}")
+        if self.prompt_logprobs is not None and (
+                not _is_int(self.prompt_logprobs)
+                or not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS):
+            raise SamplingError(f"prompt_logprobs must be None or in [0, {MAX_TOP_LOGPROBS}], "
+                                f"got {self.prompt_logprobs!r}")
+        if not isinstance(self.json_object, bool):
+            raise SamplingError(f"json_object must be true or false, got {self.json_object!r}")
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether the logits need the penalty pass (rows that do not skip it)."""
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0
+                or self.repetition_penalty != 1)
 
 
 def per_row(value, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -138,16 +194,63 @@ def top_p_filter(logits: torch.Tensor, top_p) -> torch.Tensor:
     return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
 
 
-def probabilities(logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0) -> torch.Tensor:
+def min_p_filter(logits: torch.Tensor, min_p) -> torch.Tensor:
+    """Keep tokens whose probability is at least min_p times the row's largest (Nguyen et al.
+    2024; transformers' MinPLogitsWarper); min_p 0 keeps everything."""
+    m = per_row(min_p, logits.shape[0], torch.float32, logits.device)
+    probs = logits.float().softmax(dim=-1)
+    threshold = m[:, None] * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def token_counts(rows: list[list[int]], vocab: int, device) -> torch.Tensor:
+    """How often each token occurs in each row's ids: [R, V] float32 (one scatter_add)."""
+    counts = torch.zeros(len(rows), vocab, dtype=torch.float32, device=device)
+    width = max((len(r) for r in rows), default=0)
+    if width == 0:
+        return counts
+    ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    valid = torch.zeros(len(rows), width, dtype=torch.float32, device=device)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
+            valid[i, :len(r)] = 1.0
+    return counts.scatter_add_(1, ids, valid)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor,
+                             penalty) -> torch.Tensor:
+    """CTRL's penalty (transformers' RepetitionPenaltyLogitsProcessor): each row's logits of
+    the tokens it has seen (`seen` [R, V] bool) divided by the penalty when positive,
+    multiplied when negative."""
+    p = per_row(penalty, logits.shape[0], logits.dtype, logits.device)[:, None]
+    penalized = torch.where(logits < 0, logits * p, logits / p)
+    return torch.where(seen, penalized, logits)
+
+
+def apply_frequency_presence(logits: torch.Tensor, counts: torch.Tensor, frequency,
+                             presence) -> torch.Tensor:
+    """OpenAI's penalties: logit -= frequency * count + presence * (count > 0), where count is
+    how often the token occurs in the row's output so far (`counts` [R, V])."""
+    f = per_row(frequency, logits.shape[0], logits.dtype, logits.device)[:, None]
+    p = per_row(presence, logits.shape[0], logits.dtype, logits.device)[:, None]
+    return logits - f * counts - p * (counts > 0).to(logits.dtype)
+
+
+def probabilities(logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0,
+                  min_p=0.0) -> torch.Tensor:
     """The distribution sampling draws from: [B, V] float32. Each row is shifted by its maximum
     first (softmax is unchanged) so a small temperature cannot overflow finite logits to inf."""
     logits = logits.float()
     logits = apply_temperature(logits - logits.amax(dim=-1, keepdim=True), temperature)
-    return top_p_filter(top_k_filter(logits, top_k), top_p).softmax(dim=-1)
+    logits = top_p_filter(top_k_filter(logits, top_k), top_p)
+    if not (isinstance(min_p, (int, float)) and min_p == 0):
+        logits = min_p_filter(logits, min_p)
+    return logits.softmax(dim=-1)
 
 
 def sample(logits: torch.Tensor, temperature=0.0, top_k=0, top_p=1.0,
-           generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
+           generators: list[torch.Generator | None] | None = None, min_p=0.0) -> torch.Tensor:
     """Next token per row: [B, V] -> [B] (long). Rows with temperature <= 0 are greedy.
     `generators[b]` (optional) makes row b reproducible under its own seed."""
     B = logits.shape[0]
@@ -156,7 +259,9 @@ def sample(logits: torch.Tensor, temperature=0.0, top_k=0, top_p=1.0,
     sampled_rows = (t > 0).nonzero().flatten().tolist()
     if not sampled_rows:
         return greedy_tokens
-    probs = probabilities(logits, t, top_k, top_p)
+    if not isinstance(min_p, (int, float)) and not any(min_p):
+        min_p = 0.0        # a list of zeros: skip the extra softmax
+    probs = probabilities(logits, t, top_k, top_p, min_p)
     tokens = greedy_tokens.clone()
     shared = [b for b in sampled_rows if not generators or generators[b] is None]
     if shared:

@@ -25,11 +25,14 @@ from lorafleet.adapters.store import check_name, is_valid_name
 from lorafleet.errors import AdapterError, ConfigError, EngineError, RequestError
 from lorafleet.models import load_model
 from lorafleet.models.dtype import parse_dtype, resolve_dtype
-from lorafleet.models.sampling import SamplingParams, sample, token_and_top_logprobs
+from lorafleet.models.sampling import (SamplingParams, apply_frequency_presence,
+                                       apply_repetition_penalty, sample, token_and_top_logprobs,
+                                       token_counts)
 
 from .adapter_cache import LOAD_AHEAD, AdapterCache, build_host_adapter
 from .adapter_loader import AdapterLoader, HostCache
 from .adapter_registry import BaseLayout, read_spec
+from .json_grammar import constrain_json, token_texts
 from .kv_cache import KVCacheManager
 from .memory import (available_memory, kv_tokens, parse_memory_size, plan_for_model,
                      weight_bytes)
@@ -74,12 +77,17 @@ class EngineConfig:
     # evicted adapter is read from disk again; docs/engine.md measures what the cache saves).
     max_cpu_loras: int | None = None
     max_cpu_lora_bytes: int | None = None
+    # Tensor parallelism (parallel.py, shard.py): the model split over this many processes on
+    # this machine (gloo), this one rank 0; a collective waits at most the timeout.
+    tensor_parallel_size: int = 1
+    tensor_parallel_timeout_s: float = 60.0
 
     def __post_init__(self):
         self.dtype = parse_dtype(self.dtype, "dtype")
         if self.memory_budget is not None:
             self.memory_budget = parse_memory_size(self.memory_budget, "memory_budget")
-        for name in ("block_tokens", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_tokens", "max_num_seqs", "max_num_batched_tokens",
+                     "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -101,6 +109,7 @@ class Engine:
         """model: a checkpoint folder or a loaded lorafleet model (its projections are swapped
         for BatchedLoraLinear shells, which behave as before when called without LoRA)."""
         self.config = config = config or EngineConfig()
+        source, self.parallel = model, None
         if isinstance(model, (str, Path)):
             available = available_memory(config.device)       # before the weights take theirs
             if tokenizer is None and (Path(model) / "tokenizer.json").is_file():
@@ -111,6 +120,11 @@ class Engine:
         else:       # already loaded: its weights count in the budget as if not yet loaded
             available = available_memory(str(next(model.parameters()).device))
             available = None if available is None else available + weight_bytes(model)
+        if config.tensor_parallel_size > 1:     # workers start; this model becomes rank 0's shard
+            from .parallel import TensorParallel
+            self.parallel = TensorParallel(source, model, config.tensor_parallel_size,
+                                           next(model.parameters()).dtype, config.device,
+                                           config.tensor_parallel_timeout_s)
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         self.memory = plan_for_model(model, config, self.max_model_len, available)
@@ -121,13 +135,16 @@ class Engine:
         self.kv_token_capacity = kv_tokens(self.memory.num_pages, self.runner.layout)
         log.info("engine: %s, %s", self.runner.dtype, self.memory.summary(self.kv_token_capacity))
         self.kv = KVCacheManager(self.pool, self.runner.layout)
-        self.adapter_layout = BaseLayout(self.runner.targets, self.runner.pages.shape[1],
+        targets = self.parallel.full_targets if self.parallel else self.runner.targets
+        self.adapter_layout = BaseLayout(targets, self.runner.pages.shape[1],
                                          config.max_lora_rank, frozenset({"lm_head"}))
         self.cache = AdapterCache(
             self.pool, self.runner.write_pages, AdapterLoader(self.runner.dtype),
             HostCache(config.max_cpu_loras, config.max_cpu_lora_bytes, LOAD_AHEAD))
         self.stores: list = []            # attached AdapterStores (register_store)
         self.runner.attach(self.cache)
+        if self.parallel:
+            self.parallel.attach(self)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                             config.max_adapters_per_step, config.first_token_deadline_s,
@@ -220,9 +237,11 @@ class Engine:
         """Same from an adapter_config dict (or LoraConfig) and PEFT-keyed tensors in memory;
         the page copy stays in memory (there is no file to read it from again)."""
         check_name(name)
-        host = build_host_adapter(name, config, tensors, self.runner.targets,
+        host = build_host_adapter(name, config, tensors, self.adapter_layout.targets,
                                   self.runner.pages.shape[1], self.config.max_lora_rank,
                                   self.runner.dtype, exclude=self.adapter_layout.exclude)
+        if self.parallel:
+            host = self.parallel.shard_host(host)
         with self.lock:
             self.cache.register(host)
 
@@ -244,6 +263,8 @@ class Engine:
         """tenant: who sends it (an API key id); admission round-robins across tenants."""
         with self.lock:
             params = params or SamplingParams()
+            if self.parallel is not None and not self.parallel.healthy():
+                raise EngineError(self.parallel.failure())
             if request_id in self.requests:
                 raise RequestError(f"request id {request_id!r} is already in use")
             if isinstance(prompt_ids, str):
@@ -297,6 +318,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         with self.lock:
             outputs, self._pending = self._pending, []
+            if self.parallel is not None and not self.parallel.healthy():
+                return outputs + self._fail_all(self.parallel.failure())
             self._finish_adapter_loads(outputs)
             batch = self.scheduler.schedule()
             for seq in batch.aborted:
@@ -305,6 +328,8 @@ class Engine:
             if batch.seqs:
                 started = time.perf_counter()
                 seqs, logits = self.runner.run(batch.seqs, batch.num_new_tokens, self.kv)
+                if getattr(self.runner, "prompt_rows", None):
+                    self._prompt_logprobs(self.runner.prompt_rows, self.runner.prompt_logits)
                 for seq, n in zip(batch.seqs, batch.num_new_tokens):
                     seq.num_computed_tokens += n
                 if seqs:      # a row with NaN/Inf logits fails its own request, no other
@@ -372,12 +397,77 @@ class Engine:
                 outputs.append(self._output(seq))
             return outputs
 
+    def _fail_all(self, message: str) -> list[RequestOutput]:
+        """Finish every running and waiting request with `message` (tensor parallelism broke:
+        nothing can run any more)."""
+        outputs = self.fail_running(message)
+        for seq in list(self.scheduler.waiting):
+            self.scheduler.waiting.remove(seq)
+            seq.error = message
+            self.scheduler.finish(seq, "error")
+            outputs.append(self._output(seq))
+        return outputs
+
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        logits = self._process_logits(seqs, logits)
         if all(s.params.temperature == 0 for s in seqs):
-            return logits.argmax(dim=-1)
-        return sample(logits, [s.params.temperature for s in seqs],
-                      [s.params.top_k for s in seqs], [s.params.top_p for s in seqs],
-                      [s.generator for s in seqs])
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = sample(logits, [s.params.temperature for s in seqs],
+                            [s.params.top_k for s in seqs], [s.params.top_p for s in seqs],
+                            [s.generator for s in seqs], [s.params.min_p for s in seqs])
+        if any(s.params.json_object for s in seqs):
+            tokens = constrain_json(seqs, logits, tokens, self._json_vocab(), self.eos_ids)
+        return tokens
+
+    def _process_logits(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """Penalties, logit_bias and min_tokens, on the rows that ask for them (a batch where
+        none does returns `logits` untouched). The reported logprobs stay those of the model's
+        own distribution (`_logprobs` reads the logits before this)."""
+        penalized = [i for i, s in enumerate(seqs) if s.params.has_penalties]
+        biased = [i for i, s in enumerate(seqs) if s.params.logit_bias]
+        held = [i for i, s in enumerate(seqs) if len(s.output_ids) < s.params.min_tokens]
+        if not (penalized or biased or held):
+            return logits
+        logits, vocab = logits.clone(), logits.shape[-1]
+        if penalized:
+            index = torch.tensor(penalized, device=logits.device)
+            rows = logits.index_select(0, index)
+            ps = [seqs[i].params for i in penalized]
+            if any(p.repetition_penalty != 1 for p in ps):
+                seen = token_counts([seqs[i].prompt_ids + seqs[i].output_ids for i in penalized],
+                                    vocab, logits.device) > 0
+                rows = apply_repetition_penalty(rows, seen, [p.repetition_penalty for p in ps])
+            if any(p.frequency_penalty or p.presence_penalty for p in ps):
+                counts = token_counts([seqs[i].output_ids for i in penalized], vocab,
+                                      logits.device)
+                rows = apply_frequency_presence(rows, counts, [p.frequency_penalty for p in ps],
+                                                [p.presence_penalty for p in ps])
+            logits.index_copy_(0, index, rows)
+        if biased:
+            pairs = [(i, t, b) for i in biased for t, b in seqs[i].params.logit_bias.items()
+                     if 0 <= t < vocab]
+            if pairs:
+                r, t, b = zip(*pairs)
+                logits.index_put_((torch.tensor(r), torch.tensor(t)),
+                                  torch.tensor(b, dtype=logits.dtype), accumulate=True)
+        for i in held:      # EOS and stop tokens may not end it yet (vLLM's min_tokens)
+            p = seqs[i].params
+            banned = set(p.stop_token_ids) | set(
+                self.eos_ids if p.eos_token_ids is None else p.eos_token_ids)
+            banned = [t for t in banned if 0 <= t < vocab]
+            if banned:
+                logits[i, banned] = float("-inf")
+        return logits
+
+    def _json_vocab(self):
+        """Each token's text, for the JSON constraint (decoded once, on first use)."""
+        if getattr(self, "_json_token_texts", None) is None:
+            if self.tokenizer is None:
+                raise RequestError("json_object needs a tokenizer")
+            self._json_token_texts = token_texts(self.tokenizer,
+                                                 self.model.config.vocab_size)
+        return self._json_token_texts
 
     @staticmethod
     def _logprobs(seqs: list[Sequence], logits: torch.Tensor,
@@ -401,6 +491,28 @@ class Engine:
             else:
                 result[i] = chosen[j]
         return result
+
+    @staticmethod
+    def _prompt_logprobs(rows, logits: torch.Tensor) -> None:
+        """Score prompt tokens: rows (sequence, first position, count) own consecutive slices of
+        logits [sum(count), V]; position j's logits give prompt token j + 1 its logprob."""
+        offset = 0
+        for seq, first, count in rows:
+            chunk = logits[offset:offset + count]
+            offset += count
+            targets = torch.tensor(seq.prompt_ids[first + 1:first + 1 + count],
+                                   device=chunk.device)
+            n = seq.params.prompt_logprobs
+            chosen, top_values, top_ids = token_and_top_logprobs(chunk, targets, max(n, 1))
+            if not seq.prompt_logprobs:
+                seq.prompt_logprobs.append(None)     # the first token: nothing predicts it
+            for j, token in enumerate(targets.tolist()):
+                if n:
+                    seq.prompt_logprobs.append({**dict(zip(top_ids[j].tolist(),
+                                                           top_values[j].tolist())),
+                                                token: float(chosen[j])})
+                else:
+                    seq.prompt_logprobs.append(float(chosen[j]))
 
     def _postprocess(self, seq: Sequence, token: int,
                      logprob: TokenLogprob | None) -> RequestOutput:
@@ -454,7 +566,17 @@ class Engine:
                     "queue_wait_seconds_sum": self.scheduler.queue_wait_seconds,
                     "queue_wait_seconds_count": self.scheduler.num_admitted,
                     "steps": self.num_steps, "generated_tokens": self.num_generated,
-                    **self.memory_stats()}
+                    **self.memory_stats(),
+                    **(self.parallel.stats.as_dict() if self.parallel else {})}
+
+    def healthy(self) -> bool:
+        """False once a tensor-parallel worker has died or failed (steps raise EngineError)."""
+        return self.parallel is None or self.parallel.healthy()
+
+    def close(self) -> None:
+        """Stop tensor-parallel workers (also done when the engine is collected)."""
+        if self.parallel is not None:
+            self.parallel.close()
 
     def memory_stats(self) -> dict:
         """How the memory plan (memory.py) came out: bytes of the pool, the weights and their

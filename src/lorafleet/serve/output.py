@@ -56,6 +56,9 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    # With params.prompt_logprobs, on a request's first output: one entry per prompt token
+    # (None for the first), as `logprobs`.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -68,11 +71,12 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @classmethod
     def start(cls, out: RequestOutput) -> "Completion":
         return cls(out.request_id, [], "", None, [] if out.logprobs is not None else None,
-                   out.prompt_tokens, 0)
+                   out.prompt_tokens, 0, prompt_logprobs=out.prompt_logprobs)
 
     def add(self, out: RequestOutput) -> None:
         """Append one streamed piece."""
@@ -160,6 +164,8 @@ class OutputProcessor:
             eos_ids = seq.params.eos_token_ids
         if token in eos_ids and not seq.params.ignore_eos:
             return "stop"             # EOS ends the completion and is not part of it
+        if token in getattr(seq.params, "stop_token_ids", ()):
+            return "stop"             # so do the request's stop tokens
         seq.output_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
@@ -183,10 +189,16 @@ class OutputProcessor:
         finished = seq.is_finished
         new_ids = seq.output_ids[seq.sent_token_count:]
         new_logprobs = seq.logprobs[seq.sent_token_count:] if seq.params.logprobs else None
+        prompt_logprobs = None
+        if getattr(seq.params, "prompt_logprobs", None) is not None and \
+                not seq.prompt_logprobs_sent:
+            prompt_logprobs = list(seq.prompt_logprobs) or [None]
+            seq.prompt_logprobs_sent = True
         seq.sent_token_count = len(seq.output_ids)
         text = self._text(seq)
         new_text = "" if text is None else text.take(finished)
         if finished:
             self.texts.pop(seq.request_id, None)
         return RequestOutput(seq.request_id, new_ids, new_text, finished, seq.finish_reason,
-                             new_logprobs, len(seq.prompt_ids), len(seq.output_ids), seq.error)
+                             new_logprobs, len(seq.prompt_ids), len(seq.output_ids), seq.error,
+                             prompt_logprobs)

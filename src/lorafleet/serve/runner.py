@@ -16,6 +16,9 @@ one segment for the batched LoRA operators.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -51,6 +54,18 @@ def wrap_projections(model: nn.Module) -> dict[str, tuple[int, int]]:
     return targets
 
 
+@dataclass
+class StepInputs:
+    """One step's forward inputs as plain lists (picklable, a few KB)."""
+    ids: list[int]                       # new tokens, flattened in row order
+    positions: list[int]
+    query_lens: list[int]
+    context_lens: list[int]
+    page_tables: list[list[int]]
+    runs: list[tuple[str | None, int]]   # (adapter, rows) for consecutive row ranges
+    logits_indices: list[int]            # rows whose logits are computed (empty: none)
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, num_pages: int, block_tokens: int,
                  prepack_weights: bool = True, keep_plain_weights: bool = True):
@@ -72,6 +87,8 @@ class ModelRunner:
                                  device=self.device)
         self.kv = kv_view(self.pages, self.layout)
         self._lora_builder: LoraBatchBuilder | None = None
+        # Called with each step's StepInputs before the forward (parallel.py sends them on).
+        self.step_hook: Callable[[StepInputs], None] | None = None
 
     @property
     def page_bytes(self) -> int:
@@ -84,23 +101,46 @@ class ModelRunner:
         self.pages.index_copy_(0, index, pages.to(device=self.device, dtype=self.dtype,
                                                   non_blocking=True))
 
-    def attach(self, cache: AdapterCache) -> None:
-        self._lora_builder = LoraBatchBuilder(self.pages, cache, self.targets)
+    def attach(self, cache: AdapterCache, builder: LoraBatchBuilder | None = None) -> None:
+        """builder: a LoraBatchBuilder of another layout (tensor parallelism's shards)."""
+        self._lora_builder = builder or LoraBatchBuilder(self.pages, cache, self.targets)
 
-    @torch.inference_mode()
     def run(self, seqs: list[Sequence], num_new_tokens: list[int],
             kv: KVCacheManager) -> tuple[list[Sequence], torch.Tensor]:
         """One forward pass: seqs[i] runs num_new_tokens[i] tokens from its num_computed_tokens
         on (its pages already hold them). Returns the sequences that sample this step, in the
         order used, and their next-token logits [len(those), vocab] (float32)."""
+        sampling, inputs = self.prepare(seqs, num_new_tokens, kv)
+        if self.step_hook is not None:       # tensor parallelism: the workers run it too
+            self.step_hook(inputs)
+        logits = self.execute(inputs)
+        # Rows past the sampling ones: prompt positions of requests that asked for prompt
+        # logprobs (self.prompt_rows says whose); the engine reads them after the step.
+        self.prompt_logits = logits[len(sampling):]
+        return sampling, logits[:len(sampling)]
+
+    def prepare(self, seqs: list[Sequence], num_new_tokens: list[int],
+                kv: KVCacheManager) -> tuple[list[Sequence], StepInputs]:
+        """The step as plain lists (what crosses to tensor-parallel workers)."""
         order = sorted(range(len(seqs)),
                        key=lambda i: (seqs[i].adapter is not None, seqs[i].adapter or ""))
         ids, positions, query_lens, context_lens, page_tables = [], [], [], [], []
         runs: list[tuple[str | None, int]] = []
         sampling, logits_indices = [], []
+        # (sequence, first position, count): positions whose logits score the next prompt
+        # token, for requests with prompt_logprobs; positions already scored (before a
+        # preemption) are not asked again.
+        self.prompt_rows: list[tuple[Sequence, int, int]] = []
+        prompt_indices: list[int] = []
         for i in order:
             seq, n = seqs[i], num_new_tokens[i]
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            if getattr(seq.params, "prompt_logprobs", None) is not None:
+                first = max(start, len(seq.prompt_logprobs) - 1 if seq.prompt_logprobs else 0)
+                last = min(end, len(seq.prompt_ids) - 1)
+                if last > first:
+                    self.prompt_rows.append((seq, first, last - first))
+                    prompt_indices += range(len(ids) + first - start, len(ids) + last - start)
             ids += seq.token_slice(start, end)
             positions += range(start, end)
             query_lens.append(n)
@@ -113,11 +153,18 @@ class ModelRunner:
             if end == seq.num_tokens:
                 sampling.append(seq)
                 logits_indices.append(len(ids) - 1)
-        attention = PagedAttention(self.kv, self.layout, query_lens, context_lens, page_tables)
-        lora = self._lora_builder.build(runs) if self._lora_builder else None
-        batch = ForwardBatch(positions=torch.tensor([positions], device=self.device),
+        return sampling, StepInputs(ids, positions, query_lens, context_lens, page_tables, runs,
+                                    logits_indices + prompt_indices)
+
+    @torch.inference_mode()
+    def execute(self, inputs: StepInputs) -> torch.Tensor:
+        """The forward pass of a prepared step: logits [len(logits_indices), vocab] (float32)."""
+        attention = PagedAttention(self.kv, self.layout, inputs.query_lens, inputs.context_lens,
+                                   inputs.page_tables)
+        lora = self._lora_builder.build(inputs.runs) if self._lora_builder else None
+        batch = ForwardBatch(positions=torch.tensor([inputs.positions], device=self.device),
                              attention=attention, lora=lora)
-        input_ids = torch.tensor([ids], device=self.device)
+        input_ids = torch.tensor([inputs.ids], device=self.device)
         logits = self.model(input_ids, batch, logits_indices=torch.tensor(
-            logits_indices, dtype=torch.long, device=self.device))        # [1, N, V]
-        return sampling, logits[0].float()
+            inputs.logits_indices, dtype=torch.long, device=self.device))        # [1, N, V]
+        return logits[0].float()

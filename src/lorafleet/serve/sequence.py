@@ -29,6 +29,10 @@ class Sequence:
     max_tokens: int                  # params.max_tokens clamped to the model's context
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float | dict[int, float]] = field(default_factory=list)  # dict: top-N
+    # With params.prompt_logprobs: one entry per prompt token scored so far, None for the
+    # first (nothing before it to predict it), as `logprobs`.
+    prompt_logprobs: list = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
     status: SeqStatus = SeqStatus.WAITING
     adapter_pinned: bool = False     # holds a reference on its adapter in the adapter cache
     first_token_time: float | None = None

@@ -1,0 +1,90 @@
+"""vLLM's utility routes: POST /tokenize, POST /detokenize, GET /version.
+
+    POST /tokenize   {"prompt": "text"} or {"messages": [...]}  -> {"count", "max_model_len",
+                     "tokens"}                                  (the chat template applied)
+    POST /detokenize {"tokens": [ids]}                          -> {"prompt": "text"}
+    GET  /version                                               -> {"version": "0.1.0"}
+
+Both POST routes take the caller's key like the generation routes (`model`, when given, must
+be one the key may use); they never touch the engine.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from lorafleet.api.access import authorize, resolve_model
+from lorafleet.api.body import parse_body
+from lorafleet.api.protocol import ChatMessage
+from lorafleet.api.state import ApiError, ServerState
+
+router = APIRouter()
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1_000_000)
+
+
+def _tokenize(state: ServerState, body: TokenizeRequest) -> list[int]:
+    if (body.prompt is None) == (body.messages is None):
+        raise ApiError(400, "send exactly one of \"prompt\" and \"messages\"", param="prompt")
+    if body.prompt is not None:
+        return list(state.tokenizer.encode(body.prompt,
+                                           add_special_tokens=body.add_special_tokens))
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        return list(state.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=body.add_generation_prompt, tokenize=True))
+    except Exception as exc:  # no template, or one that fails on these messages
+        raise ApiError(400, f"messages cannot be rendered by the chat template: {exc}",
+                       param="messages", code="chat_template_error") from exc
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request):
+    state: ServerState = request.app.state.lorafleet
+    grant = authorize(request)
+    body = await parse_body(request, TokenizeRequest)
+    if body.model is not None:
+        await resolve_model(state, grant, body.model)
+    tokens = await asyncio.to_thread(_tokenize, state, body)
+    return {"count": len(tokens), "max_model_len": state.config.max_model_len,
+            "tokens": tokens}
+
+
+@router.post("/detokenize")
+async def detokenize(request: Request):
+    state: ServerState = request.app.state.lorafleet
+    grant = authorize(request)
+    body = await parse_body(request, DetokenizeRequest)
+    if body.model is not None:
+        await resolve_model(state, grant, body.model)
+    vocab = state.config.vocab_size
+    bad = [t for t in body.tokens if vocab is not None and not 0 <= t < vocab]
+    if bad:
+        raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})",
+                       param="tokens", code="invalid_token")
+    text = await asyncio.to_thread(state.tokenizer.decode, body.tokens)
+    return {"prompt": text}
+
+
+@router.get("/version")
+async def version() -> dict[str, Any]:
+    from lorafleet import __version__
+    return {"version": __version__}
