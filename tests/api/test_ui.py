@@ -51,7 +51,7 @@ def test_ui_files_served_without_a_key_and_fetch_nothing_elsewhere(server):
         resp = get(server, f"/ui/{name}", key=None)
         assert resp.status_code == 200 and resp.headers["content-type"].startswith(media)
         # Offline machines: nothing may come from another origin (CDN, fonts).
-        assert "http://" not in resp.text and "https://" not in resp.text and "//cdn" not in resp.text
+        assert not any(url in resp.text for url in ("http://", "https://", "//cdn"))
         assert name in page.text
     # The key never goes into a cookie or localStorage (it would outlive the tab).
     script = get(server, "/ui/app.js", key=None).text
@@ -119,7 +119,8 @@ def test_inspect_equals_the_cli_and_respects_the_key(server, capsys):
     assert hidden.status_code == missing.status_code == 404
     assert hidden.json()["error"]["code"] == missing.json()["error"]["code"] == "model_not_found"
     assert get(server, "/v1/adapters/alpha", key=None).status_code == 401
-    assert get(server, "/v1/adapters/alpha", "sk-wrong").json()["error"]["code"] == "invalid_api_key"
+    wrong = get(server, "/v1/adapters/alpha", "sk-wrong")
+    assert wrong.json()["error"]["code"] == "invalid_api_key"
 
 
 def test_stats_needs_a_key_and_reports_the_engine(server, client):
@@ -240,8 +241,15 @@ def open_with_key(driver, server, key, view="compare"):
              what="the model list")
 
 
+def run_compare(driver, what):
+    driver.find_element("id", "run").click()
+    wait_for(lambda: js(driver, "return document.querySelector('#columns').dataset.state")
+             == "done", what=what)
+
+
 def shown_models(driver):
-    return js(driver, "return [...document.querySelectorAll('#model-choices input')].map(i => i.value)")
+    return js(driver, "return [...document.querySelectorAll('#model-choices input')]"
+                      ".map(i => i.value)")
 
 
 def shown_adapters(driver):
@@ -259,9 +267,7 @@ def test_browser_compare_streams_what_the_completions_api_answers(browser, serve
         element = browser.find_element("id", field)
         element.clear()
         element.send_keys(value)
-    browser.find_element("id", "run").click()
-    wait_for(lambda: js(browser, "return document.querySelector('#columns').dataset.state") == "done",
-             what="the comparison to finish")
+    run_compare(browser, "the comparison to finish")
     columns = js(browser, """return [...document.querySelectorAll('#columns .column')].map(c => ({
         model: c.dataset.model, state: c.dataset.state,
         text: c.querySelector('.output').textContent,
@@ -286,10 +292,9 @@ def test_browser_compare_streams_what_the_completions_api_answers(browser, serve
         element = browser.find_element("id", field.replace("_", "-"))
         element.clear()
         element.send_keys(str(value))
-    browser.find_element("id", "run").click()
-    wait_for(lambda: js(browser, "return document.querySelector('#columns').dataset.state") == "done",
-             what="the seeded comparison")
-    texts = js(browser, "return [...document.querySelectorAll('#columns .output')].map(o => o.textContent)")
+    run_compare(browser, "the seeded comparison")
+    texts = js(browser, "return [...document.querySelectorAll('#columns .output')]"
+                        ".map(o => o.textContent)")
     answers = [client.completions.create(model=model, prompt=PROMPT, max_tokens=8,
                                          extra_body={"top_k": 20}, temperature=0.9,
                                          top_p=0.95, seed=7).choices[0].text
@@ -306,9 +311,7 @@ def test_browser_chat_compare_equals_the_chat_api(browser, server, client):
         element = browser.find_element("id", field)
         element.clear()
         element.send_keys(value)
-    browser.find_element("id", "run").click()
-    wait_for(lambda: js(browser, "return document.querySelector('#columns').dataset.state") == "done",
-             what="the chat comparison")
+    run_compare(browser, "the chat comparison")
     texts = dict(js(browser, """return [...document.querySelectorAll('#columns .column')]
         .map(c => [c.dataset.model, c.querySelector('.output').textContent])"""))
     assert list(texts) == ["base", "alpha"]        # the key's models, all ticked by default
@@ -375,10 +378,10 @@ def test_browser_dashboard_and_keyboard(browser, server, client):
     tab.send_keys(Keys.ARROW_RIGHT)
     assert browser.switch_to.active_element.get_attribute("id") == "tab-adapters"
     browser.switch_to.active_element.send_keys(Keys.ARROW_RIGHT)
-    assert js(browser, "return document.querySelector('#tab-dashboard').getAttribute('aria-selected')") == "true"
+    assert browser.find_element("id", "tab-dashboard").get_attribute("aria-selected") == "true"
     assert js(browser, "return document.querySelector('#view-dashboard').hidden") is False
     client.completions.create(model="alpha", prompt=PROMPT, max_tokens=6, temperature=0)
-    wait_for(lambda: js(browser, "return document.querySelectorAll('#stats-table tbody tr').length"),
+    wait_for(lambda: browser.find_elements("css selector", "#stats-table tbody tr"),
              what="the stats table")
     shown = js(browser, """return Object.fromEntries([...document.querySelectorAll(
         '#stats-table tbody tr')].map(r => [r.dataset.key, r.querySelector('td').textContent]))""")
@@ -389,7 +392,8 @@ def test_browser_dashboard_and_keyboard(browser, server, client):
     for key in ("pages_total", "page_bytes", "adapters_registered"):
         assert shown[key].replace(",", "") == str(api[key])
     # Every chart whose keys the engine reports is drawn, with its latest values in the legend.
-    wait_for(lambda: js(browser, "return document.querySelectorAll('.chart:not([hidden]) .legend li').length") >= 4,
+    wait_for(lambda: len(browser.find_elements(
+        "css selector", ".chart:not([hidden]) .legend li")) >= 4,
              what="the charts")
     legend = js(browser, """return Object.fromEntries([...document.querySelectorAll(
         '#chart-pages .legend li')].map(l => [l.dataset.series, l.textContent]))""")
@@ -435,16 +439,15 @@ def test_browser_screenshots_desktop_and_phone(browser, server, client, tmp_path
             browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", PHONE)
         js(browser, """for (const box of document.querySelectorAll('#model-choices input'))
                          box.checked = ['base', 'alpha', 'beta'].includes(box.value);""")
-        browser.find_element("id", "run").click()
-        wait_for(lambda: js(browser, "return document.querySelector('#columns').dataset.state") == "done",
-                 what="the comparison")
+        run_compare(browser, "the comparison")
         shots = {"compare": None, "adapters": "tab-adapters", "dashboard": "tab-dashboard"}
         for view, tab in shots.items():
             if tab:
                 browser.find_element("id", tab).click()
             if view == "adapters":
                 wait_for(lambda: shown_adapters(browser), what="the adapter table")
-                browser.find_element("css selector", "tr[data-adapter=alpha] [data-action=inspect]").click()
+                browser.find_element("css selector",
+                                     "tr[data-adapter=alpha] [data-action=inspect]").click()
                 wait_for(lambda: js(browser, "return !document.querySelector('#inspect').hidden"),
                          what="inspect")
             if view == "dashboard":
@@ -453,7 +456,8 @@ def test_browser_screenshots_desktop_and_phone(browser, server, client, tmp_path
                 browser.find_element("css selector", "#poll-interval option[value='500']").click()
                 send_traffic(client, traffic_s)
             js(browser, "window.scrollTo(0, 0)")
-            overflow = js(browser, "return document.documentElement.scrollWidth - window.innerWidth")
+            overflow = js(browser, "return document.documentElement.scrollWidth"
+                                   " - window.innerWidth")
             assert overflow <= 1, f"{view} on {device}: {overflow}px wider than the screen"
             path = out / f"ui-{view}-{device}.png"
             body = browser.find_element("tag name", "body")
