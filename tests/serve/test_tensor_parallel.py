@@ -1,0 +1,161 @@
+"""Tensor-parallel serving (serve/parallel.py, serve/shard.py): two gloo processes on this
+machine, float32, must give every request the same greedy tokens as the single-process engine
+and as transformers + PEFT (merged), with adapters of mixed ranks on a Llama with GQA (KV heads
+split across ranks) and a Qwen2 with qkv bias and one KV head (replicated on both ranks)."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from hf_fixtures import make_checkpoint
+from lorafleet.errors import ConfigError, EngineError
+from lorafleet.serve.engine import Engine, EngineConfig, SamplingParams
+from lorafleet.serve.shard import Shard, shard_pages
+
+from .conftest import LLAMA_TARGETS, RANKS, make_peft_adapter, merged_oracle, oracle_greedy
+from .test_engine import _run, _workload
+
+NUM_ADAPTERS = 12
+MAX_TOKENS = 5
+
+
+def _fleet(root, kind, **overrides):
+    base = make_checkpoint(root / "base", kind, seed=3, **overrides)
+    adapters = {}
+    for i in range(NUM_ADAPTERS):
+        kwargs = {"use_rslora": True} if i % 5 == 2 else {}
+        adapters[f"t{i:02d}"] = make_peft_adapter(
+            base, root / f"t{i:02d}", RANKS[i % len(RANKS)], LLAMA_TARGETS[i % 4], seed=200 + i,
+            **kwargs)
+    return root / "base", base, adapters
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tp_fleet(request, tmp_path_factory):
+    """(checkpoint, adapters, workload, oracle tokens) for a Llama (4 heads, 2 KV heads) and a
+    Qwen2 (qkv bias, 4 heads, 1 KV head)."""
+    root = tmp_path_factory.mktemp(f"tp_{request.param}")
+    overrides = {"num_key_value_heads": 1} if request.param == "qwen2" else {}
+    base_dir, base, adapters = _fleet(root, request.param, **overrides)
+    workload = _workload(adapters, num_base=3, seed=5)
+    merged = {name: merged_oracle(base, path) for name, path in adapters.items()}
+    expected = {rid: oracle_greedy(base if name is None else merged[name], prompt, MAX_TOKENS)
+                for rid, prompt, name in workload}
+    return base_dir, adapters, workload, expected
+
+
+def _engine(base_dir, adapters, **config):
+    engine = Engine(base_dir, config=EngineConfig(**config))
+    for name, path in adapters.items():
+        engine.register_adapter(name, path, lazy=True)
+    return engine
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_two_ranks_match_single_process_and_peft(tp_fleet, chunked):
+    base_dir, adapters, workload, expected = tp_fleet
+    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+    config = dict(enable_chunked_prefill=chunked, max_num_batched_tokens=24 if chunked else 2048)
+    single = _engine(base_dir, adapters, **config)
+    tokens_1, _ = _run(single, workload, params)
+    parallel = _engine(base_dir, adapters, tensor_parallel_size=2, **config)
+    try:
+        tokens_2, finished = _run(parallel, workload, params)
+        assert all(out.error is None for out in finished.values())
+        assert tokens_2 == tokens_1
+        assert tokens_2 == expected
+        stats = parallel.stats()
+        # two row-parallel projections per layer, each one all-reduce per step
+        assert stats["allreduce_calls"] == 2 * 2 * parallel.num_steps
+        assert parallel.healthy()
+    finally:
+        parallel.close()
+
+
+def test_tiny_pool_evicts_adapters_same_tokens(tp_fleet):
+    """A pool that holds few adapters: adapters are evicted and loaded again into reused pages
+    (and KV pages reused for adapters) on every rank alike."""
+    base_dir, adapters, workload, expected = tp_fleet
+    parallel = _engine(base_dir, adapters, tensor_parallel_size=2, num_pages=420,
+                       max_num_seqs=4)
+    try:
+        tokens, _ = _run(parallel, workload, SamplingParams(max_tokens=MAX_TOKENS,
+                                                            ignore_eos=True))
+        assert tokens == expected
+        assert parallel.cache.evictions > 0
+    finally:
+        parallel.close()
+
+
+def test_killed_worker_fails_requests_not_a_hang(tp_fleet):
+    """A worker killed mid-generation: the step that meets it raises EngineError or fails the
+    requests; within seconds every request has finished with an error naming the worker, the
+    engine reports unhealthy and refuses new requests."""
+    base_dir, adapters, workload, _ = tp_fleet
+    parallel = _engine(base_dir, adapters, tensor_parallel_size=2, tensor_parallel_timeout_s=20,
+                       max_num_seqs=2)
+    try:
+        for rid, prompt, name in workload[:5]:
+            parallel.add_request(rid, prompt, name, SamplingParams(max_tokens=8))
+        parallel.step()
+        os.kill(parallel.parallel.procs[0].pid, signal.SIGKILL)
+        started, errors, raised = time.monotonic(), {}, 0
+        while parallel.has_work():
+            assert time.monotonic() - started < 30, "a dead worker hung the engine"
+            try:
+                outputs = parallel.step()
+            except EngineError as exc:
+                assert "worker 1" in str(exc)
+                raised += 1
+                outputs = parallel.fail_running(str(exc))      # as AsyncEngine does
+            errors.update((out.request_id, out.error) for out in outputs if out.finished)
+        assert raised <= 1
+        assert sorted(errors) == sorted(rid for rid, *_ in workload[:5])
+        assert all("worker 1 exited" in e or "worker 1" in e for e in errors.values()), errors
+        assert not parallel.healthy()
+        with pytest.raises(EngineError, match="worker 1"):
+            parallel.add_request("late", [5, 6, 7])
+    finally:
+        parallel.close()
+
+
+def test_bad_sizes_are_refused_at_start(tp_fleet, gpt2_dir, monkeypatch):
+    base_dir, adapters, _, _ = tp_fleet
+    with pytest.raises(ConfigError, match="does not divide num_attention_heads 4"):
+        Engine(base_dir, config=EngineConfig(tensor_parallel_size=3))
+    with pytest.raises(ConfigError, match="CPU cores"):   # 4 heads: 4 ranks divide them
+        monkeypatch.setattr(os, "cpu_count", lambda: 2)
+        Engine(base_dir, config=EngineConfig(tensor_parallel_size=4))
+    with pytest.raises(ConfigError, match="c_attn"):
+        Engine(gpt2_dir, config=EngineConfig(tensor_parallel_size=2))
+    with pytest.raises(ConfigError, match="tensor_parallel_size"):
+        EngineConfig(tensor_parallel_size=0)
+
+
+def test_shard_pages_splits_the_matching_halves():
+    """Column-parallel: B^T's output columns split, A whole; row-parallel: A's input columns
+    split, B^T whole; each rank's part first in its row's pages, zero-padded."""
+    from lorafleet.serve.adapter_registry import ModuleSlice
+
+    H = 4
+    col = ModuleSlice(rank=2, in_features=4, out_features=8, scaling=1.0, a_page=0,
+                      a_pages_per_row=1, b_page=2, b_pages_per_row=2)
+    row = ModuleSlice(rank=1, in_features=8, out_features=4, scaling=1.0, a_page=6,
+                      a_pages_per_row=2, b_page=8, b_pages_per_row=1)
+    pages = torch.arange(9 * H, dtype=torch.float32).view(9, H)
+    plans = [{"c": Shard("column", 0, 4), "r": Shard("row", 0, 4)},
+             {"c": Shard("column", 4, 8), "r": Shard("row", 4, 8)}]
+    out = shard_pages({"c": col, "r": row}, pages, plans).view(9, 2, H)
+    for rank in range(2):
+        got = out[:, rank]
+        torch.testing.assert_close(got[0:2], pages[0:2])            # A of "c": replicated
+        bt = pages[2:6].reshape(2, 8)[:, rank * 4:(rank + 1) * 4]
+        torch.testing.assert_close(got[2:6].reshape(2, 8)[:, :4], bt)
+        assert not got[2:6].reshape(2, 8)[:, 4:].any()
+        a = pages[6:8].reshape(1, 8)[:, rank * 4:(rank + 1) * 4]
+        torch.testing.assert_close(got[6:8].reshape(1, 8)[:, :4], a)
+        torch.testing.assert_close(got[8], pages[8])                # B^T of "r": replicated
