@@ -159,3 +159,85 @@ def test_shard_pages_splits_the_matching_halves():
         a = pages[6:8].reshape(1, 8)[:, rank * 4:(rank + 1) * 4]
         torch.testing.assert_close(got[6:8].reshape(1, 8)[:, :4], a)
         torch.testing.assert_close(got[8], pages[8])                # B^T of "r": replicated
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is `pid` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.slow
+def test_serve_cli_tensor_parallel_with_openai_client(tp_fleet, tmp_path):
+    """`lorafleet serve --tensor-parallel-size 2` answers the openai client with the
+    single-process engine's greedy text; a killed worker turns /health unhealthy and requests
+    into errors, not a hang."""
+    import re
+    import subprocess
+    import sys
+
+    import httpx
+    import openai
+
+    base_dir, adapters, _, _ = tp_fleet
+    if "qwen2" in str(base_dir):
+        pytest.skip("one model family is enough through the CLI")
+    names = ["t00", "t03", "t07"]
+    single = _engine(base_dir, {n: adapters[n] for n in names})
+    prompts = ["the quick brown fox", "hello world"]
+    params = SamplingParams(max_tokens=8, temperature=0)
+    expected = {(n, p): single.generate([p], [n], params)[0].text
+                for n in [*names, None] for p in prompts}
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lorafleet.cli", "serve", "--model", str(base_dir),
+             "--served-model-name", "tiny", "--port", "0", "--num-pages", "2048",
+             "--dtype", "float32", "--tensor-parallel-size", "2",
+             *[f"--adapter={n}={adapters[n]}" for n in names]],
+            stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline, url = time.monotonic() + 120, None
+        while url is None:
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            found = re.search(r"listening (http://127\.0\.0\.1:\d+)/v1", log_path.read_text())
+            url = found and found.group(1)
+            time.sleep(0.2)
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
+                               timeout=60)
+        for (name, prompt), text in expected.items():
+            out = client.completions.create(model=name or "tiny", prompt=prompt, max_tokens=8,
+                                            temperature=0)
+            assert out.choices[0].text == text, (name, prompt)
+        workers = [pid for pid in _children(proc.pid)       # spawned workers, not the
+                   if "spawn_main" in open(f"/proc/{pid}/cmdline").read()]  # resource tracker
+        assert workers, "no tensor-parallel worker process found"
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(openai.APIError):
+            client.completions.create(model="t00", prompt="the quick", max_tokens=8,
+                                      temperature=0)
+        assert time.monotonic() - started < 30
+        health = httpx.get(url + "/health", timeout=5)
+        assert health.status_code == 503 and "worker" in health.text, health.text
+    finally:
+        proc.kill()
+        proc.wait(30)

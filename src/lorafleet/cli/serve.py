@@ -107,6 +107,11 @@ def add_parser(subparsers) -> None:
                    help="adapters whose page copy stays in host memory after they enter the "
                         "pool, least recently used dropped first (vLLM's flag; default: none, "
                         "an evicted adapter is read from disk again)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int,
+                   default=_default("tensor_parallel_size"),
+                   help="split the model over N processes on this machine (Megatron-style, "
+                        "adapters split to match; gloo on CPU): Llama family only "
+                        "(default %(default)s)")
     p.add_argument("--max-num-seqs", type=int, default=_default("max_num_seqs"),
                    help="running batch size cap (default %(default)s)")
     p.add_argument("--max-num-batched-tokens", type=int,
@@ -226,6 +231,7 @@ def build(args):
     from lorafleet.api.server import ServerConfig, create_app
     from lorafleet.api.state import read_generation_defaults
     from lorafleet.models import load_model, load_tokenizer
+    from lorafleet.models.config import ModelConfig
     from lorafleet.serve import Engine, EngineConfig
 
     adapters = parse_adapter_args(args.adapter)
@@ -244,12 +250,19 @@ def build(args):
     if args.chat_template:
         tokenizer.chat_template, tokenizer._template = load_chat_template(args.chat_template), None
     dtype = resolve_dtype(args.dtype, args.model, args.device, prefer_half=True)
-    if args.quantize == "nf4":
+    if args.tensor_parallel_size > 1:
+        if args.quantize:
+            raise ConfigError("--tensor-parallel-size with --quantize nf4 is not supported yet")
+        # The engine loads it (rank 0's shard) and each worker loads its own from the folder.
+        model = args.model
+        positions = ModelConfig.from_hf(args.model).max_position_embeddings
+    elif args.quantize == "nf4":
         from lorafleet.quant import load_quantized_model  # lazily: only NF4 users pay for it
         model = load_quantized_model(args.model, dtype=dtype, device=args.device)
     else:
         model = load_model(args.model, dtype=dtype, device=args.device)
-    positions = model.config.max_position_embeddings
+    if args.tensor_parallel_size <= 1:
+        positions = model.config.max_position_embeddings
     if args.max_model_len is not None and args.max_model_len > positions:
         raise ConfigError(f"--max-model-len {args.max_model_len} exceeds the model's "
                           f"max_position_embeddings ({positions})")
@@ -258,7 +271,8 @@ def build(args):
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.chunked_prefill, max_cpu_loras=args.max_cpu_loras,
         max_lora_rank=args.max_lora_rank, max_adapters_per_step=args.max_loras,
-        max_model_len=args.max_model_len, dtype=dtype, device=args.device))
+        max_model_len=args.max_model_len, dtype=dtype, device=args.device,
+        tensor_parallel_size=args.tensor_parallel_size))
     if args.adapter_dir:
         # Every folder of the dir can be named by a request (resolved on demand); an explicit
         # --adapter of the same name, registered after, wins.
@@ -270,7 +284,7 @@ def build(args):
         model_name=served_name,
         max_model_len=max_model_len, max_tokens_limit=args.max_tokens_limit,
         max_queue=args.max_queue, adapter_dir=args.adapter_dir, api_keys=keys,
-        vocab_size=model.config.vocab_size, log_requests=args.log_requests,
+        vocab_size=engine.model.config.vocab_size, log_requests=args.log_requests,
         generation_defaults=read_generation_defaults(args.model),
         **({"max_body_bytes": args.max_body_bytes} if args.max_body_bytes else {}))
     return engine, tokenizer, create_app(engine, tokenizer, config), config

@@ -78,6 +78,9 @@ class AsyncEngine:
             return self.dead
         if not self._thread.is_alive() and not self._stopping:
             return "the engine thread is not running"
+        parallel = getattr(self.engine, "parallel", None)
+        if parallel is not None and not parallel.healthy():      # a tensor-parallel worker died
+            return parallel.failure()
         if self.last_step_failed:
             return f"the last engine step failed ({self.failed_steps} failed steps so far)"
         return None
