@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -121,6 +122,24 @@ def test_inspect_equals_the_cli_and_respects_the_key(server, capsys):
     assert get(server, "/v1/adapters/alpha", key=None).status_code == 401
     wrong = get(server, "/v1/adapters/alpha", "sk-wrong")
     assert wrong.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_inspect_of_a_folder_gone_from_disk_is_a_clear_400(server):
+    folder = server.adapter_dir / "delta-gone"
+    shutil.copytree(server.adapter_dir / "gamma", folder)
+    admin = {"Authorization": "Bearer sk-admin"}
+    loaded = httpx.post(server.url + "/v1/load_lora_adapter", headers=admin, timeout=30,
+                        json={"lora_name": "delta-gone", "lora_path": "delta-gone"})
+    assert loaded.status_code == 200, loaded.text
+    shutil.rmtree(folder)
+    try:
+        resp = get(server, "/v1/adapters/delta-gone")
+        error = resp.json()["error"]
+        assert resp.status_code == 400 and error["code"] == "adapter_unreadable"
+        assert str(server.adapter_dir) not in error["message"]
+    finally:
+        httpx.post(server.url + "/v1/unload_lora_adapter", headers=admin, timeout=30,
+                   json={"lora_name": "delta-gone"})
 
 
 def test_stats_needs_a_key_and_reports_the_engine(server, client):

@@ -75,7 +75,14 @@ def _inspect(state: ServerState, name: str) -> dict | None:
     folder = _folder(state, name)
     if folder is None:
         return None
-    info = inspect_adapter(folder)
+    try:
+        info = inspect_adapter(folder)
+    # OSError: the folder changed on disk since it was registered (removed, unreadable).
+    except (LoraFleetError, OSError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ApiError(400, f"adapter {name!r} cannot be inspected: "
+                            f"{reason.replace(str(folder), folder.name)}", param="name",
+                       code="adapter_unreadable") from exc
     # The folder's name only: the server's file layout is not the client's business.
     info["path"] = folder.name
     return info
@@ -87,11 +94,7 @@ async def inspect(request: Request, name: str):
     grant = authorize(request)
     if name not in await asyncio.to_thread(visible_models, state, grant):
         raise model_not_found(state, name)
-    try:
-        info = await asyncio.to_thread(_inspect, state, name)
-    except LoraFleetError as exc:
-        raise ApiError(400, f"adapter {name!r} cannot be inspected: {exc}", param="name",
-                       code="adapter_unreadable") from exc
+    info = await asyncio.to_thread(_inspect, state, name)
     if info is None:
         raise ApiError(404, f"adapter {name!r} was registered from tensors in memory: it has "
                             f"no folder to inspect", param="name", code="no_folder")
