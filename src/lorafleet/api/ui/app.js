@@ -157,7 +157,9 @@ function renderModelChoices() {
                      ` ${id}${id === state.baseModel ? " (base)" : ""}`);
     box.append(label);
   });
-  if (!state.models.length) box.append(el("span", { class: "muted", text: "No models: enter an API key." }));
+  if (!state.models.length) {
+    box.append(el("span", { class: "muted", text: "No models: enter an API key." }));
+  }
 }
 
 // ---- compare: one prompt to several models, streamed side by side ---------------------------
@@ -227,7 +229,8 @@ async function runColumn(column, model, controller) {
       if (event.error) throw new ApiError("in stream", event.error.message, event.error.code);
       if (event.usage) usage = event.usage;
       for (const choice of event.choices || []) {
-        const text = choice.text !== undefined ? choice.text : (choice.delta && choice.delta.content) || "";
+        // completions: choice.text; chat: choice.delta.content
+        const text = choice.text ?? (choice.delta && choice.delta.content) ?? "";
         if (text) {
           const now = performance.now();
           if (first === null) { first = now; set("ttft", `${(now - start).toFixed(0)} ms`); }
@@ -251,7 +254,8 @@ async function runColumn(column, model, controller) {
     if (error.name === "AbortError") {
       set("finish", "stopped");
     } else {
-      const code = error instanceof ApiError ? `${error.status}${error.code ? " " + error.code : ""}: ` : "";
+      const code = error instanceof ApiError
+        ? `${error.status}${error.code ? " " + error.code : ""}: ` : "";
       column.querySelector(".col-error").textContent = `${code}${error.message}`;
       showError(error, `${model}`);
     }
@@ -327,7 +331,8 @@ function renderAdapters() {
       el("td", { "data-label": "Actions" }, actions));
   }));
   const total = (state.adapters || []).length;
-  $("#adapter-count").textContent = filter ? `${rows.length} of ${total} adapters` : `${total} adapters`;
+  $("#adapter-count").textContent =
+    filter ? `${rows.length} of ${total} adapters` : `${total} adapters`;
 }
 
 async function inspectAdapter(name) {
@@ -337,7 +342,8 @@ async function inspectAdapter(name) {
     fields.replaceChildren();
     for (const [key, value] of Object.entries(info)) {
       if (key === "object") continue;
-      const shown = value === null ? "–" : typeof value === "object" ? JSON.stringify(value) : String(value);
+      const shown = value === null ? "–"
+        : typeof value === "object" ? JSON.stringify(value) : String(value);
       fields.append(el("dt", { text: key }), el("dd", { "data-field": key, text: shown }));
     }
     $("#inspect").hidden = false;
@@ -391,8 +397,10 @@ const CHARTS = [
     { label: "generated tokens/s", color: "#6639ba",
       value: (s, p) => rate(s, p, "generated_tokens") } ] },
   { id: "hits", title: "Adapter cache hit rate", unit: "%", series: [
-    { label: "pool hits (window)", color: "#1a7f37", value: (s, p) => hitRate(s, p, "cache_hits", "cache_misses") },
-    { label: "host hits (window)", color: "#9a6700", value: (s, p) => hitRate(s, p, "host_cache_hits", "host_cache_misses") } ] },
+    { label: "pool hits (window)", color: "#1a7f37",
+      value: (s, p) => hitRate(s, p, "cache_hits", "cache_misses") },
+    { label: "host hits (window)", color: "#9a6700",
+      value: (s, p) => hitRate(s, p, "host_cache_hits", "host_cache_misses") } ] },
   { id: "loads", title: "Adapter loads and evictions", unit: "per s", series: [
     { label: "loads", color: "#0b5cad", value: (s, p) => rate(s, p, "adapter_loads") },
     { label: "evictions", color: "#cf222e", value: (s, p) => rate(s, p, "cache_evictions") },
@@ -400,7 +408,8 @@ const CHARTS = [
   // Only for a key with limits (keys file: max_concurrent, tokens_per_minute).
   { id: "quota", title: "This key's quota", unit: "% of limit", series: [
     { label: "sequences in flight", color: "#0b5cad",
-      value: (s) => s.key && s.key.max_concurrent ? (100 * s.key.in_flight) / s.key.max_concurrent : undefined },
+      value: (s) => s.key && s.key.max_concurrent
+        ? (100 * s.key.in_flight) / s.key.max_concurrent : undefined },
     { label: "tokens per minute used", color: "#b35900",
       value: (s) => s.key && s.key.tokens_per_minute
         ? 100 * (1 - s.key.tokens_available / s.key.tokens_per_minute) : undefined } ] },
@@ -421,9 +430,12 @@ function hitRate(sample, previous, hitsKey, missesKey) {
 }
 
 function buildCharts() {
-  $("#charts").replaceChildren(...CHARTS.map((chart) => el("figure", { class: "chart", id: `chart-${chart.id}` },
+  $("#charts").replaceChildren(...CHARTS.map((chart) => el("figure",
+    { class: "chart", id: `chart-${chart.id}` },
     el("figcaption", { id: `chart-${chart.id}-title`, text: `${chart.title} (${chart.unit})` }),
-    el("canvas", { role: "img", "aria-labelledby": `chart-${chart.id}-title chart-${chart.id}-legend` }),
+    // The canvas is named by its title and its legend (the latest values, as text).
+    el("canvas", { role: "img",
+                   "aria-labelledby": `chart-${chart.id}-title chart-${chart.id}-legend` }),
     el("ul", { class: "legend", id: `chart-${chart.id}-legend` }))));
 }
 
@@ -446,7 +458,8 @@ function drawCharts() {
       const swatch = el("span", { class: "swatch", "aria-hidden": "true" });
       swatch.style.background = s.color;
       return el("li", { "data-series": s.label }, swatch,
-                `${s.label}: ${latest === undefined ? "–" : formatNumber(Math.round(latest * 10) / 10)}`);
+                `${s.label}: ${latest === undefined ? "–"
+                                : formatNumber(Math.round(latest * 10) / 10)}`);
     }));
   }
 }
@@ -502,7 +515,8 @@ function renderStatsTable(sample) {
   const rows = [["time", new Date(sample.time * 1000).toISOString()]];
   for (const [key, value] of Object.entries(sample.server)) rows.push([`server.${key}`, value]);
   for (const [key, value] of Object.entries(sample.key || {})) {
-    rows.push([`key.${key}`, value !== null ? value : key === "key_id" ? "– (no keys file)" : "no limit"]);
+    const shown = value !== null ? value : key === "key_id" ? "– (no keys file)" : "no limit";
+    rows.push([`key.${key}`, shown]);
   }
   for (const [key, value] of Object.entries(sample.engine)) rows.push([key, value]);
   $("#stats-table tbody").replaceChildren(...rows.map(([key, value]) =>
