@@ -71,3 +71,81 @@ def test_top_k_top_p_property_vs_transformers(rows, vocab, data):
             x = TopPLogitsWarper(ps[row])(None, x)
         assert torch.equal(ours[row:row + 1].isinf(), x.isinf())
         assert not ours[row].isinf().all()
+
+
+# ---- penalties, min_p (issue 16) ------------------------------------------------------------------
+
+def test_repetition_penalty_matches_transformers():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from lorafleet.models.sampling import apply_repetition_penalty, token_counts
+
+    torch.manual_seed(1)
+    logits = torch.randn(3, 40) * 4
+    ids = [[1, 5, 5, 30], [0, 39, 2], [7]]
+    penalties = [1.3, 0.7, 2.0]
+    seen = token_counts(ids, 40, "cpu") > 0
+    ours = apply_repetition_penalty(logits, seen, torch.tensor(penalties))
+    for row, (row_ids, p) in enumerate(zip(ids, penalties)):
+        expected = RepetitionPenaltyLogitsProcessor(p)(torch.tensor([row_ids]),
+                                                       logits[row:row + 1].clone())
+        torch.testing.assert_close(ours[row:row + 1], expected)
+
+
+def test_min_p_matches_transformers_after_temperature_top_k_top_p():
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    from lorafleet.models.sampling import min_p_filter
+
+    torch.manual_seed(2)
+    logits = torch.randn(4, 60) * 3
+    min_ps = [0.0, 0.05, 0.3, 1.0]
+    ours = min_p_filter(logits, torch.tensor(min_ps))
+    for row, m in enumerate(min_ps):
+        expected = logits[row:row + 1].clone()
+        if m > 0:
+            expected = MinPLogitsWarper(m)(None, expected)
+        assert torch.equal(ours[row:row + 1].isinf(), expected.isinf()), row
+    # the whole chain against transformers' warpers in transformers' order
+    t, k, p, m = 0.8, 20, 0.9, 0.1
+    x = TemperatureLogitsWarper(t)(None, logits.clone())
+    x = TopPLogitsWarper(p)(None, TopKLogitsWarper(k)(None, x))
+    x = MinPLogitsWarper(m)(None, x)
+    torch.testing.assert_close(probabilities(logits, t, k, p, m), x.softmax(-1))
+    # min_p = 1 keeps only the most likely token: sampling is then greedy
+    assert torch.equal(sample(logits, 1.0, min_p=1.0), logits.argmax(-1))
+
+
+def test_frequency_presence_penalties_match_the_openai_formula():
+    from lorafleet.models.sampling import apply_frequency_presence, token_counts
+
+    torch.manual_seed(3)
+    logits = torch.randn(2, 12)
+    outputs = [[3, 3, 3, 7], [11]]
+    freq, pres = [0.5, -1.0], [1.5, 0.25]
+    ours = apply_frequency_presence(logits, token_counts(outputs, 12, "cpu"),
+                                    torch.tensor(freq), torch.tensor(pres))
+    for row in range(2):       # OpenAI's documented formula, token by token
+        for token in range(12):
+            count = outputs[row].count(token)
+            expected = logits[row, token] - count * freq[row] - (count > 0) * pres[row]
+            assert abs(float(ours[row, token]) - float(expected)) < 1e-6
+
+
+def test_sampling_params_check_the_new_fields():
+    import pytest
+
+    from lorafleet.errors import SamplingError
+    from lorafleet.models.sampling import SamplingParams
+
+    for bad in [dict(presence_penalty=3), dict(frequency_penalty=True),
+                dict(repetition_penalty=0), dict(min_p=1.5), dict(logit_bias={1: 200}),
+                dict(logit_bias={"a": 1}), dict(stop_token_ids=[-1]),
+                dict(min_tokens=20, max_tokens=10), dict(prompt_logprobs=21),
+                dict(json_object=1)]:
+        with pytest.raises(SamplingError, match=next(iter(bad)).split("_")[0]):
+            SamplingParams(**bad)
+    params = SamplingParams(max_tokens=8, min_tokens=8, logit_bias={3: -100.0},
+                            stop_token_ids=(4,), prompt_logprobs=0)
+    assert params.stop_token_ids == [4] and not params.has_penalties
+    assert SamplingParams(repetition_penalty=1.1).has_penalties

@@ -4,6 +4,10 @@
                      "tokens"}                                  (the chat template applied)
     POST /detokenize {"tokens": [ids]}                          -> {"prompt": "text"}
     GET  /version                                               -> {"version": "0.1.0"}
+    GET  /tokenizer_info        {"eos_token", "bos_token", "pad_token", "chat_template", ...}
+
+lm-evaluation-harness's `local-completions` finds /tokenizer_info and /tokenize and then
+tokenizes through the server (no local copy of the tokenizer needed).
 
 Both POST routes take the caller's key like the generation routes (`model`, when given, must
 be one the key may use); they never touch the engine.
@@ -88,3 +92,16 @@ async def detokenize(request: Request):
 async def version() -> dict[str, Any]:
     from lorafleet import __version__
     return {"version": __version__}
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: Request):
+    state: ServerState = request.app.state.lorafleet
+    authorize(request)
+    tokenizer = state.tokenizer
+    special = dict(getattr(tokenizer, "special_tokens", {}) or {})
+    return {"tokenizer_class": type(tokenizer).__name__,
+            "eos_token": special.get("eos_token"), "bos_token": special.get("bos_token"),
+            "pad_token": special.get("pad_token"), "unk_token": special.get("unk_token"),
+            "chat_template": getattr(tokenizer, "chat_template", None),
+            "model_max_length": state.config.max_model_len}

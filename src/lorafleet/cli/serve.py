@@ -196,9 +196,9 @@ def api_keys(args):
     if args.api_keys:
         if not Path(args.api_keys).is_file():
             # Never echo the value: a user who typed a key here would see it in logs.
-            raise ConfigError("--api-keys expects a JSON keys file, and the value given is not "
-                              "an existing file (value not shown: it may be a secret); to pass "
-                              "a key itself use --api-key KEY")
+            raise ConfigError("--api-keys expects a JSON keys file, and the file given does "
+                              "not exist (its name is not shown: it may be a key); to pass a "
+                              "key itself use --api-key KEY")
         grants.update(ApiKeys.from_file(args.api_keys).grants)
     extra = list(args.api_key) + [os.environ[v] for v in API_KEY_ENV if os.environ.get(v)]
     for key in extra:
