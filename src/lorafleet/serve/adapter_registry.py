@@ -36,6 +36,7 @@ class ModuleSlice:
     a_pages_per_row: int
     b_page: int          # first page of B^T's rows
     b_pages_per_row: int
+    m_page: int = -1     # DoRA: first page of the magnitude m [out] (b_pages_per_row pages); -1: none
 
 
 @dataclass
@@ -63,14 +64,16 @@ class AdapterSpec:
     registration is recognised and dropped."""
 
     __slots__ = ("name", "path", "root", "layout", "module_names", "ranks", "scalings",
-                 "num_pages", "max_rank", "version")
+                 "num_pages", "max_rank", "version", "dora")
 
     def __init__(self, name: str, path: Path | None, layout: BaseLayout,
-                 module_names: tuple[str, ...], ranks: array, scalings: array, version: int = 0):
+                 module_names: tuple[str, ...], ranks: array, scalings: array, version: int = 0,
+                 dora: bool = False):
         self.name, self.path, self.root, self.layout = name, path, None, layout
         self.module_names, self.ranks, self.scalings = module_names, ranks, scalings
-        self.num_pages = sum(r * (cdiv(layout.targets[m][0], layout.page_size)
-                                  + cdiv(layout.targets[m][1], layout.page_size))
+        self.dora = dora     # DoRA: one more row of pages per module, its magnitude m [out]
+        self.num_pages = sum(r * cdiv(layout.targets[m][0], layout.page_size)
+                             + (r + dora) * cdiv(layout.targets[m][1], layout.page_size)
                              for m, r in zip(module_names, ranks))
         self.max_rank = max(ranks)
         self.version = version
@@ -81,9 +84,10 @@ class AdapterSpec:
         for module, rank, scaling in zip(self.module_names, self.ranks, self.scalings):
             fan_in, fan_out = self.layout.targets[module]
             a_ppr, b_ppr = cdiv(fan_in, page_size), cdiv(fan_out, page_size)
+            b_page = next_page + rank * a_ppr
             out[module] = ModuleSlice(rank, fan_in, fan_out, scaling, next_page, a_ppr,
-                                      next_page + rank * a_ppr, b_ppr)
-            next_page += rank * (a_ppr + b_ppr)
+                                      b_page, b_ppr, b_page + rank * b_ppr if self.dora else -1)
+            next_page += rank * (a_ppr + b_ppr) + (b_ppr if self.dora else 0)
         return out
 
 
@@ -91,11 +95,6 @@ def build_spec(name: str, adapter: PeftAdapter, layout: BaseLayout) -> AdapterSp
     """Check a parsed adapter (header-only or with data) against the base and lay it out.
     Raises AdapterError / ShapeError naming the adapter and the module."""
     names = sorted(adapter.modules)
-    if adapter.config.use_dora:
-        # DoRA rescales the base output per row (lora/dora.py); the batched kernels add B A x
-        # only, so serving it here would give wrong outputs.
-        raise AdapterError(f"adapter {name!r}: use_dora=true: DoRA adapters are not served by "
-                           f"the engine yet; merge it into the base (lorafleet merge) to serve it")
     init = adapter.config.init_lora_weights
     if isinstance(init, str) and init.split("_niter_")[0] in ("pissa", "olora", "loftq"):
         # trained over a residual base the engine does not hold (lora/init.py)
@@ -132,7 +131,8 @@ def build_spec(name: str, adapter: PeftAdapter, layout: BaseLayout) -> AdapterSp
                                f"than the engine's max_lora_rank {layout.max_rank}")
     return AdapterSpec(name, adapter.path, layout, layout.module_set(tuple(names)),
                        array("I", (adapter.modules[m].rank for m in names)),
-                       array("d", (adapter.modules[m].scaling for m in names)))
+                       array("d", (adapter.modules[m].scaling for m in names)),
+                       dora=adapter.config.use_dora)
 
 
 def adapter_pages(spec: AdapterSpec, adapter: PeftAdapter, dtype: torch.dtype) -> torch.Tensor:
@@ -156,6 +156,9 @@ def adapter_pages(spec: AdapterSpec, adapter: PeftAdapter, dtype: torch.dtype) -
             r, dim = matrix.shape        # [r, dim] -> r * pages_per_row pages
             block = pages[first:first + r * pages_per_row].view(r, pages_per_row * page_size)
             block[:, :dim] = matrix.to(dtype)
+        if s.m_page >= 0:    # DoRA's magnitude: one row like a row of B^T
+            pages[s.m_page:s.m_page + s.b_pages_per_row].view(-1)[:s.out_features] = \
+                lora.magnitude.to(dtype)
     return pages
 
 
@@ -189,6 +192,9 @@ def file_pages(spec: AdapterSpec, path: Path, dtype: torch.dtype) -> torch.Tenso
             r, dim = matrix.shape        # [r, dim] -> r * pages_per_row pages
             block = pages[first:first + r * pages_per_row].reshape(r, pages_per_row * page_size)
             block[:, :dim] = matrix
+        if s.m_page >= 0:    # DoRA's magnitude: one row like a row of B^T
+            pages[s.m_page:s.m_page + s.b_pages_per_row].reshape(-1)[:s.out_features] = \
+                _converted(*arrays[key + "magnitude_vector"], dtype)
     tensor = torch.from_numpy(pages)
     return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
 

@@ -70,6 +70,7 @@ class _AdapterRows:
     rows: torch.Tensor          # int32 [M, 3]: (first A page, first B^T page, rank), relative
     scaling: torch.Tensor       # float32 [M]
     modules: frozenset[int]     # the modules it adapts
+    dora: dict[int, ModuleSlice] # DoRA adapters: module index -> its slice (magnitude page)
 
 
 @dataclass
@@ -111,6 +112,7 @@ class LoraBatchBuilder:
             self._batches.move_to_end(batch_key)
             return self._batches[batch_key]
         batch = self._build(self._plan(plan_key), names, runs)
+        self._add_dora(batch, plan_key, runs)
         self._batches[batch_key] = batch
         if len(self._batches) > PLAN_CACHE_SIZE:
             self._batches.popitem(last=False)
@@ -146,6 +148,22 @@ class LoraBatchBuilder:
                 plan.page_ids, plan.max_rank[m], max_rows)
         return LoraBatch(modules, self.pages, self.kernel or self._sgmv_torch)
 
+    def _add_dora(self, batch: LoraBatch, plan_key: tuple, runs) -> None:
+        """DoRA adapters' row ranges per module (`PagedModuleLora.dora`): the kernel adds their
+        s B A x like any LoRA's; BatchedLoraLinear then rescales those rows (lora_ops.py)."""
+        adapters = {name: self._adapter_rows_of(name, load_id) for name, load_id in plan_key}
+        if not any(a.dora for a in adapters.values()):
+            return
+        load_ids, row, per_module = dict(plan_key), 0, {}
+        for name, n in runs:
+            if name is not None:
+                for m, s in adapters[name].dora.items():
+                    per_module.setdefault(self.modules[m], []).append(
+                        (row, row + n, (name, load_ids[name]), self.cache.resident[name], s))
+            row += n
+        for module, segments in per_module.items():
+            batch.modules[module].dora = tuple(segments)
+
     def _plan(self, plan_key: tuple) -> _Plan:
         if plan_key in self._plans:
             self._plans.move_to_end(plan_key)
@@ -172,9 +190,12 @@ class LoraBatchBuilder:
         if key not in self._adapter_rows:
             rows = [[0, 0, 0] for _ in self.modules]
             scaling = [0.0] * len(self.modules)
+            dora = {}
             for module, s in self.cache.host[name].modules.items():
                 m = self._module_index[module]
                 rows[m], scaling[m] = [s.a_page, s.b_page, s.rank], s.scaling
+                if getattr(s, "m_page", -1) >= 0:
+                    dora[m] = s
             device = self.pages.device
             self._adapter_rows = {k: v for k, v in self._adapter_rows.items()
                                   if self.cache.load_id.get(k[0]) == k[1]}   # drop unloaded
@@ -182,5 +203,5 @@ class LoraBatchBuilder:
                 torch.tensor(self.cache.resident[name], dtype=torch.int32, device=device),
                 torch.tensor(rows, dtype=torch.int32, device=device),
                 torch.tensor(scaling, dtype=torch.float32, device=device),
-                frozenset(self._module_index[m] for m in self.cache.host[name].modules))
+                frozenset(self._module_index[m] for m in self.cache.host[name].modules), dora)
         return self._adapter_rows[key]

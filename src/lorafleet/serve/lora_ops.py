@@ -54,6 +54,7 @@ from lorafleet.models.modules import linear_features
 # larger, which favours the dense path even more.
 CALL_COST_MACS = 2_000_000
 CALLS_PER_SEGMENT = 6          # 4 slicing views + shrink + expand
+DORA_FACTORS_KEPT = 64         # DoRA rescale vectors kept per projection (one per adapter load)
 
 
 @dataclass
@@ -79,6 +80,9 @@ class PagedModuleLora:
     page_ids: torch.Tensor     # int32 [K]
     max_rank: int              # largest seg_rank (grid sizing)
     max_rows: int              # longest segment
+    # DoRA segments: (first row, end row, (adapter, load id), its page ids, its ModuleSlice);
+    # the kernels ignore them, BatchedLoraLinear rescales those rows after the kernel.
+    dora: tuple = ()
 
     @functools.cached_property
     def copy_plan(self) -> CopyPlan:
@@ -271,6 +275,8 @@ class BatchedLoraLinear(nn.Module):
         super().__init__()
         self.base_layer, self.name = base_layer, name
         self.in_features, self.out_features = linear_features(base_layer)
+        # DoRA: g = m / ||W0 + s B A||_row per (adapter, load id), computed on first use
+        self._dora_factors: dict[tuple, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
         y = self.base_layer(x)
@@ -281,4 +287,39 @@ class BatchedLoraLinear(nn.Module):
         # The kernels take x, y and the pool in one dtype; a 4-bit base may compute in another.
         kernel = lora.kernel if x2d.dtype == y2d.dtype == lora.pages.dtype else sgmv_torch
         kernel(y2d, x2d, lora.pages, module)
+        for start, end, key, page_ids, s in module.dora:
+            # DoRA (lora/dora.py): y = g * (W0 x + s B A x) + bias for this adapter's rows
+            factor = self._dora_factor(key, lora.pages, page_ids, s).to(y2d.dtype)
+            bias = getattr(self.base_layer, "bias", None)
+            rows = y2d[start:end]
+            if bias is None:
+                rows.mul_(factor)
+            else:
+                rows.sub_(bias.to(y2d.dtype)).mul_(factor).add_(bias.to(y2d.dtype))
         return y
+
+    @torch.no_grad()
+    def _dora_factor(self, key: tuple, pages: torch.Tensor, page_ids, s) -> torch.Tensor:
+        """g = m / ||W0 + s B A||_row of one resident DoRA adapter, from its pool pages and the
+        base weight, once per load (it costs about r/in of a full matmul with W0; later steps
+        pay one multiply per output of its rows)."""
+        if key in self._dora_factors:
+            return self._dora_factors[key]
+        from lorafleet.lora.dora import dora_factor
+        from lorafleet.models.modules import is_conv1d
+
+        def rows(first: int, count: int, per_row: int, width: int) -> torch.Tensor:
+            ids = torch.tensor(page_ids[first:first + count * per_row], device=pages.device)
+            return pages.index_select(0, ids).view(count, -1)[:, :width]
+
+        a = rows(s.a_page, s.rank, s.a_pages_per_row, s.in_features)
+        bt = rows(s.b_page, s.rank, s.b_pages_per_row, s.out_features)
+        magnitude = rows(s.m_page, 1, s.b_pages_per_row, s.out_features)[0]
+        weight = self.base_layer.weight
+        weight = (weight.T if is_conv1d(self.base_layer) else weight).float()
+        factor = dora_factor(magnitude.float(), weight,
+                             (bt.float().T @ a.float()) * s.scaling)
+        if len(self._dora_factors) >= DORA_FACTORS_KEPT:   # bounded: drop the oldest
+            self._dora_factors.pop(next(iter(self._dora_factors)))
+        self._dora_factors[key] = factor
+        return factor
