@@ -46,6 +46,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from lorafleet.errors import EngineError
 from lorafleet.models.modules import linear_features
 
 # Cost model for choosing the dense path: one framework call (dispatch + a tiny matmul) costs
@@ -317,6 +318,12 @@ class BatchedLoraLinear(nn.Module):
         magnitude = rows(s.m_page, 1, s.b_pages_per_row, s.out_features)[0]
         weight = self.base_layer.weight
         weight = (weight.T if is_conv1d(self.base_layer) else weight).float()
+        full = (s.out_features, s.in_features)
+        if tuple(weight.shape) != full or a.shape[1] != full[1] or bt.shape[1] != full[0]:
+            # a tensor-parallel shard holds part of W0's rows or columns and of every page;
+            # the row norm needs all of them
+            raise EngineError(f"adapter {key[0]!r}: DoRA adapters are not served with tensor "
+                              f"parallelism ({self.name}: shard {list(weight.shape)} of {list(full)})")
         factor = dora_factor(magnitude.float(), weight,
                              (bt.float().T @ a.float()) * s.scaling)
         if len(self._dora_factors) >= DORA_FACTORS_KEPT:   # bounded: drop the oldest
