@@ -150,10 +150,48 @@ def test_bad_dora_input_names_the_field(llama_dir, tmp_path):
         LoraConfig(use_dora="yes")
 
 
-def test_engine_refuses_dora_by_name(llama_dir, tmp_path):
+def test_engine_registry_lays_out_the_magnitude(llama_dir, tmp_path):
+    """A DoRA adapter takes one more row of B^T-sized pages per module: its magnitude."""
     from lorafleet.serve.adapter_registry import BaseLayout, read_spec
 
     _peft_dora(llama_dir, r=2, target_modules=["q_proj"]).save_pretrained(tmp_path / "d")
-    layout = BaseLayout({f"model.layers.{i}.self_attn.q_proj": (64, 64) for i in range(2)}, 64, 16)
-    with pytest.raises(AdapterError, match="'mine'.*use_dora"):
-        read_spec("mine", tmp_path / "d", layout)
+    targets = {n: (m.in_features, m.out_features) for n, m in hf_model(llama_dir).named_modules()
+               if n.endswith("q_proj")}
+    spec = read_spec("mine", tmp_path / "d", BaseLayout(targets, 32, 16))
+    assert spec.dora
+    pages = {n: 2 * (-(-i // 32)) + 3 * (-(-o // 32)) for n, (i, o) in targets.items()}
+    assert spec.num_pages == sum(pages.values())
+    slices = list(spec.modules.values())
+    assert all(s.m_page == s.b_page + 2 * s.b_pages_per_row for s in slices)
+
+
+def test_dora_over_a_4bit_base_equals_dora_over_its_dequantized_weight():
+    """The QLoRA case: DoRA's norm uses the dequantized NF4 weight (as PEFT does with bnb's);
+    merging into the 4-bit base dequantizes, rescales and requantizes (it rounds)."""
+    from torch import nn
+
+    from lorafleet.lora import LoraLinear
+    from lorafleet.quant import Linear4bit
+
+    torch.manual_seed(0)
+    quantized = Linear4bit.from_module(nn.Linear(128, 64))
+    reference = nn.Linear(128, 64)
+    with torch.no_grad():
+        reference.weight.copy_(quantized.weight)
+        reference.bias.copy_(quantized.bias)
+    layers = [LoraLinear(quantized), LoraLinear(reference)]
+    for layer in layers:
+        torch.manual_seed(1)
+        layer.add_adapter("d", 4, 8, 2.0, init=False, use_dora=True)
+        with torch.no_grad():
+            layer.lora_magnitude_vector["d"].mul_(torch.linspace(0.5, 1.5, 64))
+    x = torch.randn(5, 128)
+    expected = layers[1](x, "d")
+    torch.testing.assert_close(layers[0](x, "d"), expected, atol=1e-5, rtol=0)
+    layers[0].merge("d")
+    layers[1].merge("d")
+    torch.testing.assert_close(layers[1].base_layer(x), expected, atol=1e-5, rtol=0)
+    exact = layers[1].base_layer.weight.detach()
+    error = (layers[0].base_layer.weight - exact).abs()   # NF4 rounding: a step at most
+    assert error.max() < 0.3 * exact.abs().max() and error.mean() < 0.02 * exact.abs().max()
+
