@@ -91,6 +91,61 @@ def test_tiny_pool_evicts_adapters_same_tokens(tp_fleet):
         parallel.close()
 
 
+def test_adapters_registered_from_tensors(tp_fleet):
+    """register_adapter_tensors: the in-memory page copy is cut into every rank's shard too."""
+    import json
+
+    from safetensors.torch import load_file
+
+    base_dir, adapters, workload, expected = tp_fleet
+    parallel = Engine(base_dir, config=EngineConfig(tensor_parallel_size=2))
+    try:
+        for name, path in adapters.items():
+            config = json.loads((path / "adapter_config.json").read_text())
+            parallel.register_adapter_tensors(name, config,
+                                              load_file(path / "adapter_model.safetensors"))
+        tokens, _ = _run(parallel, workload, SamplingParams(max_tokens=MAX_TOKENS,
+                                                            ignore_eos=True))
+        assert tokens == expected
+    finally:
+        parallel.close()
+
+
+def test_nf4_each_rank_quantizes_its_shard(tp_fleet):
+    """--quantize nf4 under tensor parallelism: each rank quantizes its own shard. Oracle: one
+    process serving the float model whose weights are those shards dequantized, put together."""
+    from lorafleet.models import load_model
+    from lorafleet.quant.linear4bit import Linear4bit
+    from lorafleet.serve.shard import shard_model, shard_plan
+
+    base_dir, adapters, workload, _ = tp_fleet
+    reference = load_model(base_dir, dtype=torch.float32)
+    for rank in range(2):
+        part = load_model(base_dir, dtype=torch.float32)
+        shard_model(part, rank, 2, lambda t: None, quantize="nf4")
+        for name, shard in shard_plan(reference.config, rank, 2).items():
+            layer = part.get_submodule(name).base_layer
+            assert isinstance(layer, Linear4bit)
+            weight = reference.get_submodule(name).weight
+            with torch.no_grad():
+                if shard.kind == "column":
+                    weight[shard.start:shard.end] = layer.weight
+                else:
+                    weight[:, shard.start:shard.end] = layer.weight
+    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+    single = Engine(reference, config=EngineConfig())
+    for name, path in adapters.items():
+        single.register_adapter(name, path, lazy=True)
+    expected, _ = _run(single, workload, params)
+    parallel = _engine(base_dir, adapters, tensor_parallel_size=2, quantize="nf4")
+    try:
+        assert isinstance(parallel.model.model.layers[0].mlp.down_proj.base_layer, Linear4bit)
+        tokens, _ = _run(parallel, workload, params)
+        assert tokens == expected
+    finally:
+        parallel.close()
+
+
 def test_killed_worker_fails_requests_not_a_hang(tp_fleet):
     """A worker killed mid-generation: the step that meets it raises EngineError or fails the
     requests; within seconds every request has finished with an error naming the worker, the

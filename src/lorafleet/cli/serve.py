@@ -251,9 +251,8 @@ def build(args):
         tokenizer.chat_template, tokenizer._template = load_chat_template(args.chat_template), None
     dtype = resolve_dtype(args.dtype, args.model, args.device, prefer_half=True)
     if args.tensor_parallel_size > 1:
-        if args.quantize:
-            raise ConfigError("--tensor-parallel-size with --quantize nf4 is not supported yet")
-        # The engine loads it (rank 0's shard) and each worker loads its own from the folder.
+        # The engine loads it (rank 0's shard) and each worker loads its own from the folder;
+        # with --quantize nf4 each rank quantizes its shard.
         model = args.model
         positions = ModelConfig.from_hf(args.model).max_position_embeddings
     elif args.quantize == "nf4":
@@ -272,7 +271,8 @@ def build(args):
         enable_chunked_prefill=args.chunked_prefill, max_cpu_loras=args.max_cpu_loras,
         max_lora_rank=args.max_lora_rank, max_adapters_per_step=args.max_loras,
         max_model_len=args.max_model_len, dtype=dtype, device=args.device,
-        tensor_parallel_size=args.tensor_parallel_size))
+        tensor_parallel_size=args.tensor_parallel_size,
+        quantize=args.quantize if args.tensor_parallel_size > 1 else None))
     if args.adapter_dir:
         # Every folder of the dir can be named by a request (resolved on demand); an explicit
         # --adapter of the same name, registered after, wins.

@@ -32,7 +32,7 @@ from lorafleet.models.sampling import (SamplingParams, apply_frequency_presence,
 from .adapter_cache import LOAD_AHEAD, AdapterCache, build_host_adapter
 from .adapter_loader import AdapterLoader, HostCache
 from .adapter_registry import BaseLayout, read_spec
-from .json_grammar import constrain_json, token_texts
+from .json_grammar import JsonVocab, constrain_json
 from .kv_cache import KVCacheManager
 from .memory import (available_memory, kv_tokens, parse_memory_size, plan_for_model,
                      weight_bytes)
@@ -81,11 +81,16 @@ class EngineConfig:
     # this machine (gloo), this one rank 0; a collective waits at most the timeout.
     tensor_parallel_size: int = 1
     tensor_parallel_timeout_s: float = 60.0
+    # "nf4": load a checkpoint folder with its linears in NF4 (QLoRA); under tensor
+    # parallelism each rank quantizes its own shard. None: as the checkpoint/model is.
+    quantize: str | None = None
 
     def __post_init__(self):
         self.dtype = parse_dtype(self.dtype, "dtype")
         if self.memory_budget is not None:
             self.memory_budget = parse_memory_size(self.memory_budget, "memory_budget")
+        if self.quantize not in (None, "nf4"):
+            raise ConfigError(f"quantize must be 'nf4' or None, got {self.quantize!r}")
         for name in ("block_tokens", "max_num_seqs", "max_num_batched_tokens",
                      "tensor_parallel_size"):
             if getattr(self, name) < 1:
@@ -116,7 +121,14 @@ class Engine:
                 from lorafleet.models.tokenizer import load_tokenizer
                 tokenizer = load_tokenizer(model)
             dtype = resolve_dtype(config.dtype, model, config.device, prefer_half=True)
-            model = load_model(model, dtype=dtype, device=config.device)
+            if config.quantize and config.tensor_parallel_size == 1:
+                from lorafleet.quant import load_quantized_model
+                model = load_quantized_model(model, dtype=dtype, device=config.device)
+            else:   # with tensor parallelism each rank quantizes its shard (shard.py)
+                model = load_model(model, dtype=dtype, device=config.device)
+        elif config.quantize:
+            raise ConfigError("EngineConfig.quantize applies to a checkpoint folder; pass a "
+                              "loaded model already quantized instead")
         else:       # already loaded: its weights count in the budget as if not yet loaded
             available = available_memory(str(next(model.parameters()).device))
             available = None if available is None else available + weight_bytes(model)
@@ -124,7 +136,7 @@ class Engine:
             from .parallel import TensorParallel
             self.parallel = TensorParallel(source, model, config.tensor_parallel_size,
                                            next(model.parameters()).dtype, config.device,
-                                           config.tensor_parallel_timeout_s)
+                                           config.tensor_parallel_timeout_s, config.quantize)
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         self.memory = plan_for_model(model, config, self.max_model_len, available)
@@ -153,6 +165,7 @@ class Engine:
         eos = getattr(tokenizer, "eos_token_ids", None) or model.config.eos_token_id
         self.eos_ids = set([eos] if isinstance(eos, int) else eos or [])
         self.output = OutputProcessor(tokenizer)
+        self._json_vocab_cache: JsonVocab | None = None    # response_format json_object
         self.requests: dict[str, Sequence] = {}
         # Public methods take this lock: AsyncEngine steps in a thread while the HTTP server
         # registers adapters and adds requests from others.
@@ -285,6 +298,8 @@ class Engine:
                                    f"{self.max_model_len} (prompt + at least one new token)")
             if params.stop and self.tokenizer is None:
                 raise RequestError("stop strings need a tokenizer")
+            if params.json_object and self.tokenizer is None:
+                raise RequestError("json_object needs a tokenizer (token texts)")
             max_tokens = min(params.max_tokens, self.max_model_len - len(prompt_ids))
             pages = self.kv.layout.pages_for_tokens(len(prompt_ids) + max_tokens)
             if adapter is not None:
@@ -460,14 +475,11 @@ class Engine:
                 logits[i, banned] = float("-inf")
         return logits
 
-    def _json_vocab(self):
+    def _json_vocab(self) -> JsonVocab:
         """Each token's text, for the JSON constraint (decoded once, on first use)."""
-        if getattr(self, "_json_token_texts", None) is None:
-            if self.tokenizer is None:
-                raise RequestError("json_object needs a tokenizer")
-            self._json_token_texts = token_texts(self.tokenizer,
-                                                 self.model.config.vocab_size)
-        return self._json_token_texts
+        if self._json_vocab_cache is None:
+            self._json_vocab_cache = JsonVocab.of(self.tokenizer, self.model.config.vocab_size)
+        return self._json_vocab_cache
 
     @staticmethod
     def _logprobs(seqs: list[Sequence], logits: torch.Tensor,

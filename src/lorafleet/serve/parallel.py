@@ -28,11 +28,12 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import pickle
 import queue
 import time
 import traceback
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -58,11 +59,14 @@ class CommStats:
     calls: int = 0
     tensor_bytes: int = 0
     seconds: float = 0.0
-    per_step: list = field(default_factory=list)
+    steps: int = 0
+    control_bytes: int = 0       # pickled step messages, per worker (pipes)
+    page_bytes: int = 0          # adapter pages sent to workers, per worker
 
     def as_dict(self) -> dict:
         return {"allreduce_calls": self.calls, "allreduce_tensor_bytes": self.tensor_bytes,
-                "allreduce_seconds": self.seconds}
+                "allreduce_seconds": self.seconds, "tp_steps": self.steps,
+                "tp_control_bytes": self.control_bytes, "tp_page_bytes": self.page_bytes}
 
 
 class ShardedLoraBatchBuilder(LoraBatchBuilder):
@@ -93,9 +97,10 @@ class TensorParallel:
     steps. Built by Engine when EngineConfig.tensor_parallel_size > 1."""
 
     def __init__(self, source, model, world: int, dtype: torch.dtype, device: str,
-                 timeout_s: float):
+                 timeout_s: float, quantize: str | None = None):
         """source: the checkpoint folder the workers load (or the loaded model, unsharded,
-        sent pickled); model: rank 0's loaded copy, sharded here in place."""
+        sent pickled); model: rank 0's loaded copy, sharded here in place. quantize "nf4":
+        every rank quantizes its own shard."""
         check_tensor_parallel(model.config, world)
         _check_world(world, device)
         self.world, self.timeout_s = world, timeout_s
@@ -114,7 +119,7 @@ class TensorParallel:
             ours, theirs = ctx.Pipe()
             proc = ctx.Process(target=worker_main, name=f"lorafleet-tp-{rank}", daemon=True,
                                args=(rank, world, store.port, source, dtype, device, timeout_s,
-                                     threads, theirs, self.errors))
+                                     threads, theirs, self.errors, quantize))
             proc.start()
             theirs.close()
             self.conns.append(ours)
@@ -122,7 +127,7 @@ class TensorParallel:
         self._finalizer = weakref.finalize(self, _stop, self.conns, self.procs)
         self.store = store
         self.group = _group(store, 0, world, timeout_s)     # waits for every worker to join
-        self.full_targets = shard_model(model, 0, world, self.all_reduce)
+        self.full_targets = shard_model(model, 0, world, self.all_reduce, quantize)
 
     # ---- the forward's collective ---------------------------------------------------------
 
@@ -174,6 +179,7 @@ class TensorParallel:
         for rank, conn in enumerate(self.conns, start=1):
             self._send_to(conn, ("write", list(page_ids),
                                  pages[:, rank * size:(rank + 1) * size].contiguous()))
+        self.stats.page_bytes += pages.shape[0] * size * pages.element_size()
         self.runner.write_pages(page_ids, pages[:, :size])
 
     def before_step(self, inputs: StepInputs) -> None:
@@ -185,9 +191,11 @@ class TensorParallel:
                 self._sent.add(key)
                 self._send(("adapter", name, key[1], list(self.cache.resident[name]),
                             self.cache.host[name].modules))
-        self._send(("step", inputs))
-        self.stats.per_step.append((self.stats.calls, self.stats.tensor_bytes,
-                                    self.stats.seconds))
+        message = pickle.dumps(("step", inputs), pickle.HIGHEST_PROTOCOL)   # once for all
+        self.stats.steps += 1
+        self.stats.control_bytes += len(message)
+        for conn in self.conns:
+            self._send_to(conn, message, raw=True)
 
     # ---- failures and shutdown --------------------------------------------------------------
 
@@ -195,11 +203,12 @@ class TensorParallel:
         for conn in self.conns:
             self._send_to(conn, message)
 
-    def _send_to(self, conn, message) -> None:
+    def _send_to(self, conn, message, raw: bool = False) -> None:
+        """raw: `message` is pickled already (the worker's recv() unpickles it)."""
         if self.failed:
             raise EngineError(self.failed)
         try:
-            conn.send(message)
+            conn.send_bytes(message) if raw else conn.send(message)
         except (OSError, ValueError) as exc:
             self._fail(f"could not reach a worker ({exc})")
 
@@ -264,10 +273,10 @@ def _stop(conns, procs) -> None:
 # ---- the worker process -----------------------------------------------------------------------
 
 def worker_main(rank: int, world: int, port: int, source, dtype, device: str, timeout_s: float,
-                threads: int, conn, errors) -> None:
+                threads: int, conn, errors, quantize: str | None = None) -> None:
     try:
         torch.set_num_threads(threads)
-        _worker_loop(rank, world, port, source, dtype, device, timeout_s, conn)
+        _worker_loop(rank, world, port, source, dtype, device, timeout_s, conn, quantize)
     except EOFError:              # the engine closed its end: shut down quietly
         return
     except BaseException as exc:  # noqa: BLE001 -- reported to rank 0, then this rank exits
@@ -275,7 +284,7 @@ def worker_main(rank: int, world: int, port: int, source, dtype, device: str, ti
         raise SystemExit(1) from None
 
 
-def _worker_loop(rank, world, port, source, dtype, device, timeout_s, conn) -> None:
+def _worker_loop(rank, world, port, source, dtype, device, timeout_s, conn, quantize) -> None:
     from lorafleet.models import load_model
 
     store = dist.TCPStore("127.0.0.1", port, world, False,
@@ -290,7 +299,7 @@ def _worker_loop(rank, world, port, source, dtype, device, timeout_s, conn) -> N
     parent = os.getppid()
     message = _receive(conn, parent)
     _, num_pages, block_tokens, prepack, keep_plain, full_targets = message
-    shard_model(model, rank, world, all_reduce)
+    shard_model(model, rank, world, all_reduce, quantize)
     runner = ModelRunner(model, num_pages, block_tokens, prepack, keep_plain_weights=keep_plain)
     mirror = SimpleNamespace(load_id={}, host={}, resident={})
     runner.attach(mirror, ShardedLoraBatchBuilder(runner.pages, mirror, runner.targets,

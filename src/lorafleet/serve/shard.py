@@ -125,12 +125,15 @@ def _sliced_linear(linear: nn.Module, name: str, shard: Shard) -> tuple[nn.Linea
 
 
 def shard_model(model: nn.Module, rank: int, world: int,
-                all_reduce: Callable[[torch.Tensor], None]) -> dict[str, tuple[int, int]]:
+                all_reduce: Callable[[torch.Tensor], None],
+                quantize: str | None = None) -> dict[str, tuple[int, int]]:
     """Cut `model` (a loaded Llama-family model, in place) down to rank `rank`'s shard: its
     projections sliced, attention modules given local head counts, `model.config` replaced by
     the local view, and row-parallel projections wrapped (runner.wrap_projections) with a
     forward hook that all-reduces the output (base + LoRA delta) and then adds the bias.
-    Returns the unsharded targets (name -> (in, out)): adapters are checked against them."""
+    quantize "nf4": then the shard's projections (not lm_head) are quantized (QLoRA's NF4), so
+    each rank quantizes only its own part. Returns the unsharded targets (name -> (in, out)):
+    adapters are checked against them."""
     config = model.config
     check_tensor_parallel(config, world)
     full_targets = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
@@ -148,6 +151,11 @@ def shard_model(model: nn.Module, rank: int, world: int,
         layer.self_attn.n_kv_heads = local.num_key_value_heads
     model.config = local
     wrap_projections(model)
+    if quantize == "nf4":
+        from lorafleet.quant import quantize_model
+        quantize_model(model)           # the shells' base layers; lm_head kept
+    elif quantize is not None:
+        raise ConfigError(f"quantize must be 'nf4' or None, got {quantize!r}")
     for name, shard in plan.items():
         if shard.kind == ROW:
             model.get_submodule(name).register_forward_hook(_reduce_hook(all_reduce,
