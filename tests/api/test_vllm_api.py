@@ -277,3 +277,20 @@ def test_generation_config_defaults(tmp_path):
                              4, False, 0, 1)[0]
     assert (given.temperature, given.top_k, given.repetition_penalty) == (1.0, 0, 1.0)
     assert read_generation_defaults(tmp_path / "missing") == {}
+
+
+def test_max_tokens_zero_with_echo_scores_the_prompt_only(client, http, tokenizer, reference):
+    prompt = tokenizer.encode(PROMPTS[0])
+    resp = client.completions.create(model="base", prompt=prompt, echo=True, logprobs=0,
+                                     max_tokens=0)
+    choice = resp.choices[0]
+    assert choice.text == tokenizer.decode(prompt) and resp.usage.completion_tokens == 0
+    expected = reference.log_softmax(prompt, None)
+    assert len(choice.logprobs.token_logprobs) == len(prompt)
+    assert choice.logprobs.token_logprobs[0] is None
+    for t in range(1, len(prompt)):
+        assert abs(choice.logprobs.token_logprobs[t] - float(expected[t - 1, prompt[t]])) < 1e-4
+    for extra in ({"echo": False}, {"echo": True, "stream": True}):
+        resp = http.post("/v1/completions", json={"model": "base", "prompt": "hi",
+                                                  "max_tokens": 0, **extra})
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "max_tokens"

@@ -237,9 +237,16 @@ async def completions(request: Request):
     grant = authorize(request)
     body = await parse_body(request, CompletionRequest)
     adapter = await resolve_model(state, grant, body.model)
+    # max_tokens 0 with echo: the prompt's logprobs only (OpenAI's legacy scoring form); the
+    # engine samples one token, which the answer leaves out.
+    score_only = body.max_tokens == 0
+    if score_only and (not body.echo or body.stream):
+        raise ApiError(400, "max_tokens=0 scores the prompt only: it needs echo=true and "
+                            "stream=false", param="max_tokens", code="invalid_value")
     prompts = body.prompts()
     prompt_ids = [await asyncio.to_thread(_encode_prompt, state, p) for p in prompts]
-    max_tokens = [_check_lengths(state, ids, body.max_tokens, "prompt") for ids in prompt_ids]
+    max_tokens = [_check_lengths(state, ids, 1 if score_only else body.max_tokens, "prompt")
+                  for ids in prompt_ids]
     want_logprobs = body.logprobs is not None
     # echo with logprobs: the prompt's tokens get theirs too (lm-eval's loglikelihood)
     prompt_logprobs = body.logprobs if body.echo and want_logprobs else None
@@ -260,6 +267,9 @@ async def completions(request: Request):
     if body.stream:
         return JobStreamingResponse(_stream_completion(state, job, body, echoes), job)
     await collect_unless_disconnected(request, job)
+    if score_only:
+        for c in job.choices:
+            c.text, c.token_ids, c.logprobs, c.finish_reason = "", [], [], "length"
     choices = [CompletionChoice(
         index=i, text=echoes[i] + c.text, finish_reason=c.finish_reason,
         logprobs=_choice_logprobs(state, job, i, echoes[i], want_logprobs))

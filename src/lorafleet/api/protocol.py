@@ -157,7 +157,8 @@ class CompletionRequest(_Request):
     # Completions `logprobs` is the number of alternatives per token (0..5); None = off.
     logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool = False
-    max_tokens: int | None = Field(default=16, ge=1)  # the OpenAI default for completions
+    # the OpenAI default for completions; 0 (with echo, not streamed) scores the prompt only
+    max_tokens: int | None = Field(default=16, ge=0)
     best_of: int | None = None
     suffix: str | None = None
 

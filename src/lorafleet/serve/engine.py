@@ -137,6 +137,8 @@ class Engine:
             self.parallel = TensorParallel(source, model, config.tensor_parallel_size,
                                            next(model.parameters()).dtype, config.device,
                                            config.tensor_parallel_timeout_s, config.quantize)
+            if available is not None:   # N ranks share this machine's memory: 1/N each
+                available //= config.tensor_parallel_size
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         self.memory = plan_for_model(model, config, self.max_model_len, available)

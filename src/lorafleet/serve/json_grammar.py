@@ -17,6 +17,8 @@ containers ("{" / "["), mode what may come next.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lorafleet.models.sampling import probabilities
@@ -171,34 +173,34 @@ def closing(state) -> str:
     return "".join(out)
 
 
-def token_texts(tokenizer, vocab_size: int) -> list[str]:
-    """Each token's text alone."""
-    texts = []
-    for i in range(vocab_size):
-        try:
-            texts.append(tokenizer.decode([i]))
-        except Exception:  # ids past the tokenizer's vocabulary (a padded embedding)
-            texts.append("")
-    return texts
+@dataclass
+class JsonVocab:
+    """Each token's text alone, and a token for each single character (the closing text)."""
+
+    texts: list[str]
+    chars: dict[str, int]
+
+    @classmethod
+    def of(cls, tokenizer, vocab_size: int) -> "JsonVocab":
+        texts = []
+        for i in range(vocab_size):
+            try:
+                texts.append(tokenizer.decode([i]))
+            except Exception:  # ids past the tokenizer's vocabulary (a padded embedding)
+                texts.append("")
+        chars: dict[str, int] = {}
+        for i, t in enumerate(texts):
+            if len(t) == 1:
+                chars.setdefault(t, i)
+        return cls(texts, chars)
 
 
-def _single_chars(texts: list[str]) -> dict[str, int]:
-    chars: dict[str, int] = {}
-    for i, t in enumerate(texts):
-        if len(t) == 1:
-            chars.setdefault(t, i)
-    return chars
-
-
-def constrain_json(seqs, logits: torch.Tensor, tokens: torch.Tensor, texts: list[str],
+def constrain_json(seqs, logits: torch.Tensor, tokens: torch.Tensor, vocab: JsonVocab,
                    eos_ids) -> torch.Tensor:
     """Replace each json_object row's token by a valid one (module docstring) and advance that
     row's recognizer state (kept on the sequence as `json_state`)."""
     tokens = tokens.clone()
-    chars = getattr(constrain_json, "_chars", None)
-    if chars is None or chars[0] is not texts:
-        constrain_json._chars = chars = (texts, _single_chars(texts))
-    chars = chars[1]
+    texts, chars = vocab.texts, vocab.chars
     for row, seq in enumerate(seqs):
         params = seq.params
         if not params.json_object:
