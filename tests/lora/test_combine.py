@@ -154,6 +154,10 @@ def test_bad_combinations_name_adapters_and_fields(llama_dir, gpt2_dir, tmp_path
                                       base_model_name_or_path="llama-tiny")))
     with pytest.raises(AdapterError, match="different base_model_name_or_path.*gpt2-tiny"):
         combine_folders({"a": paths["a"], "g": tmp_path / "g"}, [1, 1], tmp_path / "x6", "cat")
+    dora = peft_random(llama_dir, r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True)
+    dora.save_pretrained(tmp_path / "dora")
+    with pytest.raises(AdapterError, match="'d'.*use_dora"):
+        combine_folders({"a": paths["b"], "d": tmp_path / "dora"}, [1, 1], tmp_path / "x7", "cat")
 
 
 def test_disable_delete_and_several_active(llama_dir, tmp_path, ids):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from lorafleet.lora.peft_format import load_peft
 from lorafleet.serve.engine import Engine, EngineConfig, SamplingParams
 
 from .conftest import oracle_greedy
@@ -51,10 +52,14 @@ def test_dora_in_mixed_batches_equals_peft_per_request(fleet, request, tmp_path)
                                                   max_num_seqs=6, dtype="float32"))
     for name, path in {**dora, **plain}.items():
         engine.register_adapter(name, path, lazy=name == "dora2")
+    # and from tensors in memory (its page copy built by adapter_pages, not the loader)
+    raw = load_peft(dora["dora1"])
+    engine.register_adapter_tensors("dora1_mem", raw.config, raw.tensors)
+    dora["dora1_mem"] = dora["dora1"]
     rng = random.Random(5)
     names = list(dora) + list(plain) + [None]
-    workload = [(f"r{i}", [rng.randrange(4, 300) for _ in range(rng.randint(2, 7))], names[i % 5])
-                for i in range(10)]
+    workload = [(f"r{i}", [rng.randrange(4, 300) for _ in range(rng.randint(2, 7))],
+                 names[i % len(names)]) for i in range(12)]
     params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
     for request_id, prompt, name in workload:
         engine.add_request(request_id, prompt, name, params)
