@@ -124,8 +124,12 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         for flag in action.option_strings:
             if flag.startswith("--"):
                 by_flag[_name(flag)] = action
+    values = read_config_file(path)
+    normalize = getattr(job, "normalize_config", None)   # a job's own spellings (train: TRL's)
+    if normalize is not None:
+        values = normalize(values, f"--config {path}")
     defaults = {}
-    for key, value in read_config_file(path).items():
+    for key, value in values.items():
         name = _name(str(key))
         action = by_flag.get(name) or by_dest.get(name)
         if action is None:

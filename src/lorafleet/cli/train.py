@@ -1,4 +1,8 @@
-"""`lorafleet train`: fine-tune a base model on a JSONL file; writes an adapter folder."""
+"""`lorafleet train`: fine-tune a base model on a data file; writes an adapter folder.
+
+`--config run.yaml` (YAML, TOML or JSON; a run's own train_config.json too) sets the flags'
+defaults, in our spelling or TRL's / Axolotl's (train.config.ALIASES); the command line
+overrides each one."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +11,7 @@ import logging
 from dataclasses import MISSING, fields
 
 from lorafleet.train import MethodConfig, TrainConfig, train
+from lorafleet.train.config import ALIASES, TRL_FLAGS, normalize_keys
 
 EXAMPLES = """\
 examples:
@@ -14,13 +19,18 @@ examples:
   lorafleet train --model ./tiny-llama --data chat.jsonl --out runs/qlora --method qlora \\
       --targets all-linear --r 16 --alpha 32 --epochs 3 --val-split 0.05 --eval-every 50
   lorafleet train ... --out runs/lora --resume          # continue after Ctrl-C
+  lorafleet train --config run.yaml --learning-rate 1e-4   # file + override (TRL spellings ok)
+  lorafleet train --config runs/lora/train_config.json --out runs/again   # repeat a run
   torchrun --nproc_per_node 2 -m lorafleet.cli train ...   # data parallel (gloo/NCCL)
 
-data: one JSON object per line, any of
-  {"prompt": "...", "completion": "..."}   loss on the completion only
+data: JSONL (one object per line), a JSON array, CSV, Parquet or a datasets folder; records
+  {"prompt": "...", "completion": "..."}   loss on the completion only (--train-on-prompt: all)
   {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}]}
                                            chat template applied; loss on assistant turns
   {"text": "..."}                          loss on every token
+  {"instruction", "input", "output"}       Alpaca (its prompt template)
+  {"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", ...}]}   ShareGPT
+  other column names: --columns prompt=question,completion=answer
 
 output: OUT/adapter (a PEFT folder for lora/qlora, safetensors + method.json otherwise),
 OUT/checkpoints (resumable), OUT/log.jsonl (one line per step / evaluation)
@@ -33,7 +43,7 @@ GROUPS = ("required", "method", "optimization", "data", "run")
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="fine-tune with LoRA, QLoRA, full or a baseline method",
-        description="Fine-tune a base model folder on a JSONL file and save the trained "
+        description="Fine-tune a base model folder on a data file and save the trained "
                     "adapter. Ctrl-C saves a checkpoint; --resume continues it exactly.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     groups = {name: p.add_argument_group(name) for name in GROUPS}
@@ -42,6 +52,10 @@ def add_parser(subparsers) -> None:
         for f in fields(cls):
             if "help" in f.metadata:
                 add_field_argument(groups[f.metadata["group"]], f)
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML, TOML or JSON file of these settings (our names or TRL / Axolotl "
+                        "ones, e.g. a run's train_config.json); flags override it")
+    p.normalize_config = normalize_keys   # cli/config_file.py: TRL names, nested method, lists
     groups["run"].add_argument("--fsdp", dest="parallel", action="store_const", const="fsdp",
                                help="same as --parallel fsdp")
     groups["run"].add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -51,11 +65,14 @@ def add_parser(subparsers) -> None:
 def add_field_argument(group, f) -> None:
     """`--field-name` for a dataclass field: bool -> a switch, int/float -> typed, else str;
     required when the field has no default."""
-    flag = "--" + f.name.replace("_", "-")
+    flags = ["--" + name.replace("_", "-") for name in
+             [f.name] + [a for a in TRL_FLAGS if ALIASES[a] == f.name]]
     help_text = f.metadata["help"].replace("%", "%%")
     kind = str(f.type)
     if kind == "bool":
-        group.add_argument(flag, action="store_true", help=help_text)
+        # --x / --no-x: a config file's `x: true` can be turned off on the command line
+        group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default,
+                           help=help_text)
         return
     kw = {key: f.metadata[key] for key in ("choices", "metavar") if key in f.metadata}
     if f.default is MISSING and f.default_factory is MISSING:
@@ -65,7 +82,7 @@ def add_field_argument(group, f) -> None:
         if f.default is not None:
             help_text += f" (default {f.default})"
     value_type = int if kind.startswith("int") else float if kind.startswith("float") else str
-    group.add_argument(flag, type=value_type, help=help_text, **kw)
+    group.add_argument(*flags, dest=f.name, type=value_type, help=help_text, **kw)
 
 
 def config_from_args(args) -> TrainConfig:

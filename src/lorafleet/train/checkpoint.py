@@ -76,9 +76,13 @@ def _write_json(path: Path, obj) -> None:
 
 
 def save_checkpoint(out_dir: str | Path, ckpt: Checkpoint,
-                    write_sharded: Callable[[Path], None] | None = None) -> Path:
+                    write_sharded: Callable[[Path], None] | None = None,
+                    write_adapter: Callable[[Path], None] | None = None,
+                    keep: int = KEEP_CHECKPOINTS) -> Path:
     """Write atomically; every process calls this. `write_sharded(folder)` (FSDP) is a
-    collective that writes each process's shard. Returns the checkpoint folder."""
+    collective that writes each process's shard; `write_adapter(folder)` (main process) writes
+    the servable artifact as `adapter/` inside the checkpoint. The newest `keep` checkpoints
+    stay. Returns the checkpoint folder."""
     root = Path(out_dir) / CHECKPOINT_DIR
     name = f"step-{ckpt.step:08d}"
     final = root / name
@@ -104,6 +108,8 @@ def save_checkpoint(out_dir: str | Path, ckpt: Checkpoint,
             save_file({k: v.detach().contiguous().cpu().clone()
                        for k, v in ckpt.trainable.items()}, str(tmp / "trainable.safetensors"))
             torch.save(ckpt.optimizer, tmp / "optimizer.pt")
+        if write_adapter is not None:
+            write_adapter(tmp / "adapter")
         _write_json(tmp / "state.json", {
             "step": ckpt.step, "world_size": ckpt.world_size,
             "data_position": ckpt.data_position, "scheduler": {"step": ckpt.step},
@@ -114,7 +120,7 @@ def save_checkpoint(out_dir: str | Path, ckpt: Checkpoint,
         pointer_tmp = root / f".{LATEST}.tmp-{os.getpid()}"
         pointer_tmp.write_text(name)
         os.replace(pointer_tmp, root / LATEST)
-        _prune(root, keep=KEEP_CHECKPOINTS)
+        _prune(root, keep=keep)
     dist.barrier()
     return final
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from lorafleet.errors import ConfigError, DataError
+from lorafleet.train import sources
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ class DataConfig:
     skip_bad_lines: bool = False    # count and skip malformed lines instead of raising
     mask_prompt: bool = True        # labels -100 on prompt tokens (loss on completion only)
     seed: int = 0
+    format: str = "auto"            # record layout (sources.RECORD_FORMATS)
+    columns: str | None = None      # column mapping OURS=THEIRS,...
 
     def __post_init__(self):
         if self.max_len < 2:
@@ -50,6 +53,7 @@ class DataConfig:
 class Example:
     input_ids: list[int]
     labels: list[int]   # same length; IGNORE_INDEX where no loss is taken
+    lengths: list[int] | None = None  # a packed row: the lengths of the examples it holds
 
 
 @dataclass
@@ -65,32 +69,46 @@ class DataStats:
 
 # ---- reading ----------------------------------------------------------------------------------
 
-def read_jsonl(path: str | Path, skip_bad_lines: bool, stats: DataStats) -> list[tuple[int, dict]]:
-    """Return (line number, record) for every non-blank line; validate the record's shape."""
+def read_jsonl(path: str | Path, skip_bad_lines: bool, stats: DataStats,
+               convert=None) -> list[tuple[int, dict]]:
+    """Return (line number, record) for every non-blank line (every row of a table file or
+    datasets folder: sources.py); `convert` rewrites other layouts; validate the record's shape."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: data file not found")
+    convert = convert or sources.converter("auto", None)
+    table = sources.is_table(path)
+    where = "row" if table else "line"
     records = []
+    for line_no, line in (sources.read_table(path) if table else _lines(path)):
+        stats.lines += 1
+        try:
+            record = convert(line if table else json.loads(line))
+            check_record(record)
+        except (json.JSONDecodeError, DataError) as exc:
+            reason = f"invalid JSON ({exc.msg})" if isinstance(exc, json.JSONDecodeError) \
+                else str(exc)
+            if not skip_bad_lines:
+                raise DataError(f"{path}:{line_no}: {reason}. Expected one JSON object per "
+                                'line: {"prompt","completion"}, {"messages":[...]} or '
+                                '{"text"}, or an alpaca / sharegpt record (--format, --columns; '
+                                'or pass --skip-bad-lines)' if not table else
+                                f"{path}: {where} {line_no}: {reason}. Expected columns "
+                                'prompt/completion, messages, text, alpaca (instruction/input/'
+                                'output) or sharegpt (conversations); rename with --columns '
+                                '(or pass --skip-bad-lines)') from None
+            stats.bad_lines += 1
+            stats.bad_line_numbers.append(line_no)
+            continue
+        records.append((line_no, record))
+    return records
+
+
+def _lines(path: Path):
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            stats.lines += 1
-            try:
-                record = json.loads(line)
-                check_record(record)
-            except (json.JSONDecodeError, DataError) as exc:
-                reason = f"invalid JSON ({exc.msg})" if isinstance(exc, json.JSONDecodeError) \
-                    else str(exc)
-                if not skip_bad_lines:
-                    raise DataError(f"{path}:{line_no}: {reason}. Expected one JSON object per "
-                                    'line: {"prompt","completion"}, {"messages":[...]} or '
-                                    '{"text"} (or pass --skip-bad-lines)') from None
-                stats.bad_lines += 1
-                stats.bad_line_numbers.append(line_no)
-                continue
-            records.append((line_no, record))
-    return records
+            if line.strip():
+                yield line_no, line
 
 
 def check_record(record: Any) -> None:
@@ -181,19 +199,30 @@ def has_loss_tokens(example: Example) -> bool:
 
 
 def pack(examples: list[Example], max_len: int) -> list[Example]:
-    """Concatenate examples and cut into rows of max_len tokens. Rows attend across example
-    boundaries (no block-diagonal mask), the usual trade-off of simple packing."""
-    ids = [t for e in examples for t in e.input_ids]
-    labels = [t for e in examples for t in e.labels]
-    rows = [Example(ids[i:i + max_len], labels[i:i + max_len]) for i in range(0, len(ids), max_len)]
+    """Whole examples, in order, into rows of at most max_len tokens; a row records its
+    examples' `lengths`, from which the trainer builds a block-diagonal causal mask and positions
+    that restart at 0 per example (train/packing.py), so no example attends to another: TRL's
+    padding-free packing. An example's first label is dropped: nothing in its row predicts it."""
+    rows: list[Example] = []
+    for e in examples:
+        e = truncate(e, max_len)
+        labels = [IGNORE_INDEX] + e.labels[1:]
+        if rows and len(rows[-1].input_ids) + len(e.input_ids) <= max_len:
+            row = rows[-1]
+            row.input_ids += e.input_ids
+            row.labels += labels
+            row.lengths.append(len(e.input_ids))
+        else:
+            rows.append(Example(list(e.input_ids), labels, [len(e.input_ids)]))
     return [r for r in rows if has_loss_tokens(r)]
 
 
 def _tokenize_file(path, config: DataConfig, tokenizer, stats: DataStats) -> list[Example]:
     examples = []
-    for line_no, record in read_jsonl(path, config.skip_bad_lines, stats):
+    convert = sources.converter(config.format, config.columns)
+    for line_no, record in read_jsonl(path, config.skip_bad_lines, stats, convert):
         example = tokenize_record(record, tokenizer, config.mask_prompt)
-        if len(example.input_ids) > config.max_len and not config.pack:
+        if len(example.input_ids) > config.max_len:
             stats.truncated += 1
             example = truncate(example, config.max_len)
         if not has_loss_tokens(example):
@@ -274,7 +303,8 @@ class Sampler:
 
 def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad to the longest example. Returns input_ids, labels: [B, T] (int64).
-    Right padding needs no attention mask under causal attention: real tokens never see pads."""
+    Right padding needs no attention mask under causal attention: real tokens never see pads.
+    (Packed rows also need their segments: packing.packed_batch.)"""
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)

@@ -25,6 +25,7 @@ others save `trainable.safetensors` (the trained tensors by parameter name). Eve
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,8 @@ import lorafleet
 from lorafleet.errors import ConfigError, TargetError
 from lorafleet.models.modules import (linear_features, linear_layer_names, modules_ending_with,
                                       replace_submodule)
+
+logger = logging.getLogger(__name__)
 
 METHOD_FILE = "method.json"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -73,6 +76,10 @@ class MethodConfig:
     targets: str = _option("q,v", "modules to adapt: comma-separated short names "
                            "(q,k,v,o,gate,up,down) or module names, or all-linear (q,v: the "
                            "LoRA paper's choice)")
+    use_rslora: bool = _option(False, "scale the update by alpha/sqrt(r) (rsLoRA) instead of "
+                               "alpha/r")
+    merge_only: bool = _option(False, "allow targets the serving engine refuses (lm_head): the "
+                               "adapter is meant for `lorafleet merge`, not `serve`")
     bottleneck: int = _option(16, "adapter: hidden width of each bottleneck MLP")
     virtual_tokens: int = _option(8, "prefix / prompt: number of learned positions")
 
@@ -170,11 +177,27 @@ def apply_full(model: nn.Module, cfg: MethodConfig, state: dict) -> nn.Module:
     return model
 
 
+def check_servable(model: nn.Module, targets: list[str], merge_only: bool) -> None:
+    """What `train` writes, `serve` serves: the engine applies LoRA to the decoder's projections
+    only (serve/adapter_registry.py refuses the output head and embeddings), so such targets are
+    refused here, before hours of training, unless the adapter is meant for merging."""
+    unserved = [t for t in targets if t.rpartition(".")[2] in OUTPUT_HEADS + EMBEDDINGS]
+    if not unserved:
+        return
+    reason = (f"--targets {','.join(unserved)}: the serving engine does not apply LoRA to the "
+              f"output head or embeddings (it computes them once for every adapter)")
+    if not merge_only:
+        raise TargetError(reason + "; drop them, or pass --merge-only to train an adapter for "
+                          "`lorafleet merge`")
+    logger.warning("%s; training it anyway (--merge-only): merge it, do not serve it", reason)
+
+
 def apply_lora(model: nn.Module, cfg: MethodConfig, state: dict) -> nn.Module:
     from lorafleet.lora import LoraConfig, inject_lora
     targets = state.setdefault("target_modules", resolve_targets(model, cfg.targets))
+    check_servable(model, targets, cfg.merge_only)
     inject_lora(model, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                  target_modules=targets))
+                                  target_modules=targets, use_rslora=cfg.use_rslora))
     return model
 
 

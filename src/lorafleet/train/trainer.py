@@ -33,6 +33,8 @@ from lorafleet.train.checkpoint import (CHECKPOINT_DIR, SHARDED, Checkpoint, cap
                                         restore_rng, save_checkpoint, save_sharded_state)
 from lorafleet.train.config import TrainConfig
 from lorafleet.train.data import IGNORE_INDEX, Sampler, collate, load_dataset
+from lorafleet.train.packing import check_packable, packed_batch
+from lorafleet.train.report import RunLog
 from lorafleet.train.methods import apply_method, save_trained, trainable_state
 from lorafleet.train.optim import check_optimizer, make_optimizer
 
@@ -56,11 +58,12 @@ class TrainResult:
 
 def learning_rate(step: int, cfg: TrainConfig, total_steps: int) -> float:
     """Linear warmup, then cosine / linear decay to lr * min_lr_ratio (nanoGPT's get_lr)."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    if cfg.schedule == "constant" or total_steps <= cfg.warmup:
+    warmup = cfg.warmup_steps(total_steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "constant" or total_steps <= warmup:
         return cfg.lr
-    progress = min(1.0, (step - cfg.warmup) / max(1, total_steps - cfg.warmup))
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
 
@@ -68,6 +71,18 @@ def learning_rate(step: int, cfg: TrainConfig, total_steps: int) -> float:
 def logits_of(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     out = model(input_ids)
     return out.logits if hasattr(out, "logits") else out
+
+
+def forward_logits(model: nn.Module, examples, pad_id: int, device) -> tuple[torch.Tensor,
+                                                                          torch.Tensor]:
+    """(logits [B, T, V], labels [B, T]) of a micro-batch; packed rows get their block-diagonal
+    mask and per-example positions (packing.py)."""
+    input_ids, labels = (t.to(device) for t in collate(examples, pad_id))
+    if examples[0].lengths is None:
+        return logits_of(model, input_ids), labels
+    batch = packed_batch([e.lengths for e in examples], input_ids.shape[1], device)
+    out = model(input_ids, batch)
+    return (out.logits if hasattr(out, "logits") else out), labels
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -111,12 +126,23 @@ def evaluate(model: nn.Module, examples, cfg: TrainConfig, pad_id: int, device) 
     total, tokens = 0.0, 0
     for i in range(0, len(examples), cfg.batch_size):
         chunk = examples[i:i + cfg.batch_size]
-        input_ids, labels = (t.to(device) for t in collate(chunk, pad_id))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            total += loss_sum(logits_of(model, input_ids), labels).item()
+            total += loss_sum(*forward_logits(model, chunk, pad_id, device)).item()
         tokens += count_targets(chunk)
     model.train(was_training)
     return total / max(1, tokens)
+
+
+def set_chat_template(tokenizer, template: str) -> None:
+    """--chat-template: a file's text, or the value itself when it is no file (vLLM's rule)."""
+    path = Path(template)
+    try:
+        is_file = path.is_file()
+    except OSError:  # a template too long to be a path
+        is_file = False
+    tokenizer.chat_template = path.read_text() if is_file else template
+    if hasattr(tokenizer, "_template"):  # lorafleet's Tokenizer caches the compiled template
+        tokenizer._template = None
 
 
 # ---- the output folder and logs ---------------------------------------------------------------
@@ -137,35 +163,6 @@ def prepare_out_dir(cfg: TrainConfig) -> Path:
     dist.barrier()
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-class RunLog:
-    """log.jsonl (one object per step/eval) and TensorBoard when it is installed."""
-
-    def __init__(self, out: Path, enabled: bool):
-        self.file = (out / "log.jsonl").open("a") if enabled else None
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(out / "tensorboard"))
-            except ImportError:
-                pass
-
-    def write(self, record: dict) -> None:
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-        if self.tb:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-        if self.tb:
-            self.tb.close()
 
 
 class StopFlag:
@@ -241,12 +238,16 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
     if tokenizer is None:
         from lorafleet.models import load_tokenizer
         tokenizer = load_tokenizer(cfg.model)
+    if cfg.chat_template:
+        set_chat_template(tokenizer, cfg.chat_template)
     train_set, val_set, stats = load_dataset(cfg.data_config(), tokenizer)
     if model is None:
         model = load_base(cfg, device)
     method_state: dict = {}
     trained = apply_method(model, cfg.method, method_state).to(device)
     trainable_in_float32(trained)
+    if cfg.pack:
+        check_packable(trained)
     if cfg.grad_checkpointing:
         enable_gradient_checkpointing(trained)
     engine = dist.wrap(trained, mode, device)  # what the loop calls; `trained` owns the params
@@ -268,7 +269,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
         step, loss_value = resume(out, cfg, mode, trained, optimizer, sampler)
     elif dist.is_main():
         (out / "train_config.json").write_text(json.dumps(cfg.to_json(), indent=2))
-    log = RunLog(out, enabled=dist.is_main())
+    log = RunLog(out, enabled=dist.is_main(), report_to=cfg.report_to, config=cfg.to_json())
     logger.info("%s: %d trainable / %d parameters; %d train / %d val examples; %d steps; "
                 "%d process(es), parallel=%s", cfg.method.method, sum(p.numel() for p in params),
                 sum(p.numel() for p in trained.parameters()), len(train_set), len(val_set),
@@ -279,8 +280,12 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
         ckpt = Checkpoint(step, None if sharded else trainable_state(trained),
                           None if sharded else optimizer.state_dict(), sampler.state_dict(),
                           capture_rng(), {**extra, **run_identity}, trained_names, world)
+        # lora/qlora: a PEFT folder inside each checkpoint, which serve and eval load as is
+        servable = cfg.method.method in ("lora", "qlora") and not sharded
         return save_checkpoint(out, ckpt, write_sharded=(
-            lambda folder: save_sharded_state(trained, optimizer, folder)) if sharded else None)
+            lambda folder: save_sharded_state(trained, optimizer, folder)) if sharded else None,
+            write_adapter=(lambda folder: save_trained(trained, cfg.method, method_state, folder)
+                           ) if servable else None, keep=cfg.keep_checkpoints)
 
     trained.train()
     interrupted = False
@@ -296,10 +301,10 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
             step_loss, n_tokens = torch.zeros((), device=device), 0
             for i in range(0, per_rank, cfg.batch_size):
                 chunk = mine[i:i + cfg.batch_size]
-                input_ids, labels = (t.to(device) for t in collate(chunk, pad_id))
                 with dist.no_sync(engine, last_micro_batch=i + cfg.batch_size >= per_rank):
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                        micro_loss = loss_sum(logits_of(engine, input_ids), labels) / n_targets
+                        micro_loss = loss_sum(*forward_logits(engine, chunk, pad_id, device)
+                                              ) / n_targets
                     # x world: DDP and FSDP average the ranks' gradients; we want their sum.
                     (micro_loss * world).backward()
                 step_loss += micro_loss.detach()
