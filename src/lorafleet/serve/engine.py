@@ -466,8 +466,10 @@ class Engine:
                      if 0 <= t < vocab]
             if pairs:
                 r, t, b = zip(*pairs)
-                logits.index_put_((torch.tensor(r), torch.tensor(t)),
-                                  torch.tensor(b, dtype=logits.dtype), accumulate=True)
+                device = logits.device
+                logits.index_put_((torch.tensor(r, device=device), torch.tensor(t, device=device)),
+                                  torch.tensor(b, dtype=logits.dtype, device=device),
+                                  accumulate=True)
         for i in held:      # EOS and stop tokens may not end it yet (vLLM's min_tokens)
             p = seqs[i].params
             banned = set(p.stop_token_ids) | set(
