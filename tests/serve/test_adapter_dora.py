@@ -86,3 +86,27 @@ def test_dora_in_mixed_batches_equals_peft_per_request(fleet, request, tmp_path)
             base_logits = oracles["dora1"](ids).logits
         assert not torch.allclose(oracles["dora1"](ids).logits, base_logits, atol=1e-3)
     engine.close()
+
+
+def test_dora_over_an_nf4_base_equals_lorafleets_qlora_model(small_fleet, tmp_path):
+    """`serve --quantize nf4`: DoRA's norm over the dequantized NF4 weight; each request equals
+    lorafleet's own 4-bit model with the adapter loaded (tests/lora/test_dora.py: equal to DoRA
+    over the dequantized weight)."""
+    from lorafleet.lora.peft_format import load_adapter
+    from lorafleet.models.generate import SamplingParams as Greedy
+    from lorafleet.models.generate import generate
+    from lorafleet.quant import load_quantized_model
+
+    base_dir, base_model, adapters = small_fleet
+    path = _peft_dora(base_model, tmp_path / "d", 4, ["q_proj", "v_proj", "up_proj"], seed=3)
+    engine = Engine(load_quantized_model(base_dir), config=EngineConfig(num_pages=2048))
+    engine.register_adapter("d", path)
+    engine.register_adapter("a00", adapters["a00"])
+    prompts = [[5, 9, 13, 2, 7], [3, 3, 8, 1], [11, 4, 6]]
+    served = engine.generate(prompts, adapters=["d", "a00", "d"],
+                             params=SamplingParams(max_tokens=5, ignore_eos=True))
+    greedy = Greedy(max_tokens=5, ignore_eos=True)
+    for prompt, name, out in zip(prompts, ["d", "a00", "d"], served):
+        model = load_adapter(load_quantized_model(base_dir), path if name == "d" else adapters[name])
+        assert out.token_ids == generate(model, prompt, sampling=greedy).token_ids, name
+    engine.close()
