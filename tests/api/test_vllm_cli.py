@@ -73,6 +73,12 @@ def test_unknown_flag_suggests_the_closest(capsys):
     err = capsys.readouterr().err
     assert "unrecognized arguments: --gpu-mem-utilization" in err
     assert "did you mean --gpu-memory-utilization?" in err
+    with pytest.raises(SystemExit):
+        cli_main(["serv", "--model", "m"])
+    assert "did you mean 'serve'?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["serve", "--model", "m", "--dtype", "bfloat15"])
+    assert "did you mean 'bfloat16'?" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         cli_main(["--version"])
     assert exc.value.code == 0

@@ -28,6 +28,12 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         if message.startswith("unrecognized arguments:"):
             message += suggestions(self, message.split(":", 1)[1].split())
+        elif "invalid choice: '" in message:      # a mistyped job name or choice value
+            given = message.split("invalid choice: '", 1)[1].split("'", 1)[0]
+            known = message.rsplit("(choose from ", 1)[-1].rstrip(")").replace("'", "")
+            close = difflib.get_close_matches(given, [c.strip() for c in known.split(",")], n=1)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
         super().error(message)
 
 
