@@ -195,3 +195,20 @@ def test_dora_over_a_4bit_base_equals_dora_over_its_dequantized_weight():
     error = (layers[0].base_layer.weight - exact).abs()   # NF4 rounding: a step at most
     assert error.max() < 0.3 * exact.abs().max() and error.mean() < 0.02 * exact.abs().max()
 
+
+
+def test_training_forward_with_dropout_equals_peft(llama_dir, tmp_path, ids):
+    """With lora_dropout in training, the dropped-out input goes through the base as well
+    (PEFT's DoRA); the same seed draws the same masks in both."""
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.3)
+    oracle = _peft_dora(llama_dir, seed=4, **config)
+    oracle.save_pretrained(tmp_path / "p")
+    ours = lf.load_adapter(hf_model(llama_dir), tmp_path / "p", is_trainable=True).train()
+    oracle.train()
+    torch.manual_seed(11)
+    expected = oracle(input_ids=ids, labels=ids).loss
+    torch.manual_seed(11)
+    got = ours(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    torch.manual_seed(11)
+    assert not torch.allclose(oracle.eval()(input_ids=ids, labels=ids).loss, expected, atol=1e-4)
