@@ -146,6 +146,22 @@ def test_nf4_each_rank_quantizes_its_shard(tp_fleet):
         parallel.close()
 
 
+def test_idle_longer_than_the_collective_timeout(tp_fleet):
+    """Workers wait for steps on a pipe, not in a collective: an engine idle for longer than
+    tensor_parallel_timeout_s still serves."""
+    base_dir, adapters, workload, expected = tp_fleet
+    parallel = _engine(base_dir, adapters, tensor_parallel_size=2, tensor_parallel_timeout_s=1)
+    try:
+        params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+        first, _ = _run(parallel, workload[:2], params)
+        time.sleep(2.5)
+        second, _ = _run(parallel, workload[2:5], params)
+        assert {**first, **second} == {rid: expected[rid] for rid, *_ in workload[:5]}
+        assert parallel.healthy()
+    finally:
+        parallel.close()
+
+
 def test_killed_worker_fails_requests_not_a_hang(tp_fleet):
     """A worker killed mid-generation: the step that meets it raises EngineError or fails the
     requests; within seconds every request has finished with an error naming the worker, the
@@ -175,6 +191,30 @@ def test_killed_worker_fails_requests_not_a_hang(tp_fleet):
         with pytest.raises(EngineError, match="worker 1"):
             parallel.add_request("late", [5, 6, 7])
     finally:
+        parallel.close()
+
+
+def test_stalled_worker_times_out_the_collective(tp_fleet):
+    """A worker alive but stuck (SIGSTOP): rank 0's all-reduce gives up after
+    tensor_parallel_timeout_s with EngineError, and the engine fails its requests."""
+    base_dir, adapters, workload, _ = tp_fleet
+    parallel = _engine(base_dir, adapters, tensor_parallel_size=2, tensor_parallel_timeout_s=3)
+    worker = parallel.parallel.procs[0]
+    try:
+        for rid, prompt, name in workload[:3]:
+            parallel.add_request(rid, prompt, name, SamplingParams(max_tokens=8))
+        parallel.step()
+        os.kill(worker.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(EngineError, match="all-reduce failed"):
+            parallel.step()
+        assert time.monotonic() - started < 20
+        assert not parallel.healthy()
+        failed = parallel.fail_running("stalled")
+        failed += parallel.step()            # the rest: finished with the failure
+        assert not parallel.has_work() and all(out.error for out in failed)
+    finally:
+        os.kill(worker.pid, signal.SIGKILL)
         parallel.close()
 
 

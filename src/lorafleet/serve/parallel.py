@@ -88,8 +88,16 @@ def _check_world(world: int, device: str) -> None:
                           f"CPU cores")
 
 
-def _group(store, rank: int, world: int, timeout_s: float):
-    return dist.ProcessGroupGloo(store, rank, world, datetime.timedelta(seconds=timeout_s))
+def _group(store, rank: int, world: int):
+    """The gloo group; joining waits up to STARTUP_TIMEOUT_S (workers spawn and import torch
+    first); each collective has its own timeout (`_allreduce_options`)."""
+    return dist.ProcessGroupGloo(store, rank, world, datetime.timedelta(seconds=STARTUP_TIMEOUT_S))
+
+
+def _allreduce_options(timeout_s: float):
+    options = dist.AllreduceOptions()
+    options.timeout = datetime.timedelta(seconds=timeout_s)
+    return options
 
 
 class TensorParallel:
@@ -125,8 +133,12 @@ class TensorParallel:
             self.conns.append(ours)
             self.procs.append(proc)
         self._finalizer = weakref.finalize(self, _stop, self.conns, self.procs)
-        self.store = store
-        self.group = _group(store, 0, world, timeout_s)     # waits for every worker to join
+        self.store, self._options = store, _allreduce_options(timeout_s)
+        try:
+            self.group = _group(store, 0, world)            # waits for every worker to join
+        except (RuntimeError, dist.DistError) as exc:
+            self._finalizer()                               # stop whatever did start
+            self._fail(f"the workers did not join the process group ({exc})")
         self.full_targets = shard_model(model, 0, world, self.all_reduce, quantize)
 
     # ---- the forward's collective ---------------------------------------------------------
@@ -134,7 +146,7 @@ class TensorParallel:
     def all_reduce(self, tensor: torch.Tensor) -> None:
         started = time.perf_counter()
         try:
-            self.group.allreduce([tensor]).wait()
+            self.group.allreduce([tensor], self._options).wait()
         except RuntimeError as exc:
             self._fail(f"all-reduce failed ({exc})")
         self.stats.calls += 1
@@ -289,12 +301,13 @@ def _worker_loop(rank, world, port, source, dtype, device, timeout_s, conn, quan
 
     store = dist.TCPStore("127.0.0.1", port, world, False,
                           datetime.timedelta(seconds=STARTUP_TIMEOUT_S))
-    group = _group(store, rank, world, timeout_s)      # first: rank 0 waits for it
+    group = _group(store, rank, world)      # first: rank 0 waits for it
+    options = _allreduce_options(timeout_s)
     model = source if isinstance(source, torch.nn.Module) else load_model(source, dtype=dtype,
                                                                           device=device)
 
     def all_reduce(tensor: torch.Tensor) -> None:
-        group.allreduce([tensor]).wait()
+        group.allreduce([tensor], options).wait()
 
     parent = os.getppid()
     message = _receive(conn, parent)
