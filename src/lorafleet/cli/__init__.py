@@ -18,7 +18,7 @@ from lorafleet.errors import LoraFleetError
 # Subcommand modules, in the order `lorafleet --help` lists them.
 COMMANDS = [
     "generate", "train", "serve", "merge", "adapters", "quantize", "bench", "analyze", "demo",
-    "pretrain",
+    "pretrain", "eval", "plot", "env",
 ]
 
 
