@@ -115,3 +115,21 @@ def test_lm_head_target_is_refused_unless_merge_only(tmp_path, llama_dir, toy_da
     result = train(TrainConfig.from_flat(out=str(tmp_path / "b"), merge_only=True, **cfg))
     assert "lm_head" in json.loads((result.artifact / "adapter_config.json").read_text()
                                    )["target_modules"]
+
+
+def test_serving_on_another_base_warns(tmp_path, llama_dir, toy_data, caplog):
+    import logging
+    import shutil
+
+    from lorafleet.serve import Engine, EngineConfig
+    result = train(TrainConfig.from_flat(model=str(llama_dir), data=str(toy_data), steps=1,
+                                         out=str(tmp_path / "run")))
+    saved = json.loads((result.artifact / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(llama_dir.resolve())
+    other = shutil.copytree(llama_dir, tmp_path / "other-base")
+    for base, warns in ((llama_dir, False), (other, True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lorafleet.serve"):
+            engine = Engine(str(base), config=EngineConfig(num_pages=512, block_tokens=4))
+            engine.register_adapter(f"a-{warns}", str(result.artifact))
+        assert ("trained on" in caplog.text) == warns, caplog.text

@@ -138,4 +138,5 @@ def load_model(path: str | Path, dtype: str | torch.dtype = torch.float32,
     if leftover:  # a parameter the checks above missed: never hand out a half-loaded model
         raise ModelLoadError(f"{path}: parameters not loaded: {', '.join(leftover[:5])}")
     log.debug("loaded %s (%s) from %s", config.architecture, dtype, path)
+    model.name_or_path = str(path.resolve())  # as transformers: adapters saved over it name it
     return model.eval()

@@ -10,6 +10,8 @@ is padded to a maximum rank.
 """
 from __future__ import annotations
 
+import functools
+import logging
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,8 @@ from lorafleet.lora.peft_format import (PREFIX, PeftAdapter, TensorInfo, check_a
                                         parse_adapter, read_arrays, read_config, weights_file)
 
 from .kv_cache import cdiv
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,6 +53,7 @@ class BaseLayout:
     page_size: int
     max_rank: int
     exclude: frozenset[str] = frozenset()
+    base_name: str | None = None     # the served base's folder: adapters naming another warn
     # Interned module-name tuples: adapters with the same target set share one.
     _module_sets: dict[tuple[str, ...], tuple[str, ...]] = field(default_factory=dict, repr=False)
 
@@ -91,10 +96,21 @@ class AdapterSpec:
         return out
 
 
+@functools.lru_cache(maxsize=1024)   # once per adapter and base, not on every (re)load
+def warn_other_base(name: str, trained_on: str, served: str) -> None:
+    """A base of the same shapes but other weights loads fine and answers badly: say so. Names
+    compare by their last path part, so a hub id (org/model) matches a local folder `model`."""
+    if Path(trained_on).name.lower() != Path(served).name.lower():
+        log.warning("adapter %r was trained on %r, but the served base is %r: its outputs may "
+                    "be wrong if the weights differ", name, trained_on, served)
+
+
 def build_spec(name: str, adapter: PeftAdapter, layout: BaseLayout) -> AdapterSpec:
     """Check a parsed adapter (header-only or with data) against the base and lay it out.
     Raises AdapterError / ShapeError naming the adapter and the module."""
     names = sorted(adapter.modules)
+    if layout.base_name and adapter.config.base_model_name_or_path:
+        warn_other_base(name, adapter.config.base_model_name_or_path, layout.base_name)
     init = adapter.config.init_lora_weights
     if isinstance(init, str) and init.split("_niter_")[0] in ("pissa", "olora", "loftq"):
         # trained over a residual base the engine does not hold (lora/init.py)

@@ -151,7 +151,8 @@ class Engine:
         self.kv = KVCacheManager(self.pool, self.runner.layout)
         targets = self.parallel.full_targets if self.parallel else self.runner.targets
         self.adapter_layout = BaseLayout(targets, self.runner.pages.shape[1],
-                                         config.max_lora_rank, frozenset({"lm_head"}))
+                                         config.max_lora_rank, frozenset({"lm_head"}),
+                                         base_name=getattr(model, "name_or_path", None))
         self.cache = AdapterCache(
             self.pool, self.runner.write_pages, AdapterLoader(self.runner.dtype),
             HostCache(config.max_cpu_loras, config.max_cpu_lora_bytes, LOAD_AHEAD))
