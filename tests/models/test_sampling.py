@@ -78,15 +78,16 @@ def test_top_k_top_p_property_vs_transformers(rows, vocab, data):
 def test_repetition_penalty_matches_transformers():
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-    from lorafleet.models.sampling import apply_repetition_penalty, token_counts
+    from lorafleet.models.sampling import apply_repetition_penalty, padded_ids
 
     torch.manual_seed(1)
-    logits = torch.randn(3, 40) * 4
-    ids = [[1, 5, 5, 30], [0, 39, 2], [7]]
-    penalties = [1.3, 0.7, 2.0]
-    seen = token_counts(ids, 40, "cpu") > 0
-    ours = apply_repetition_penalty(logits, seen, torch.tensor(penalties))
-    for row, (row_ids, p) in enumerate(zip(ids, penalties)):
+    logits = torch.randn(4, 40) * 4
+    ids = [[1, 5, 5, 30], [0, 39, 2], [7], []]
+    penalties = [1.3, 0.7, 2.0, 3.0]
+    padded, valid = padded_ids(ids, "cpu")
+    ours = apply_repetition_penalty(logits.clone(), padded, valid, torch.tensor(penalties))
+    assert torch.equal(ours[3], logits[3])          # nothing seen: nothing changes
+    for row, (row_ids, p) in enumerate(zip(ids[:3], penalties)):
         expected = RepetitionPenaltyLogitsProcessor(p)(torch.tensor([row_ids]),
                                                        logits[row:row + 1].clone())
         torch.testing.assert_close(ours[row:row + 1], expected)
@@ -117,15 +118,15 @@ def test_min_p_matches_transformers_after_temperature_top_k_top_p():
 
 
 def test_frequency_presence_penalties_match_the_openai_formula():
-    from lorafleet.models.sampling import apply_frequency_presence, token_counts
+    from lorafleet.models.sampling import apply_frequency_presence, padded_ids
 
     torch.manual_seed(3)
-    logits = torch.randn(2, 12)
-    outputs = [[3, 3, 3, 7], [11]]
-    freq, pres = [0.5, -1.0], [1.5, 0.25]
-    ours = apply_frequency_presence(logits, token_counts(outputs, 12, "cpu"),
+    logits = torch.randn(3, 12)
+    outputs = [[3, 3, 3, 7], [11], []]
+    freq, pres = [0.5, -1.0, 2.0], [1.5, 0.25, 2.0]
+    ours = apply_frequency_presence(logits.clone(), *padded_ids(outputs, "cpu"),
                                     torch.tensor(freq), torch.tensor(pres))
-    for row in range(2):       # OpenAI's documented formula, token by token
+    for row in range(3):       # OpenAI's documented formula, token by token
         for token in range(12):
             count = outputs[row].count(token)
             expected = logits[row, token] - count * freq[row] - (count > 0) * pres[row]

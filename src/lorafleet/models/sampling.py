@@ -203,38 +203,46 @@ def min_p_filter(logits: torch.Tensor, min_p) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def token_counts(rows: list[list[int]], vocab: int, device) -> torch.Tensor:
-    """How often each token occurs in each row's ids: [R, V] float32 (one scatter_add)."""
-    counts = torch.zeros(len(rows), vocab, dtype=torch.float32, device=device)
-    width = max((len(r) for r in rows), default=0)
-    if width == 0:
-        return counts
-    ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-    valid = torch.zeros(len(rows), width, dtype=torch.float32, device=device)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
-            valid[i, :len(r)] = 1.0
-    return counts.scatter_add_(1, ids, valid)
+def padded_ids(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids as one [R, W] long tensor and a [R, W] float mask of the real entries.
+    Padding repeats the row's first id (0 for an empty row): a scatter of a value computed per
+    token then writes the same value again, never a different one (scatter with duplicate
+    indices keeps an arbitrary one of the values written)."""
+    lengths = torch.tensor([len(r) for r in rows])
+    ids = torch.nn.utils.rnn.pad_sequence(
+        [torch.as_tensor(r, dtype=torch.long) if len(r) else torch.zeros(1, dtype=torch.long)
+         for r in rows], batch_first=True)
+    valid = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+    ids = torch.where(valid, ids, ids[:, :1])
+    return ids.to(device), valid.to(device=device, dtype=torch.float32)
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor,
+def apply_repetition_penalty(logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor,
                              penalty) -> torch.Tensor:
     """CTRL's penalty (transformers' RepetitionPenaltyLogitsProcessor): each row's logits of
-    the tokens it has seen (`seen` [R, V] bool) divided by the penalty when positive,
-    multiplied when negative."""
+    the tokens it has seen (`ids`, `valid` from padded_ids) divided by the penalty when
+    positive, multiplied when negative; once per token, however often it occurs. In place, and
+    only those tokens: O(rows x tokens seen), not O(rows x vocabulary)."""
     p = per_row(penalty, logits.shape[0], logits.dtype, logits.device)[:, None]
-    penalized = torch.where(logits < 0, logits * p, logits / p)
-    return torch.where(seen, penalized, logits)
+    seen = logits.gather(1, ids)
+    penalized = torch.where(seen < 0, seen * p, seen / p)
+    # padding repeats a real id of its row, so it must write that id's penalized value too;
+    # only an empty row (all padding) keeps its logits
+    return logits.scatter_(1, ids, torch.where(valid[:, :1] > 0, penalized, seen))
 
 
-def apply_frequency_presence(logits: torch.Tensor, counts: torch.Tensor, frequency,
-                             presence) -> torch.Tensor:
+def apply_frequency_presence(logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor,
+                             frequency, presence) -> torch.Tensor:
     """OpenAI's penalties: logit -= frequency * count + presence * (count > 0), where count is
-    how often the token occurs in the row's output so far (`counts` [R, V])."""
+    how often the token occurs in the row's output so far (`ids`, `valid` from padded_ids).
+    In place."""
     f = per_row(frequency, logits.shape[0], logits.dtype, logits.device)[:, None]
     p = per_row(presence, logits.shape[0], logits.dtype, logits.device)[:, None]
-    return logits - f * counts - p * (counts > 0).to(logits.dtype)
+    seen = logits.gather(1, ids)
+    # presence: written (not added) at every occurrence, so once per token
+    logits.scatter_(1, ids, seen - p * valid[:, :1])     # padding repeats a real id: same value
+    # frequency: added at every occurrence, so count times
+    return logits.scatter_add_(1, ids, -f * valid)
 
 
 def probabilities(logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0,

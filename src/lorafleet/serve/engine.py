@@ -26,8 +26,8 @@ from lorafleet.errors import AdapterError, ConfigError, EngineError, RequestErro
 from lorafleet.models import load_model
 from lorafleet.models.dtype import parse_dtype, resolve_dtype
 from lorafleet.models.sampling import (SamplingParams, apply_frequency_presence,
-                                       apply_repetition_penalty, sample, token_and_top_logprobs,
-                                       token_counts)
+                                       apply_repetition_penalty, padded_ids, sample,
+                                       token_and_top_logprobs)
 
 from .adapter_cache import LOAD_AHEAD, AdapterCache, build_host_adapter
 from .adapter_loader import AdapterLoader, HostCache
@@ -453,13 +453,14 @@ class Engine:
             rows = logits.index_select(0, index)
             ps = [seqs[i].params for i in penalized]
             if any(p.repetition_penalty != 1 for p in ps):
-                seen = token_counts([seqs[i].prompt_ids + seqs[i].output_ids for i in penalized],
-                                    vocab, logits.device) > 0
-                rows = apply_repetition_penalty(rows, seen, [p.repetition_penalty for p in ps])
+                ids, valid = padded_ids([seqs[i].prompt_ids + seqs[i].output_ids
+                                         for i in penalized], logits.device)
+                rows = apply_repetition_penalty(rows, ids, valid,
+                                                [p.repetition_penalty for p in ps])
             if any(p.frequency_penalty or p.presence_penalty for p in ps):
-                counts = token_counts([seqs[i].output_ids for i in penalized], vocab,
-                                      logits.device)
-                rows = apply_frequency_presence(rows, counts, [p.frequency_penalty for p in ps],
+                ids, valid = padded_ids([seqs[i].output_ids for i in penalized], logits.device)
+                rows = apply_frequency_presence(rows, ids, valid,
+                                                [p.frequency_penalty for p in ps],
                                                 [p.presence_penalty for p in ps])
             logits.index_copy_(0, index, rows)
         if biased:
