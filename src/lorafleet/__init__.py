@@ -32,6 +32,10 @@ _API = {
     "merge_checkpoint": "lorafleet.lora.merge",
     "load_adapter": "lorafleet.lora.peft_format",
     "save_adapter": "lorafleet.lora.peft_format",
+    "add_weighted_adapter": "lorafleet.lora.ops",
+    "delete_adapter": "lorafleet.lora.ops",
+    "disable_adapter": "lorafleet.lora.ops",
+    "combine_folders": "lorafleet.lora.combine",
 }
 __all__ = sorted(_API)
 

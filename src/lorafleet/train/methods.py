@@ -78,6 +78,12 @@ class MethodConfig:
                            "LoRA paper's choice)")
     use_rslora: bool = _option(False, "scale the update by alpha/sqrt(r) (rsLoRA) instead of "
                                "alpha/r")
+    use_dora: bool = _option(False, "DoRA: a trainable magnitude per output row beside the "
+                             "low-rank direction (lora/dora.py)")
+    init_lora_weights: str = _option("default", "LoRA init: default (PEFT's: A kaiming, B zero), "
+                                     "gaussian, pissa, pissa_niter_N, olora; pissa/olora rewrite "
+                                     "the base and the saved adapter is converted to plain LoRA "
+                                     "of rank 2r over the original base")
     merge_only: bool = _option(False, "allow targets the serving engine refuses (lm_head): the "
                                "adapter is meant for `lorafleet merge`, not `serve`")
     bottleneck: int = _option(16, "adapter: hidden width of each bottleneck MLP")
@@ -89,6 +95,13 @@ class MethodConfig:
         for name in ("r", "bottleneck", "virtual_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 (found {getattr(self, name)})")
+        from lorafleet.lora.config import INIT_METHODS, is_init_method
+        if self.init_lora_weights != "default" and not is_init_method(self.init_lora_weights):
+            raise ConfigError(f"init_lora_weights: expected default or one of {INIT_METHODS} "
+                              f"(found {self.init_lora_weights!r})")
+        if self.init_lora_weights == "loftq":
+            raise ConfigError("init_lora_weights: loftq is not supported by `lorafleet train` "
+                              "(it needs a quantized base and its own config); use pissa or olora")
 
 
 # ---- module helpers ---------------------------------------------------------------------------
@@ -197,8 +210,19 @@ def apply_lora(model: nn.Module, cfg: MethodConfig, state: dict) -> nn.Module:
     targets = state.setdefault("target_modules", resolve_targets(model, cfg.targets))
     check_servable(model, targets, cfg.merge_only)
     inject_lora(model, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                  target_modules=targets, use_rslora=cfg.use_rslora))
+                                  target_modules=targets, use_rslora=cfg.use_rslora,
+                                  use_dora=cfg.use_dora, init_lora_weights=lora_init(cfg)))
     return model
+
+
+def lora_init(cfg: MethodConfig) -> bool | str:
+    """--init-lora-weights as LoraConfig takes it ("default" is PEFT's True)."""
+    return True if cfg.init_lora_weights == "default" else cfg.init_lora_weights
+
+
+def rewrites_base(cfg: MethodConfig) -> bool:
+    """PiSSA / OLoRA move the adapter's initial part out of the base weights."""
+    return cfg.init_lora_weights.startswith("pissa") or cfg.init_lora_weights == "olora"
 
 
 def apply_qlora(model: nn.Module, cfg: MethodConfig, state: dict) -> nn.Module:
@@ -300,7 +324,9 @@ def save_trained(model: nn.Module, cfg: MethodConfig, state: dict, path: str | P
     if cfg.method in ("lora", "qlora"):
         # Through the public API, not lorafleet.adapters: train sits left of adapters in the
         # pipeline (STYLE.md rule 1), and the top level is what users call too.
-        lorafleet.save_adapter(model, path)
+        # A PiSSA / OLoRA adapter only fits its rewritten base: save the equal plain LoRA over
+        # the original base, which is what `serve` and PEFT load.
+        lorafleet.save_adapter(model, path, convert_to_lora=rewrites_base(cfg))
     else:
         save_file(_unshared(trainable_state(model)), str(path / TRAINABLE_FILE))
     (path / METHOD_FILE).write_text(json.dumps({**asdict(cfg), "state": state}, indent=2))
