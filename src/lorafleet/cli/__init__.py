@@ -22,6 +22,12 @@ COMMANDS = [
 ]
 
 
+# Optional packages (pyproject.toml extras) -> the extra that installs them.
+EXTRAS = {"transformers": "bench", "peft": "bench", "accelerate": "bench",
+          "matplotlib": "plots", "bitsandbytes": "cuda", "triton": "cuda", "pyarrow": "data",
+          "datasets": "data", "tensorboard": "track", "wandb": "track"}
+
+
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose "unrecognized arguments" error names the closest known flag."""
 
@@ -112,6 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except LoraFleetError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:
+        extra = EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"error: `lorafleet {args.command}` needs {exc.name}, an optional dependency: "
+              f"pip install 'lorafleet[{extra}]'", file=sys.stderr)
         return 1
 
 
