@@ -118,7 +118,7 @@ def read_table(path: Path) -> Iterator[tuple[int, object]]:
         try:
             import pyarrow.parquet as pq
         except ModuleNotFoundError as exc:
-            raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)"
+            raise DataError(f"{path}: reading Parquet needs pyarrow (pip install 'lorafleet[data]')"
                             ) from exc
         rows = pq.read_table(path).to_pylist()
     elif suffix == ".csv":
@@ -157,7 +157,7 @@ def _read_datasets_folder(path: Path) -> list:
         import datasets
     except ModuleNotFoundError as exc:
         raise DataError(f"{path}: reading a datasets folder needs the datasets package "
-                        "(pip install datasets)") from exc
+                        "(pip install 'lorafleet[data]')") from exc
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
