@@ -25,15 +25,14 @@ from lorafleet.adapters.store import check_name, is_valid_name
 from lorafleet.errors import AdapterError, ConfigError, EngineError, RequestError
 from lorafleet.models import load_model
 from lorafleet.models.dtype import parse_dtype, resolve_dtype
-from lorafleet.models.sampling import (SamplingParams, apply_frequency_presence,
-                                       apply_repetition_penalty, padded_ids, sample,
-                                       token_and_top_logprobs)
+from lorafleet.models.sampling import SamplingParams, sample, token_and_top_logprobs
 
 from .adapter_cache import LOAD_AHEAD, AdapterCache, build_host_adapter
 from .adapter_loader import AdapterLoader, HostCache
 from .adapter_registry import BaseLayout, read_spec
 from .json_grammar import JsonVocab, constrain_json
 from .kv_cache import KVCacheManager
+from .logits import process_logits, score_prompts
 from .memory import (available_memory, kv_tokens, parse_memory_size, plan_for_model,
                      weight_bytes)
 from .output import Completion, OutputProcessor, RequestOutput, TokenLogprob
@@ -347,7 +346,7 @@ class Engine:
                 started = time.perf_counter()
                 seqs, logits = self.runner.run(batch.seqs, batch.num_new_tokens, self.kv)
                 if getattr(self.runner, "prompt_rows", None):
-                    self._prompt_logprobs(self.runner.prompt_rows, self.runner.prompt_logits)
+                    score_prompts(self.runner.prompt_rows, self.runner.prompt_logits)
                 for seq, n in zip(batch.seqs, batch.num_new_tokens):
                     seq.num_computed_tokens += n
                 if seqs:      # a row with NaN/Inf logits fails its own request, no other
@@ -427,7 +426,7 @@ class Engine:
         return outputs
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        logits = self._process_logits(seqs, logits)
+        logits = process_logits(seqs, logits, self.eos_ids)
         if all(s.params.temperature == 0 for s in seqs):
             tokens = logits.argmax(dim=-1)
         else:
@@ -437,49 +436,6 @@ class Engine:
         if any(s.params.json_object for s in seqs):
             tokens = constrain_json(seqs, logits, tokens, self._json_vocab(), self.eos_ids)
         return tokens
-
-    def _process_logits(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        """Penalties, logit_bias and min_tokens, on the rows that ask for them (a batch where
-        none does returns `logits` untouched). The reported logprobs stay those of the model's
-        own distribution (`_logprobs` reads the logits before this)."""
-        penalized = [i for i, s in enumerate(seqs) if s.params.has_penalties]
-        biased = [i for i, s in enumerate(seqs) if s.params.logit_bias]
-        held = [i for i, s in enumerate(seqs) if len(s.output_ids) < s.params.min_tokens]
-        if not (penalized or biased or held):
-            return logits
-        logits, vocab = logits.clone(), logits.shape[-1]
-        if penalized:
-            index = torch.tensor(penalized, device=logits.device)
-            rows = logits.index_select(0, index)
-            ps = [seqs[i].params for i in penalized]
-            if any(p.repetition_penalty != 1 for p in ps):
-                ids, valid = padded_ids([seqs[i].prompt_ids + seqs[i].output_ids
-                                         for i in penalized], logits.device)
-                rows = apply_repetition_penalty(rows, ids, valid,
-                                                [p.repetition_penalty for p in ps])
-            if any(p.frequency_penalty or p.presence_penalty for p in ps):
-                ids, valid = padded_ids([seqs[i].output_ids for i in penalized], logits.device)
-                rows = apply_frequency_presence(rows, ids, valid,
-                                                [p.frequency_penalty for p in ps],
-                                                [p.presence_penalty for p in ps])
-            logits.index_copy_(0, index, rows)
-        if biased:
-            pairs = [(i, t, b) for i in biased for t, b in seqs[i].params.logit_bias.items()
-                     if 0 <= t < vocab]
-            if pairs:
-                r, t, b = zip(*pairs)
-                device = logits.device
-                logits.index_put_((torch.tensor(r, device=device), torch.tensor(t, device=device)),
-                                  torch.tensor(b, dtype=logits.dtype, device=device),
-                                  accumulate=True)
-        for i in held:      # EOS and stop tokens may not end it yet (vLLM's min_tokens)
-            p = seqs[i].params
-            banned = set(p.stop_token_ids) | set(
-                self.eos_ids if p.eos_token_ids is None else p.eos_token_ids)
-            banned = [t for t in banned if 0 <= t < vocab]
-            if banned:
-                logits[i, banned] = float("-inf")
-        return logits
 
     def _json_vocab(self) -> JsonVocab:
         """Each token's text, for the JSON constraint (decoded once, on first use)."""
@@ -509,28 +465,6 @@ class Engine:
             else:
                 result[i] = chosen[j]
         return result
-
-    @staticmethod
-    def _prompt_logprobs(rows, logits: torch.Tensor) -> None:
-        """Score prompt tokens: rows (sequence, first position, count) own consecutive slices of
-        logits [sum(count), V]; position j's logits give prompt token j + 1 its logprob."""
-        offset = 0
-        for seq, first, count in rows:
-            chunk = logits[offset:offset + count]
-            offset += count
-            targets = torch.tensor(seq.prompt_ids[first + 1:first + 1 + count],
-                                   device=chunk.device)
-            n = seq.params.prompt_logprobs
-            chosen, top_values, top_ids = token_and_top_logprobs(chunk, targets, max(n, 1))
-            if not seq.prompt_logprobs:
-                seq.prompt_logprobs.append(None)     # the first token: nothing predicts it
-            for j, token in enumerate(targets.tolist()):
-                if n:
-                    seq.prompt_logprobs.append({**dict(zip(top_ids[j].tolist(),
-                                                           top_values[j].tolist())),
-                                                token: float(chosen[j])})
-                else:
-                    seq.prompt_logprobs.append(float(chosen[j]))
 
     def _postprocess(self, seq: Sequence, token: int,
                      logprob: TokenLogprob | None) -> RequestOutput:
