@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorafleet.errors import AdapterError, ShapeError
-from lorafleet.lora import dora
+from lorafleet.lora import dora, fused
 from lorafleet.lora.init import init_weights
 from lorafleet.models.modules import is_conv1d, linear_features
 
@@ -203,6 +203,27 @@ class LoraLinear(LoraLayer):
         # (A0, B0) of adapters whose init rewrote the base (PiSSA, OLoRA, LoftQ): saving them
         # as a plain LoRA over the original base needs them (lora/init.py convert_to_lora).
         self.initial_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def forward(self, x: torch.Tensor, lora: str | Sequence[str | None] | None = None):
+        name = self._single_adapter(lora)
+        if name is not None:
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            if fused.can_fuse(self.base_layer, x, A, B):
+                return fused.lora_linear(x, self.base_layer, A, B, self.scaling[name],
+                                         self.lora_dropout[name])
+        return super().forward(x, lora)
+
+    def _single_adapter(self, lora) -> str | None:
+        """The one plain-LoRA adapter this call applies to every row, if that is the case (the
+        fused path's case: training one adapter); else None (the general path)."""
+        if lora is None:
+            lora = self.row_adapters
+        if self.disabled or self.merged_adapters or not (lora is None or isinstance(lora, str)):
+            return None
+        names = self.active_adapters if lora is None else [lora]
+        if len(names) != 1 or names[0] not in self.r or self.is_dora(names[0]):
+            return None
+        return names[0]
 
     def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float = 0.0,
                     init: bool | str = True, use_dora: bool = False) -> None:
