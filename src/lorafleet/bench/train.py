@@ -333,7 +333,7 @@ def markdown(s: dict) -> str:
         lines += ["| config | trainable params | step (s) | memory (MiB) | peak RSS (MiB) |",
                   "|---|---|---|---|---|"]
         for kind, r in s["results"].items():
-            lines.append(f"| {kind} | {r['trainable_params']:,} | {r["step_time_s"]:.3g} | "
+            lines.append(f"| {kind} | {r['trainable_params']:,} | {r['step_time_s']:.3g} | "
                          f"{r['model_and_training_mib']:.0f} | {r['peak_rss_mib']:.0f} |")
         lora = s["results"]["lora"]
         lines += ["", f"LoRA / full memory {ratios['lora_over_full_memory']:.2f} "
