@@ -44,11 +44,12 @@ def build_library(name: str, label: str, source: str, flags: tuple[str, ...], sw
     if os.environ.get(switch, "1") == "0":
         return None
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        logger.info("%s: needs x86-64 Linux; using the torch path", label)
+        logger.warning("%s: needs x86-64 Linux; using the slower torch path", label)
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        logger.info("%s: no C compiler found; using the torch path", label)
+        logger.warning("%s: no C compiler found; using the slower torch path (`lorafleet env` "
+                       "lists the kernels)", label)
         return None
     # -march=native: the key includes the host CPU, so a cache shared across machines is safe
     key = hashlib.sha256("\0".join((source, compiler, *flags, cpu_flags())).encode()
@@ -66,7 +67,7 @@ def build_library(name: str, label: str, source: str, flags: tuple[str, ...], sw
         return ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", b"") or b""
-        logger.info("%s unavailable (%s %s); using the torch path", label, error,
+        logger.warning("%s unavailable (%s %s); using the torch path", label, error,
                  detail.decode(errors="replace")[-300:])
         return None
 

@@ -11,11 +11,14 @@ from lorafleet.train.sources import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
 
 from .conftest import toy_records, write_jsonl
 
-ALPACA = [{"instruction": "Reverse the words.", "input": "one two three", "output": "three two one"},
+ALPACA = [{"instruction": "Reverse the words.", "input": "one two three",
+           "output": "three two one"},
           {"instruction": "Say hi.", "input": "", "output": "hi"}]
 SHAREGPT = [{"conversations": [{"from": "system", "value": "be brief"},
-                               {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"},
-                               {"from": "human", "value": "bye"}, {"from": "gpt", "value": "ciao"}]}]
+                               {"from": "human", "value": "hi"},
+                               {"from": "gpt", "value": "hello"},
+                               {"from": "human", "value": "bye"},
+                               {"from": "gpt", "value": "ciao"}]}]
 
 
 def ids(examples):
@@ -43,7 +46,8 @@ def test_sharegpt_is_messages(tmp_path, tokenizer):
     native = write_jsonl(tmp_path / "native.jsonl", [{"messages": [
         {"role": roles[t["from"]], "content": t["value"]} for t in SHAREGPT[0]["conversations"]]}])
     assert ids(read(path, tokenizer)) == ids(read(native, tokenizer))
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": [{"from": "robot", "value": "x"}]}])
+    bad = write_jsonl(tmp_path / "bad.jsonl",
+                      [{"conversations": [{"from": "robot", "value": "x"}]}])
     with pytest.raises(DataError, match=r"bad.jsonl:1: conversations\[0\].from"):
         read(bad, tokenizer)
 

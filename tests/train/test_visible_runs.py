@@ -95,12 +95,36 @@ def test_plot_writes_a_png_of_the_run(run, tmp_path):
     assert main(["plot", str(tmp_path)]) == 1          # no log.jsonl: a clear error
 
 
-def test_env_reports_kernels_and_fallback_reasons(monkeypatch, capsys):
+@pytest.fixture
+def fresh_kernels():
+    """env rebuilds the kernels' cached loaders; rebuild them again afterwards so the rest of
+    the session does not keep a fallback forced here."""
+    import importlib
+
+    from lorafleet.cli.env import KERNELS
+    loaders = [getattr(importlib.import_module(m), f) for _, m, f in KERNELS]
+    yield
+    for load in loaders:
+        load.cache_clear()
+
+
+def test_env_reports_kernels_and_fallback_reasons(monkeypatch, capsys, caplog, fresh_kernels):
+    import logging
     monkeypatch.setenv("LORAFLEET_NF4_KERNEL", "0")
-    assert main(["env"]) == 0
+    monkeypatch.setenv("CC", "/nonexistent/cc")      # the other kernels cannot be built
+    monkeypatch.setenv("XDG_CACHE_HOME", "/nonexistent-cache")   # nor found already built
+    with caplog.at_level(logging.WARNING, logger="lorafleet"):
+        assert main(["env"]) == 0
     out = capsys.readouterr().out
-    assert "torch" in out and "SGMV" in out
+    assert "torch" in out
     assert "NF4 matmul kernel" in out and "switched off (LORAFLEET_NF4_KERNEL=0)" in out
+    assert "slow SGMV LoRA kernel" in out and "/nonexistent/cc" in out
+    monkeypatch.delenv("CC")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.delenv("LORAFLEET_NF4_KERNEL")
+    assert main(["env"]) == 0
+    if "C compiler" not in caplog.text:    # where a compiler exists, the kernels build
+        assert "ok   SGMV LoRA kernel" in capsys.readouterr().out
 
 
 def test_report_to_is_a_choice(tmp_path, llama_dir, toy_data):

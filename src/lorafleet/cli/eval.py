@@ -1,7 +1,8 @@
 """`lorafleet eval`: loss, perplexity and (with --generate) task metrics of several adapters on one
 data file, as a table (or JSON lines with --json).
 
-    lorafleet eval --model ./base --data val.jsonl base runs/a/adapter runs/b/checkpoints/step-00000100/adapter
+    lorafleet eval --model ./base --data val.jsonl base runs/a/adapter \
+        runs/b/checkpoints/step-00000100/adapter
 """
 from __future__ import annotations
 
