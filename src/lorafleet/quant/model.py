@@ -123,6 +123,7 @@ def load_quantized_model(path: str | Path, dtype: str | torch.dtype = torch.bflo
                 if t.is_meta]
     if leftover:
         raise ConfigError(f"{path}: not loaded after quantization: {', '.join(leftover[:5])}")
+    model.name_or_path = str(path.resolve())  # as load_model: adapters trained over it name it
     return model.eval()
 
 
