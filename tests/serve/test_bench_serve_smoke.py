@@ -93,7 +93,11 @@ def test_report_and_plots_come_from_the_json(results, tmp_path):
     assert "### Scaling with N" in text and "| lorafleet (hand-sized) | 12 |" in text
     assert "merge-and-swap" in text and "PEFT per-row" in text and "Heavy mix" in text
     parts = sections(data)
-    assert len(parts["scaling"]) == 1 + 2 * 2 and parts["rates"]
+    assert len(parts["scaling"]) == 1 + 2 * 2
+    # the rate table: the sweep's runs and the saturating point, for both popularities
+    assert sorted((r["popularity"], r["sweep"]) for r in parts["rates"]) == [
+        ("power-law", "rate"), ("power-law", "scaling"), ("uniform", "rate"),
+        ("uniform", "scaling")]
     for name in ("serve_vs_adapters.png", "serve_vs_rate.png"):
         assert (tmp_path / "img" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (tmp / "img" / name).is_file()

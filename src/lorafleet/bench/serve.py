@@ -60,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="N of the rate sweep (0 skips it)")
     parser.add_argument("--rate-fractions", default="0.3,0.6,0.9",
                         help="rates of the sweep, as fractions of the base model's req/s")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the scaling block (base model, then each N) this many times, "
+                             "interleaved; tables give the best run and medians")
     parser.add_argument("--alpha", type=float, default=1.0, help="power-law exponent")
     parser.add_argument("--input-len", default="8,64", help="uniform range of prompt lengths")
     parser.add_argument("--output-len", default="8,32", help="uniform range of output lengths")
@@ -209,12 +212,14 @@ def plan(args, counts: list[int], popularities: list[str]) -> list[dict]:
     """Every run of the benchmark, in order, as specs for serve_run (rates of the rate sweep
     filled in once the base model's rate is measured)."""
     engine = json.loads(args.engine)
-    specs = [dict(system="base-only", adapters=0, rate=args.rate, sweep="scaling",
-                  engine=engine)]
-    for n in counts:
-        for popularity in popularities:
-            specs.append(dict(system="lorafleet", adapters=n, popularity=popularity,
-                              rate=args.rate, sweep="scaling", engine=engine))
+    specs = []
+    for _ in range(max(1, args.repeats)):
+        specs.append(dict(system="base-only", adapters=0, rate=args.rate, sweep="scaling",
+                          engine=engine))
+        for n in counts:
+            for popularity in popularities:
+                specs.append(dict(system="lorafleet", adapters=n, popularity=popularity,
+                                  rate=args.rate, sweep="scaling", engine=engine))
     if args.hand_adapters:
         hand = json.loads(args.hand_config) if args.hand_config else default_hand_config(args)
         specs.append(dict(system="base-only", adapters=0, rate=args.rate, sweep="baselines",

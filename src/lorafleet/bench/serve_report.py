@@ -85,13 +85,17 @@ MAIN_COLUMNS = (
     ("popularity", lambda r: r.get("popularity") or ""),
     ("rate req/s", lambda r: _f(r.get("rate"), ".1f")),
     ("requests", lambda r: f"{r['requests']}" + (f" ({r['failed']} failed)" if r.get("failed")
-                                                else "")),
+                                                else "")
+     + (f" x {r['runs']} runs" if r.get("runs", 1) > 1 else "")),
     ("distinct adapters", lambda r: str(r.get("distinct_adapters", ""))),
     ("loads", lambda r: str(r.get("loads", "") if r.get("loads") is not None else "")),
     ("evictions", lambda r: str(r.get("evictions") if r.get("evictions") is not None else "")),
     ("hit rate", lambda r: _f(r.get("hit_rate"))),
     ("tok/s", lambda r: _f(r.get("tokens_per_s"), ".0f")),
     ("vs base", lambda r: _f(r.get("vs_base"))),
+    ("tok/CPU-s", lambda r: _f(r.get("median_tokens_per_cpu_s", r.get("tokens_per_cpu_s")),
+                               ".0f")),
+    ("vs base (CPU)", lambda r: _f(r.get("vs_base_cpu"))),
     ("req/s", lambda r: _f(r.get("requests_per_s"))),
     ("TTFT p50/p99 s", lambda r: f"{_f(r.get('p50_ttft_s'))} / {_f(r.get('p99_ttft_s'))}"),
     ("ITL p50/p99 ms", lambda r: f"{_f(r.get('p50_itl_s'), '.0f', 1e3)} / "
@@ -127,7 +131,7 @@ def sections(results: dict) -> dict[str, list[dict]]:
     rate_n = results["workload"].get("rate_adapters")
     out = {"scaling": [], "rates": [], "baselines": [], "heavy": []}
     for r in runs:
-        sweep = r.get("sweep", "scaling")
+        sweep = {"rate": "rates"}.get(r.get("sweep", "scaling"), r.get("sweep", "scaling"))
         if sweep in out:
             out[sweep].append(r)
         if sweep == "scaling" and r["system"] == "lorafleet" and r.get("adapters") == rate_n:
@@ -138,6 +142,12 @@ def sections(results: dict) -> dict[str, list[dict]]:
 
 def _find(runs, **match):
     return next((r for r in runs if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def _cpu_ratio(a: dict, b: dict) -> str:
+    if a.get("tokens_per_cpu_s") and b.get("tokens_per_cpu_s"):
+        return f"{a['tokens_per_cpu_s'] / b['tokens_per_cpu_s']:.2f}"
+    return "?"
 
 
 def targets(results: dict) -> list[str]:
@@ -157,28 +167,32 @@ def targets(results: dict) -> list[str]:
             f"N = {big['adapters']} uniform ({big['distinct_adapters']} distinct adapters, "
             f"{big.get('loads')} loads, {big.get('evictions')} evictions): "
             f"{big['tokens_per_s'] / small['tokens_per_s']:.2f}x N = {small['adapters']} "
-            f"(target >= 0.9) and {_f(big.get('vs_base'))}x base-only (target >= 0.85); "
+            f"(target >= 0.9) and {_f(big.get('vs_base'))}x base-only (target >= 0.85) in "
+            f"tokens/s; per CPU-second {_cpu_ratio(big, small)}x and "
+            f"{_f(big.get('vs_base_cpu'))}x; "
             f"peak RSS {_mib(big['peak_rss_bytes'])} MiB vs {_mib(small['peak_rss_bytes'])} "
             f"MiB at N = {small['adapters']} (+{_mib(big['peak_rss_bytes'] - small['peak_rss_bytes'])}"
             f" MiB; target: <= host-cache cap + 5%); registering {big['adapters']}: "
             f"{big['register_s']:.2f} s (target <= 5 s).")
     for r in runs:
-        if r.get("config") not in (None, "default") and r["system"] == "lorafleet":
+        if r.get("config") not in (None, "default") and r["system"] in ("lorafleet",
+                                                                        "base-only"):
             same = _find(runs, system=r["system"], adapters=r["adapters"],
                          popularity=r.get("popularity"), rate=r.get("rate"),
                          workload=r.get("workload"), config="default")
             if same:
                 lines.append(f"Out of the box vs {r['config']} at N = {r['adapters']} "
-                             f"{r.get('popularity')}: {same['tokens_per_s']:.0f} vs "
-                             f"{r['tokens_per_s']:.0f} tok/s = "
-                             f"{same['tokens_per_s'] / r['tokens_per_s']:.2f}x (target >= 0.9).")
+                             f"{r.get('popularity') or '(base model)'}: "
+                             f"{same['tokens_per_s']:.0f} vs {r['tokens_per_s']:.0f} tok/s = "
+                             f"{same['tokens_per_s'] / r['tokens_per_s']:.2f}x, per CPU-second "
+                             f"{_cpu_ratio(same, r)}x (target >= 0.9).")
     heavy = [r for r in runs if r.get("workload") == "heavy" and r["system"] == "lorafleet"]
     for r in heavy:
         lines.append(f"Heavy mix (64 concurrent, prompts up to "
                      f"{results['workload']['heavy_input_len'][1]} tokens, ranks up to "
                      f"{max(results['workload']['heavy_ranks'])} on q,k,v,o), N = "
-                     f"{r['adapters']} ({r['config']}): {_f(r.get('vs_base'))}x base-only "
-                     f"(target >= 0.95).")
+                     f"{r['adapters']} ({r['config']}): {_f(r.get('vs_base'))}x base-only in "
+                     f"tokens/s, {_f(r.get('vs_base_cpu'))}x per CPU-second (target >= 0.95).")
     return lines
 
 
@@ -189,7 +203,7 @@ def markdown(results: dict, source: str) -> str:
     text = [f"Generated by `lorafleet bench serve --report {source}` from the run of "
             f"{results.get('started', '?')} (commit {results.get('commit', '?')}, "
             f"{results.get('total_s', 0) / 60:.0f} min).", ""]
-    text.append(f"Machine: {m['cpus']} CPUs, {m['threads']} torch threads; roofline measured in "
+    text.append(f"Machine: {m['cpus']} CPUs, {m['threads']} torch thread(s); roofline measured in "
                 f"the run: bf16 matmul {m['matmul_flops'] / 1e9:.0f} GFLOP/s, copy "
                 f"{m['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s at the start, "
                 f"{m.get('matmul_flops_end', 0) / 1e9:.0f} GFLOP/s and "
@@ -203,7 +217,7 @@ def markdown(results: dict, source: str) -> str:
                 f"{w['model_dtype']}. Adapters: {results['store']['count']} PEFT folders on disk "
                 f"(ranks {w['ranks']}, {int(100 * w['all_linear_share'])}% on all linear "
                 f"layers, the rest on q,k,v,o; stored in bf16): one folder is "
-                f"{_mib(results['store']['mean_bytes'])} MiB on average "
+                f"{results['store']['mean_bytes'] / 2**20:.2f} MiB on average "
                 f"({results['store']['min_bytes'] / 1e3:.0f} KB - "
                 f"{results['store']['max_bytes'] / 1e6:.1f} MB), "
                 f"{results['store']['total_bytes'] / 1e9:.1f} GB in all. Trace: "
@@ -218,6 +232,16 @@ def markdown(results: dict, source: str) -> str:
                      f"{engine['num_pages']} pages = {_mib(engine['pool_bytes'])} MiB "
                      f"({engine['kv_tokens']} tokens of KV), max_num_seqs "
                      f"{engine['config'].get('max_num_seqs')}."]
+    text += ["", "Columns: tok/s and req/s are wall-clock (the best run where a configuration "
+             "ran more than once); tok/CPU-s is output tokens per CPU-second of the run's "
+             "process (all its threads, the adapter loader included; the median where "
+             "repeated), which other jobs on a shared machine disturb less; vs base compares "
+             "with the base model at the same rate and configuration; distinct adapters: those "
+             "the trace touched; loads: adapters read from disk into pool pages; hit rate: "
+             "admissions that found their adapter resident; ITL: inter-token latency; SLO: the "
+             f"share of all requests whose first token came within {w['slo_ttft']} s; decode x "
+             "roofline: the mean decode step over max(bytes / bandwidth, FLOPs / matmul rate) "
+             "with the rates measured in the run."]
     text += ["", f"### Scaling with N (rate {w['rate']} req/s: saturating)", "",
              table(parts["scaling"])]
     if parts["rates"]:
@@ -267,15 +291,16 @@ def plot(results: dict, out_dir: Path, stem: str = "serve") -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     parts, paths = sections(results), []
-    panels = (("tokens_per_s", "output tokens / s", False), ("p99_ttft_s", "p99 TTFT (s)", True))
+    panels = (("tokens_per_s", "output tokens / s (wall clock)"),
+              ("tokens_per_cpu_s", "output tokens / CPU-second"), ("p99_ttft_s", "p99 TTFT (s)"))
     for name, runs, x_key, x_label in (
             ("adapters", parts["scaling"], "adapters", "adapters N (registered, on disk)"),
             ("rate", parts["rates"], "rate", "offered rate (requests / s)")):
         ours = [r for r in runs if r["system"] == "lorafleet"]
         if not ours:
             continue
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, (metric, label, log_y) in zip(axes, panels):
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+        for ax, (metric, label) in zip(axes, panels):
             for popularity, style in (("power-law", "o-"), ("uniform", "s--")):
                 points = sorted((r[x_key], r[metric]) for r in ours
                                 if r.get("popularity") == popularity and r.get(metric))
@@ -285,8 +310,10 @@ def plot(results: dict, out_dir: Path, stem: str = "serve") -> list[Path]:
             for r in base[:1]:
                 ax.axhline(r[metric], color="gray", linestyle=":", label="base model only")
             ax.set_xscale("log" if name == "adapters" else "linear")
-            if log_y:
-                ax.set_yscale("log")
+            if metric == "p99_ttft_s" and name == "rate":
+                ax.set_yscale("log")       # from queue-free to saturated: orders of magnitude
+            else:
+                ax.set_ylim(bottom=0)
             ax.set_xlabel(x_label)
             ax.set_ylabel(label)
             ax.legend(fontsize=8)
