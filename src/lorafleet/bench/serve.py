@@ -409,10 +409,10 @@ def _write(results: dict, path: Path) -> None:
 
 def report(args) -> int:
     generated = []
-    for path in args.report:
+    for i, path in enumerate(args.report):
         results = _ok(json.loads(path.read_text()))
         generated.append(markdown(results, str(path)))
-        if args.plot_dir:
+        if args.plot_dir and i == 0:       # the plots are the first file's
             plot(results, args.plot_dir, stem="serve")
     text = "\n".join(generated)
     print(text)

@@ -145,8 +145,12 @@ def _find(runs, **match):
 
 
 def _cpu_ratio(a: dict, b: dict) -> str:
-    if a.get("tokens_per_cpu_s") and b.get("tokens_per_cpu_s"):
-        return f"{a['tokens_per_cpu_s'] / b['tokens_per_cpu_s']:.2f}"
+    """Ratio of tokens per CPU-second (medians where a configuration was repeated)."""
+    def cpu(r):
+        return r.get("median_tokens_per_cpu_s") or r.get("tokens_per_cpu_s")
+
+    if cpu(a) and cpu(b):
+        return f"{cpu(a) / cpu(b):.2f}"
     return "?"
 
 
