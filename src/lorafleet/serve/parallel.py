@@ -203,11 +203,11 @@ class TensorParallel:
                 self._sent.add(key)
                 self._send(("adapter", name, key[1], list(self.cache.resident[name]),
                             self.cache.host[name].modules))
-        message = pickle.dumps(("step", inputs), pickle.HIGHEST_PROTOCOL)   # once for all
+        message = _dumps(("step", inputs))          # pickled once for all workers
         self.stats.steps += 1
         self.stats.control_bytes += len(message)
         for conn in self.conns:
-            self._send_to(conn, message, raw=True)
+            self._send_to(conn, message)
 
     # ---- failures and shutdown --------------------------------------------------------------
 
@@ -215,12 +215,12 @@ class TensorParallel:
         for conn in self.conns:
             self._send_to(conn, message)
 
-    def _send_to(self, conn, message, raw: bool = False) -> None:
-        """raw: `message` is pickled already (the worker's recv() unpickles it)."""
+    def _send_to(self, conn, message) -> None:
+        """message: a tuple, or one pickled already (the worker's recv() unpickles it)."""
         if self.failed:
             raise EngineError(self.failed)
         try:
-            conn.send_bytes(message) if raw else conn.send(message)
+            conn.send_bytes(message if isinstance(message, bytes) else _dumps(message))
         except (OSError, ValueError) as exc:
             self._fail(f"could not reach a worker ({exc})")
 
@@ -265,6 +265,13 @@ class TensorParallel:
 
     def healthy(self) -> bool:
         return self.failed is None and all(p.is_alive() for p in self.procs)
+
+
+def _dumps(message) -> bytes:
+    """Plain pickle, tensors by value: torch.multiprocessing's default would pass tensors as
+    shared-memory file descriptors fetched from this process on receipt (one more thing that
+    can fail under load, and no gain for adapter pages of a few MB)."""
+    return pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
 
 
 def _stop(conns, procs) -> None:
