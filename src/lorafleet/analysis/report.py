@@ -2,8 +2,6 @@
 adapters, dW spectra, and amplification factors against the base weights."""
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,8 +10,6 @@ import torch
 from lorafleet.analysis.subspace import (amplification_factor, delta_weight, projection_norm,
                                          singular_values, subspace_similarity_grid)
 from lorafleet.errors import AdapterError
-
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[^.]+)?\.weight$")
 
 
 @dataclass
@@ -34,36 +30,18 @@ class LoraFactors:
         return delta_weight(self.lora_a, self.lora_b, self.scaling)
 
 
-def _pattern_value(pattern: dict, module: str, default):
-    """PEFT's rank_pattern / alpha_pattern: a key matches a module name it ends."""
-    for key, value in (pattern or {}).items():
-        if module == key or module.endswith("." + key) or re.fullmatch(key, module):
-            return value
-    return default
-
-
 def load_lora_factors(adapter_dir: str | Path) -> dict[str, LoraFactors]:
-    """{module name (as in the base model): LoraFactors} from a PEFT adapter folder."""
-    from lorafleet.lora.peft_format import read_adapter
+    """{module name (as in the base model): LoraFactors} from a PEFT adapter folder (its linear
+    modules; embedding LoRA is left out), read and checked by the one PEFT reader, whose
+    per-module scaling honours rank_pattern, alpha_pattern and rsLoRA."""
+    from lorafleet.lora.peft_format import load_peft
 
-    config, tensors = read_adapter(adapter_dir)
-    config = config if isinstance(config, dict) else vars(config)
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        m = _KEY.match(key)
-        if m:
-            pairs.setdefault(m["module"], {})[m["which"]] = tensor
-    if not pairs:
-        raise AdapterError(f"{adapter_dir}: no lora_A/lora_B weights found")
-    out = {}
-    for module, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            raise AdapterError(f"{adapter_dir}: {module} has lora_{next(iter(ab))} but not both")
-        r = ab["A"].shape[0]
-        alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", r))
-        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        out[module] = LoraFactors(module, ab["A"].float(), ab["B"].float(), float(scaling),
-                                  bool(config.get("fan_in_fan_out", False)))
+    adapter = load_peft(adapter_dir)
+    out = {name: LoraFactors(name, m.A.float(), m.B.float(), float(m.scaling),
+                             adapter.config.fan_in_fan_out)
+           for name, m in sorted(adapter.modules.items()) if not m.embedding}
+    if not out:
+        raise AdapterError(f"{adapter_dir}: no lora_A/lora_B weights of a linear module found")
     return out
 
 

@@ -130,9 +130,6 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
     return found
 
 
-_replace = replace_submodule  # the name merge.py imports it by
-
-
 # -- injection -----------------------------------------------------------------------------------
 def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
     """Add adapter `adapter_name` to every target of `config` (wrapping each target in a

@@ -20,14 +20,15 @@ from torch import nn
 
 from lorafleet.errors import AdapterError, ModelLoadError, ShapeError
 from lorafleet.lora import dora
-from lorafleet.lora.inject import _adapter_params, _replace, lora_layers
+from lorafleet.lora.inject import _adapter_params, lora_layers
 from lorafleet.lora.layers import LoraLayer, ModulesToSave, delta_weight
+from lorafleet.models.dtype import AUTO, parse_dtype
+from lorafleet.models.modules import replace_submodule
 
 log = logging.getLogger(__name__)
 
 # Families whose checkpoints store linear weights [in, out] (transformers' Conv1D).
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PREFIX = "base_model.model."
@@ -65,11 +66,11 @@ def unload(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
         merge(model, adapter_name)
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
-            _replace(model, name, module.base_layer)
+            replace_submodule(model, name, module.base_layer)
         elif isinstance(module, ModulesToSave):
             keep = module.modules_to_save[adapter_name] if adapter_name in module.modules_to_save \
                 else module.original_module
-            _replace(model, name, keep)
+            replace_submodule(model, name, keep)
     if hasattr(model, "lora_configs"):
         model.lora_configs = {}
     return model
@@ -134,10 +135,10 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path | Sequence[st
     from lorafleet.lora.peft_format import load_peft
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise AdapterError(f"dtype: expected one of {sorted(DTYPES)}, found {dtype!r}")
-        dtype = DTYPES[dtype]
+    if dtype is not None:
+        dtype = parse_dtype(dtype)   # ConfigError naming the accepted names
+        if dtype == AUTO:
+            dtype = None             # "auto": keep the checkpoint's
     if out_dir.exists() and any(out_dir.iterdir()):
         raise AdapterError(f"{out_dir}: output folder exists and is not empty")
     dirs = [adapter_dir] if isinstance(adapter_dir, (str, Path)) else list(adapter_dir)

@@ -51,10 +51,6 @@ MAX_HEADER_BYTES = 100_000_000
 # tensor in an adapter is an error, not something to cast silently.
 FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                 "BF16": torch.bfloat16}
-# numpy storage of each float dtype's elements (bf16 has no numpy type: its bits as uint16).
-NUMPY_STORAGE = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
-# safetensors' own limit on the JSON header (100 MB): past it the file is not one.
-MAX_HEADER_BYTES = 100_000_000
 # What follows ".lora_" in a key -> (which half, embedding LoRA).
 _PARTS = {"A.weight": ("A", False), "B.weight": ("B", False), "embedding_A": ("A", True),
           "embedding_B": ("B", True), "magnitude_vector": ("M", False)}

@@ -5,7 +5,9 @@ from .generate import Generation, decode_one_token, generate, prefill
 from .gpt2 import GPT2, Conv1D
 from .kv_cache import KVCache
 from .llama import Llama
-from .loader import build_model, checkpoint_tensors, linear_layer_names, load_model, parse_dtype
+from .dtype import parse_dtype
+from .loader import build_model, checkpoint_tensors, load_model
+from .modules import linear_layer_names
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer, load_tokenizer
 

@@ -22,8 +22,6 @@ from .config import ModelConfig
 from .dtype import parse_dtype, resolve_dtype
 from .gpt2 import GPT2
 from .llama import Llama
-# re-exported: models/__init__.py takes it from here (it lives with the other module helpers)
-from .modules import linear_layer_names  # noqa: F401
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from lorafleet.errors import ConfigError
 from lorafleet.lora.config import LoraConfig
 from lorafleet.lora.inject import inject_lora
 from lorafleet.lora.layers import LoraLinear
-from lorafleet.models.modules import is_conv1d
+from lorafleet.models.modules import OUTPUT_HEAD, is_conv1d
 
 from .linear4bit import Linear4bit
 from .model import quantize_model
@@ -61,7 +61,7 @@ def loftq_weights(weight: torch.Tensor, rank: int, num_iter: int = 1, block_size
 @torch.no_grad()
 def loftq_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
                 num_iter: int = 1, block_size: int = 64, double_quant: bool = True,
-                skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+                skip: tuple[str, ...] = (OUTPUT_HEAD,)) -> nn.Module:
     """Inject adapter `adapter_name` into the float `model` with LoftQ's init: each adapted
     layer's base becomes NF4 (`Linear4bit`) with A, B absorbing its quantization error; the other
     linear layers are quantized as QLoRA does (except `skip`). The saved config says

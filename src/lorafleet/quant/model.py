@@ -17,18 +17,15 @@ import torch
 from torch import nn
 
 from lorafleet.errors import ConfigError
+from lorafleet.models.modules import OUTPUT_HEAD, is_conv1d, name_matches
 
-from .linear4bit import Embedding4bit, Linear4bit, is_conv1d
+from .linear4bit import Embedding4bit, Linear4bit
 from .nf4 import _check_block_size
 
 log = logging.getLogger(__name__)
 
 
-def _skipped(name: str, skip: tuple[str, ...]) -> bool:
-    return any(name == s or name.endswith("." + s) for s in skip)
-
-
-def quantize_model(model: nn.Module, skip: tuple[str, ...] = ("lm_head",),
+def quantize_model(model: nn.Module, skip: tuple[str, ...] = (OUTPUT_HEAD,),
                    include_embeddings: bool = False, block_size: int = 64,
                    double_quant: bool = True) -> nn.Module:
     """Swap every nn.Linear and Conv1D of `model` (in place) for a frozen `Linear4bit`.
@@ -53,14 +50,14 @@ def quantize_model(model: nn.Module, skip: tuple[str, ...] = ("lm_head",),
     def swap(module: nn.Module, prefix: str) -> None:
         for child_name, child in list(module.named_children()):
             name = prefix + child_name
-            if _skipped(name, skip):
+            if name_matches(name, skip):
                 continue
             base = getattr(child, "base_layer", None)
             new = quantized(child) if base is None else None
             if new is not None:
                 setattr(module, child_name, new)
                 swapped.append(name)
-            elif isinstance(base, nn.Module) and not _skipped(name + ".base_layer", skip):
+            elif isinstance(base, nn.Module) and not name_matches(name + ".base_layer", skip):
                 new_base = quantized(base)
                 if new_base is not None:
                     child.base_layer = new_base
@@ -78,7 +75,7 @@ def quantize_model(model: nn.Module, skip: tuple[str, ...] = ("lm_head",),
 
 
 def load_quantized_model(path: str | Path, dtype: str | torch.dtype = torch.bfloat16,
-                         device: str | torch.device = "cpu", skip: tuple[str, ...] = ("lm_head",),
+                         device: str | torch.device = "cpu", skip: tuple[str, ...] = (OUTPUT_HEAD,),
                          block_size: int = 64, double_quant: bool = True) -> nn.Module:
     """Load a Hugging Face checkpoint folder with its linears in NF4, never materializing the
     full-precision model: each linear weight is quantized as it is read. The non-quantized
@@ -90,9 +87,9 @@ def load_quantized_model(path: str | Path, dtype: str | torch.dtype = torch.bflo
     path = Path(path)
     config = ModelConfig.from_hf(path)
     dtype = resolve_dtype(dtype, path, device)
-    if config.tie_word_embeddings and not _skipped("lm_head", skip):
+    if config.tie_word_embeddings and not name_matches(OUTPUT_HEAD, skip):
         log.warning("lm_head shares the embedding matrix: keeping it in %s", dtype)
-        skip = (*skip, "lm_head")
+        skip = (*skip, OUTPUT_HEAD)
     model = build_model(config)  # meta device
     # The checkpoint is validated against an unswapped twin (meta: free), whose keys are HF's.
     # Read in float32 and cast here: NF4 codes come from the checkpoint's own values (the same

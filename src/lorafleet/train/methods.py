@@ -35,8 +35,8 @@ from torch import nn
 
 import lorafleet
 from lorafleet.errors import ConfigError, TargetError
-from lorafleet.models.modules import (linear_features, linear_layer_names, modules_ending_with,
-                                      replace_submodule)
+from lorafleet.models.modules import (OUTPUT_HEAD, linear_features, linear_layer_names,
+                                      modules_ending_with, replace_submodule)
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ TARGET_ALIASES = {
     "o": ["o_proj", "attn.c_proj"], "gate": ["gate_proj"], "up": ["up_proj", "mlp.c_fc"],
     "down": ["down_proj", "mlp.c_proj"],
 }
-OUTPUT_HEADS = ("lm_head",)  # never adapted by all-linear (PEFT excludes the output layer too)
+OUTPUT_HEADS = (OUTPUT_HEAD,)  # never adapted by all-linear (PEFT excludes the output layer too)
 ADAPTER_AFTER = ("self_attn.o_proj", "attn.c_proj", "mlp.down_proj", "mlp.c_proj")
 KEY_VALUE = ("self_attn.k_proj", "self_attn.v_proj", "attn.c_attn")
 EMBEDDINGS = ("embed_tokens", "wte")
