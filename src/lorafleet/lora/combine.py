@@ -111,6 +111,18 @@ def _natural(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
+def check_weights(names: Sequence[str], weights: Sequence[float]) -> None:
+    """One finite number per adapter (combining here, merging into a checkpoint in merge.py);
+    ConfigError naming the adapter otherwise."""
+    if len(weights) != len(names):
+        raise ConfigError(f"weights: expected one weight per adapter ({len(names)}: "
+                          f"{list(names)}), found {len(weights)}")
+    for name, w in zip(names, weights):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ConfigError(f"weights: the weight of adapter {name!r} must be a finite number, "
+                              f"found {w!r}")
+
+
 def _check(adapters: dict[str, PeftAdapter], weights: Sequence[float], combination_type: str,
            density: float | None, majority_sign_method: str) -> None:
     names = list(adapters)
@@ -119,13 +131,7 @@ def _check(adapters: dict[str, PeftAdapter], weights: Sequence[float], combinati
                           f"{combination_type!r}")
     if len(names) < 1:
         raise ConfigError("adapters: name at least one adapter to combine")
-    if len(weights) != len(names):
-        raise ConfigError(f"weights: expected one weight per adapter ({len(names)}: {names}), "
-                          f"found {len(weights)}")
-    for name, w in zip(names, weights):
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise ConfigError(f"weights: the weight of adapter {name!r} must be a finite number, "
-                              f"found {w!r}")
+    check_weights(names, weights)
     if combination_type in NEEDS_DENSITY and len(names) > 1:
         if (isinstance(density, bool) or not isinstance(density, (int, float))
                 or not 0 < density <= 1):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,8 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorafleet.errors import AdapterError, ModelLoadError, ShapeError
+from lorafleet.errors import AdapterError, ConfigError, ModelLoadError, ShapeError
 from lorafleet.lora import dora
+from lorafleet.lora.combine import check_weights
 from lorafleet.lora.inject import _adapter_params, lora_layers
 from lorafleet.lora.layers import LoraLayer, ModulesToSave, delta_weight
 from lorafleet.models.dtype import AUTO, parse_dtype
@@ -142,14 +142,10 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path | Sequence[st
     if out_dir.exists() and any(out_dir.iterdir()):
         raise AdapterError(f"{out_dir}: output folder exists and is not empty")
     dirs = [adapter_dir] if isinstance(adapter_dir, (str, Path)) else list(adapter_dir)
+    if not dirs:
+        raise ConfigError("adapter_dir: name at least one adapter folder to merge")
     weights = [1.0] * len(dirs) if weights is None else list(weights)
-    if not dirs or len(weights) != len(dirs):
-        raise AdapterError(f"weights: expected one weight per adapter ({len(dirs)}: "
-                           f"{[str(d) for d in dirs]}), found {len(weights)}")
-    for d, w in zip(dirs, weights):
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise AdapterError(f"weights: the weight of adapter {str(d)!r} must be a finite "
-                               f"number, found {w!r}")
+    check_weights([str(d) for d in dirs], weights)
     adapters = [load_peft(d) for d in dirs]   # refuses non-float and non-finite tensors
     for d, a, w in zip(dirs, adapters, weights):
         if a.config.use_dora and (len(dirs) > 1 or w != 1):

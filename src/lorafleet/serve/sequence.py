@@ -46,9 +46,8 @@ class Sequence:
     queue_ahead_at_arrival: int = 0
     num_computed_tokens: int = 0     # tokens whose K/V are in the pages (0 again when preempted)
     prefill_end: int = 0             # its length when last admitted: what its prefill computes
-    # Streaming state owned by the engine: text handed out so far, generator for sampling.
-    text: str = ""
-    sent_text_len: int = 0
+    # Streaming state owned by the engine: tokens handed out so far (serve/output.py keeps the
+    # text), generator for sampling.
     sent_token_count: int = 0
     generator: Any = None
 
