@@ -65,6 +65,9 @@ def _run(engine: Engine, workload, params=None):
 
 
 def _engine(base_dir, adapters, **config):
+    # Loads in the step that asks (no loader thread): which requests are admitted together, and
+    # so whether the tiny pool preempts, must not depend on how fast the loader thread runs.
+    config.setdefault("async_adapter_loading", False)
     engine = Engine(base_dir, config=EngineConfig(**config))
     for name, path in adapters.items():
         engine.register_adapter(name, path)

@@ -48,8 +48,10 @@ class AdapterLoader:
     what has finished. `read(spec, folder, dtype) -> pages` is `file_pages`; tests replace it to
     make reads slow or fail."""
 
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
+    def __init__(self, dtype: torch.dtype, threaded: bool = True):
+        """threaded=False reads in the caller's thread at `submit` (deterministic scheduling for
+        tests and debugging; every load then stalls the step that asks for it)."""
+        self.dtype, self.threaded = dtype, threaded
         self.read: Callable[[AdapterSpec, Path, torch.dtype], torch.Tensor] = file_pages
         self._jobs: deque[AdapterSpec | None] = deque()
         self._done: deque[LoadResult] = deque()
@@ -57,6 +59,9 @@ class AdapterLoader:
         self._thread: threading.Thread | None = None
 
     def submit(self, spec: AdapterSpec) -> None:
+        if not self.threaded:
+            self._finish(self._load(spec))
+            return
         with self._cond:
             if self._thread is None:          # started on first use: most engines never load
                 self._thread = threading.Thread(target=self._run, name="lorafleet-adapter-loader",
@@ -88,24 +93,28 @@ class AdapterLoader:
                 spec = self._jobs.popleft()
             if spec is None:
                 return
-            started = time.perf_counter()
-            pages, error = None, None
-            try:
-                # A store's folder is confined again: its files may have changed since.
-                path = spec.path if spec.root is None else confine(spec.path, spec.root)
-                pages = self.read(spec, path, self.dtype)
-            except (LoraFleetError, OSError, ValueError, RuntimeError) as exc:
-                # A bad file fails that adapter's requests only (the engine reads the error).
-                error = f"adapter {spec.name!r} could not be loaded from {spec.path}: {exc}"
-                log.warning("%s", error)
-            except Exception as exc:  # a bug here must fail one adapter, not stop all loads
-                log.exception("loading adapter %r failed unexpectedly", spec.name)
-                error = f"adapter {spec.name!r} could not be loaded: internal error ({exc})"
-            result = LoadResult(spec.name, spec.version, pages, error,
-                                time.perf_counter() - started)
-            with self._cond:
-                self._done.append(result)
-                self._cond.notify_all()
+            self._finish(self._load(spec))
+
+    def _finish(self, result: LoadResult) -> None:
+        with self._cond:
+            self._done.append(result)
+            self._cond.notify_all()
+
+    def _load(self, spec: AdapterSpec) -> LoadResult:
+        started = time.perf_counter()
+        pages, error = None, None
+        try:
+            # A store's folder is confined again: its files may have changed since.
+            path = spec.path if spec.root is None else confine(spec.path, spec.root)
+            pages = self.read(spec, path, self.dtype)
+        except (LoraFleetError, OSError, ValueError, RuntimeError) as exc:
+            # A bad file fails that adapter's requests only (the engine reads the error).
+            error = f"adapter {spec.name!r} could not be loaded from {spec.path}: {exc}"
+            log.warning("%s", error)
+        except Exception as exc:  # a bug here must fail one adapter, not stop all loads
+            log.exception("loading adapter %r failed unexpectedly", spec.name)
+            error = f"adapter {spec.name!r} could not be loaded: internal error ({exc})"
+        return LoadResult(spec.name, spec.version, pages, error, time.perf_counter() - started)
 
 
 class HostCache:

@@ -25,6 +25,7 @@ from lorafleet.adapters.store import check_name, is_valid_name
 from lorafleet.errors import AdapterError, ConfigError, EngineError, RequestError
 from lorafleet.models import load_model
 from lorafleet.models.dtype import parse_dtype, resolve_dtype
+from lorafleet.models.modules import OUTPUT_HEAD
 from lorafleet.models.sampling import SamplingParams, sample, token_and_top_logprobs
 
 from .adapter_cache import LOAD_AHEAD, AdapterCache, build_host_adapter
@@ -76,6 +77,9 @@ class EngineConfig:
     # evicted adapter is read from disk again; docs/engine.md measures what the cache saves).
     max_cpu_loras: int | None = None
     max_cpu_lora_bytes: int | None = None
+    # Adapter reads on the loader thread while steps run (S-LoRA sec. 5.2). False: read in the
+    # step that needs them (deterministic scheduling for tests and debugging; steps stall).
+    async_adapter_loading: bool = True
     # Tensor parallelism (parallel.py, shard.py): the model split over this many processes on
     # this machine (gloo), this one rank 0; a collective waits at most the timeout.
     tensor_parallel_size: int = 1
@@ -150,10 +154,10 @@ class Engine:
         self.kv = KVCacheManager(self.pool, self.runner.layout)
         targets = self.parallel.full_targets if self.parallel else self.runner.targets
         self.adapter_layout = BaseLayout(targets, self.runner.pages.shape[1],
-                                         config.max_lora_rank, frozenset({"lm_head"}),
+                                         config.max_lora_rank, frozenset({OUTPUT_HEAD}),
                                          base_name=getattr(model, "name_or_path", None))
         self.cache = AdapterCache(
-            self.pool, self.runner.write_pages, AdapterLoader(self.runner.dtype),
+            self.pool, self.runner.write_pages, AdapterLoader(self.runner.dtype, config.async_adapter_loading),
             HostCache(config.max_cpu_loras, config.max_cpu_lora_bytes, LOAD_AHEAD))
         self.stores: list = []            # attached AdapterStores (register_store)
         self.runner.attach(self.cache)
