@@ -69,6 +69,10 @@ def can_fuse(base: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor)
     (anything else: the reference path, which handles Conv1D, 4-bit bases and mixed dtypes)."""
     if not FUSED or type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
         return False
+    # Under autocast the matmuls inside the function would be cast but its in-place addmm_ not
+    # (mixed dtypes): the reference path lets autocast handle every op.
+    if torch.is_autocast_enabled(x.device.type):
+        return False
     weight = base.weight
     if weight.requires_grad or not (x.dtype == weight.dtype == A.dtype == B.dtype):
         return False
