@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 import lorafleet as lf
 from lorafleet.errors import AdapterError, ConfigError
 from lorafleet.lora import LoraConfig, inject_lora, row_adapters
-from lorafleet.lora.peft_format import load_peft, save_adapter
+from lorafleet.lora.peft_format import load_peft
+from lorafleet.lora.peft_model import save_adapter
 
 from .lora_helpers import hf_model, logits, peft_random
 

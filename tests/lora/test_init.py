@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import lorafleet as lf
 from lorafleet.errors import AdapterError, ConfigError
 from lorafleet.lora import LoraConfig, disable_adapter, inject_lora
-from lorafleet.lora.peft_format import save_adapter
+from lorafleet.lora.peft_model import save_adapter
 
 from .lora_helpers import hf_model, logits
 

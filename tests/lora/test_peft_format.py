@@ -8,7 +8,8 @@ from .lora_helpers import hf_model, logits, peft_random
 from safetensors.torch import load_file, save_file
 
 import lorafleet as lf
-from lorafleet.lora.peft_format import adapter_state_dict, read_adapter
+from lorafleet.lora.peft_format import read_adapter
+from lorafleet.lora.peft_model import adapter_state_dict
 from lorafleet.errors import AdapterError, ConfigError, ShapeError
 
 ATOL = 1e-5
@@ -121,7 +122,7 @@ def test_merged_equals_unmerged_and_unmerge_restores(llama_dir, ids):
 def test_merge_equals_peft_merge_and_unload(gpt2_dir):
     from peft import get_peft_model_state_dict
 
-    from lorafleet.lora.peft_format import load_adapter_state_dict
+    from lorafleet.lora.peft_model import load_adapter_state_dict
 
     config = dict(target_modules=["c_attn", "c_fc", "wte"], r=4, lora_alpha=8)
     oracle = peft_random(gpt2_dir, **config)

@@ -55,7 +55,7 @@ def test_qlora_adapters_served_on_a_4bit_base(small_fleet):
     """`serve --quantize nf4`: the engine adapts the NF4 base's Linear4bit projections (they
     are projections like nn.Linear) and each request equals lorafleet's own QLoRA model (the
     4-bit base with the adapter loaded, tested against peft + bitsandbytes in tests/quant)."""
-    from lorafleet.lora.peft_format import load_adapter
+    from lorafleet.lora.peft_model import load_adapter
     from lorafleet.models.generate import SamplingParams, generate
     from lorafleet.quant import load_quantized_model
 

@@ -92,7 +92,7 @@ def test_dora_over_an_nf4_base_equals_lorafleets_qlora_model(small_fleet, tmp_pa
     """`serve --quantize nf4`: DoRA's norm over the dequantized NF4 weight; each request equals
     lorafleet's own 4-bit model with the adapter loaded (tests/lora/test_dora.py: equal to DoRA
     over the dequantized weight)."""
-    from lorafleet.lora.peft_format import load_adapter
+    from lorafleet.lora.peft_model import load_adapter
     from lorafleet.models.generate import SamplingParams as Greedy
     from lorafleet.models.generate import generate
     from lorafleet.quant import load_quantized_model

@@ -237,7 +237,7 @@ def merge_and_compare(cfg: DemoConfig, adapter: Path, examples: list[TaskExample
     per-token decode times."""
     import torch
 
-    from lorafleet.lora.peft_format import load_adapter
+    from lorafleet.lora.peft_model import load_adapter
     from lorafleet.lora.merge import unload
     from lorafleet.models import load_model, load_tokenizer
     from lorafleet.models.generate import SamplingParams, generate

@@ -21,9 +21,9 @@ import torch
 
 from lorafleet.errors import AdapterError, ConfigError
 from lorafleet.lora.config import LoraConfig
+from lorafleet.lora.peft_format import PREFIX
 
-BASE_CHANGING = ("pissa", "olora", "loftq")
-PEFT_PREFIX = "base_model.model."   # peft_format.PREFIX (not imported: peft_format imports this)   # inits after which the base is a residual
+BASE_CHANGING = ("pissa", "olora", "loftq")   # inits after which the base is a residual
 
 
 def changes_base(init) -> bool:
@@ -132,6 +132,6 @@ def initial_tensors(model, adapter_name: str = "default") -> dict[str, torch.Ten
     for module_name, module in model.named_modules():
         start = getattr(module, "initial_lora", {}).get(adapter_name)
         if start is not None:
-            out[f"{PEFT_PREFIX}{module_name}.lora_A.weight"] = start[0]
-            out[f"{PEFT_PREFIX}{module_name}.lora_B.weight"] = start[1]
+            out[f"{PREFIX}{module_name}.lora_A.weight"] = start[0]
+            out[f"{PREFIX}{module_name}.lora_B.weight"] = start[1]
     return out

@@ -18,8 +18,8 @@ from lorafleet.errors import AdapterError
 from lorafleet.lora.combine import combine_adapters, combined_config
 from lorafleet.lora.inject import adapter_names, inject_lora, lora_layers
 from lorafleet.lora.layers import LoraLayer, ModulesToSave
-from lorafleet.lora.peft_format import (PeftAdapter, adapter_config, adapter_state_dict,
-                                        load_adapter_state_dict, parse_adapter)
+from lorafleet.lora.peft_format import PeftAdapter, parse_adapter
+from lorafleet.lora.peft_model import adapter_config, adapter_state_dict, load_adapter_state_dict
 
 log = logging.getLogger(__name__)
 
