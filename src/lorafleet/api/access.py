@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from fastapi import Request
 
 from lorafleet.adapters.store import check_name
 from lorafleet.api.auth import (OPEN, ApiKeys, BadPathError, Grant, PathOutsideError,
                                 bearer_token, confine_folder_files, resolve_adapter_path)
+from lorafleet.api.body import parse_body
 from lorafleet.api.metrics import BASE_LABEL
 from lorafleet.api.state import ApiError, ServerConfig, ServerState
 from lorafleet.errors import AdapterError, LoraFleetError
@@ -39,6 +41,14 @@ def authorize(request: Request) -> Grant:
         raise ApiError(401, "invalid API key", type_="authentication_error",
                        code="invalid_api_key")
     return grant
+
+
+async def open_request(request: Request, body_type: type) -> tuple[ServerState, Grant, Any]:
+    """The opening of every generation and token route: the server state, the caller's grant
+    (a bad key is a 401 before the body is read), the checked body."""
+    state: ServerState = request.app.state.lorafleet
+    grant = authorize(request)
+    return state, grant, await parse_body(request, body_type)
 
 
 def require_admin(request: Request, verb: str) -> Grant:

@@ -17,8 +17,7 @@ from typing import Any, AsyncIterator
 import anyio
 from fastapi import APIRouter, Request
 
-from lorafleet.api.access import authorize, resolve_model
-from lorafleet.api.body import parse_body
+from lorafleet.api.access import open_request, resolve_model
 from lorafleet.api.job import Job, JobStreamingResponse, token_logprobs, token_logprobs_of
 from lorafleet.api.protocol import (ChatChoiceLogprobs, ChatCompletionChoice,
                                     ChatCompletionChunk, ChatCompletionRequest,
@@ -233,9 +232,7 @@ def _choice_logprobs(state, job, i: int, echo: str, want: bool) -> CompletionLog
 
 @router.post("/v1/completions")
 async def completions(request: Request):
-    state: ServerState = request.app.state.lorafleet
-    grant = authorize(request)
-    body = await parse_body(request, CompletionRequest)
+    state, grant, body = await open_request(request, CompletionRequest)
     adapter = await resolve_model(state, grant, body.model)
     # max_tokens 0 with echo: the prompt's logprobs only (OpenAI's legacy scoring form); the
     # engine samples one token, which the answer leaves out.
@@ -280,9 +277,7 @@ async def completions(request: Request):
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
-    state: ServerState = request.app.state.lorafleet
-    grant = authorize(request)
-    body = await parse_body(request, ChatCompletionRequest)
+    state, grant, body = await open_request(request, ChatCompletionRequest)
     adapter = await resolve_model(state, grant, body.model)
     prompt_ids = await asyncio.to_thread(_encode_chat, state, body)
     requested = body.max_completion_tokens or body.max_tokens

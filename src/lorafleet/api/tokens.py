@@ -20,8 +20,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from lorafleet.api.access import authorize, resolve_model
-from lorafleet.api.body import parse_body
+from lorafleet.api.access import authorize, open_request, resolve_model
 from lorafleet.api.protocol import ChatMessage
 from lorafleet.api.state import ApiError, ServerState
 
@@ -62,9 +61,7 @@ def _tokenize(state: ServerState, body: TokenizeRequest) -> list[int]:
 
 @router.post("/tokenize")
 async def tokenize(request: Request):
-    state: ServerState = request.app.state.lorafleet
-    grant = authorize(request)
-    body = await parse_body(request, TokenizeRequest)
+    state, grant, body = await open_request(request, TokenizeRequest)
     if body.model is not None:
         await resolve_model(state, grant, body.model)
     tokens = await asyncio.to_thread(_tokenize, state, body)
@@ -74,9 +71,7 @@ async def tokenize(request: Request):
 
 @router.post("/detokenize")
 async def detokenize(request: Request):
-    state: ServerState = request.app.state.lorafleet
-    grant = authorize(request)
-    body = await parse_body(request, DetokenizeRequest)
+    state, grant, body = await open_request(request, DetokenizeRequest)
     if body.model is not None:
         await resolve_model(state, grant, body.model)
     vocab = state.config.vocab_size
