@@ -8,7 +8,6 @@ bias, layer replication...) are refused rather than silently ignored.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.errors import AdapterError, ConfigError
+from lorafleet.models.config import read_json
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +171,7 @@ class LoraConfig:
         file = path / CONFIG_NAME if path.is_dir() else path
         if not file.is_file():
             raise AdapterError(f"{path}: no {CONFIG_NAME} found (expected a PEFT adapter folder)")
-        try:
-            data = json.loads(file.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{file}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-        return cls.from_dict(data, source=str(file))
+        return cls.from_dict(read_json(file), source=str(file))
 
     def to_peft_dict(self) -> dict[str, Any]:
         """The dict PEFT writes as `adapter_config.json` (loadable by `PeftModel.from_pretrained`)."""

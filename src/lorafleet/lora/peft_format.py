@@ -33,6 +33,7 @@ import torch
 
 from lorafleet.errors import AdapterError, ConfigError, ShapeError
 from lorafleet.lora.config import LoraConfig
+from lorafleet.models.config import read_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -112,12 +113,7 @@ def read_config(path: str | Path) -> tuple[dict[str, Any], LoraConfig]:
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
         raise AdapterError(f"{path}: missing {CONFIG_NAME}")
-    try:
-        raw = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"{config_file}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{config_file}: not readable ({exc})") from None
+    raw = read_json(config_file, AdapterError)
     return raw, LoraConfig.from_dict(raw, source=str(config_file))
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorafleet.errors import ConfigError, ModelLoadError
+from lorafleet.errors import ConfigError, LoraFleetError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,17 @@ ARCHITECTURES = {
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def read_json(file: Path, error: type[LoraFleetError] = ConfigError) -> Any:
+    """The value in a JSON file (config.json, adapter_config.json, ...); `error` naming the file,
+    and the line of a syntax error, otherwise."""
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise error(f"{file}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{file}: not readable ({exc})") from None
 
 
 @dataclass
@@ -99,11 +110,7 @@ class ModelConfig:
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
             raise ModelLoadError(f"no config.json in {path}")
-        try:
-            raw = json.loads(file.read_text())
-        except json.JSONDecodeError as exc:
-            raise ModelLoadError(f"{file}: invalid JSON ({exc})") from exc
-        return cls.from_dict(raw, source=str(file))
+        return cls.from_dict(read_json(file, ModelLoadError), source=str(file))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "ModelConfig":
