@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from lorafleet.cli.progress import add_progress_argument, progress_bar
 from lorafleet.models.dtype import add_dtype_argument
 
 EXAMPLES = """\
@@ -39,6 +40,7 @@ def add_parser(subparsers) -> None:
                    "the model's chat template")
     p.add_argument("--json", action="store_true", help='print {"text", "token_ids", ...}')
     p.add_argument("--quantize", choices=["nf4"], help="load the base with 4-bit NF4 linears")
+    add_progress_argument(p)
     p.set_defaults(func=run)
 
 
@@ -50,9 +52,11 @@ def load(args):
     dtype = resolve_dtype(args.dtype, args.model, args.device, prefer_half=True)
     if args.quantize == "nf4":
         from lorafleet.quant import load_quantized_model
-        model = load_quantized_model(args.model, dtype=dtype, device=args.device)
+        model = load_quantized_model(args.model, dtype=dtype, device=args.device,
+                                     progress=progress_bar(args, "loading (nf4)"))
     else:
-        model = load_model(args.model, dtype=dtype, device=args.device)
+        model = load_model(args.model, dtype=dtype, device=args.device,
+                           progress=progress_bar(args, "loading"))
     if args.adapter:
         import lorafleet
         lorafleet.load_adapter(model, args.adapter, adapter_name="default")

@@ -7,6 +7,8 @@ safetensors files (no model code), config and tokenizer files copied.
 """
 from __future__ import annotations
 
+from lorafleet.cli.progress import add_progress_argument, progress_bar
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("merge", help="merge PEFT adapter(s) into a base checkpoint folder")
@@ -18,6 +20,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", required=True, metavar="OUT_DIR", help="new checkpoint folder")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                         help="dtype of the written weights (default: the base checkpoint's)")
+    add_progress_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -26,7 +29,7 @@ def run(args) -> int:
 
     adapters = args.adapter[0] if len(args.adapter) == 1 else args.adapter
     report = merge_checkpoint(args.model, adapters, args.out, dtype=args.dtype,
-                              weights=args.weights)
+                              weights=args.weights, progress=progress_bar(args, "merging"))
     print(f"merged {len(report.merged)} weight tensors"
           + (f", replaced {len(report.replaced)}" if report.replaced else "")
           + f" -> {report.out_dir} ({len(report.files)} safetensors file(s))")

@@ -5,6 +5,8 @@ far its logits move. The same loader backs `--quantize nf4` on generate, train a
 """
 from __future__ import annotations
 
+from lorafleet.cli.progress import add_progress_argument, progress_bar
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -21,6 +23,7 @@ def add_parser(subparsers) -> None:
                    help="module names kept in full precision (default: lm_head)")
     p.add_argument("--check", type=int, default=0, metavar="TOKENS",
                    help="compare logits with the full model on a random prompt of this length")
+    add_progress_argument(p)
     p.set_defaults(func=run)
 
 
@@ -32,7 +35,8 @@ def run(args) -> int:
 
     model = load_quantized_model(args.model, dtype=args.dtype, skip=tuple(args.skip),
                                  block_size=args.block_size,
-                                 double_quant=not args.no_double_quant)
+                                 double_quant=not args.no_double_quant,
+                                 progress=progress_bar(args, "quantizing"))
     report = memory_report(model)
     full_bytes = report.quantized_params * torch.finfo(torch.bfloat16).bits // 8
     print(f"NF4 layers: {report.quantized_params:,} params in {report.quantized_bytes:,} bytes "
@@ -45,7 +49,8 @@ def run(args) -> int:
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, (1, args.check), generator=generator)
         with torch.no_grad():
-            reference = load_model(args.model, dtype=torch.float32)(ids)
+            reference = load_model(args.model, dtype=torch.float32,
+                                   progress=progress_bar(args, "loading fp32"))(ids)
             ours = model.float()(ids)
         error = ((ours - reference).norm() / reference.norm()).item()
         agree = (ours.argmax(-1) == reference.argmax(-1)).float().mean().item()

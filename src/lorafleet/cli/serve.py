@@ -11,6 +11,7 @@ import socket
 import sys
 from pathlib import Path
 
+from lorafleet.cli.progress import add_progress_argument, progress_bar
 from lorafleet.errors import ConfigError
 from lorafleet.models.dtype import add_dtype_argument, resolve_dtype
 from lorafleet.serve.memory import DEFAULT_MEMORY_FRACTION, format_bytes
@@ -125,6 +126,7 @@ def add_parser(subparsers) -> None:
                    help="largest request body accepted; larger ones get 413 (default 8 MiB)")
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="seconds SIGTERM waits for in-flight requests before exiting")
+    add_progress_argument(p)
     p.set_defaults(func=run)
 
 
@@ -257,9 +259,11 @@ def build(args):
         positions = ModelConfig.from_hf(args.model).max_position_embeddings
     elif args.quantize == "nf4":
         from lorafleet.quant import load_quantized_model  # lazily: only NF4 users pay for it
-        model = load_quantized_model(args.model, dtype=dtype, device=args.device)
+        model = load_quantized_model(args.model, dtype=dtype, device=args.device,
+                                     progress=progress_bar(args, "loading (nf4)"))
     else:
-        model = load_model(args.model, dtype=dtype, device=args.device)
+        model = load_model(args.model, dtype=dtype, device=args.device,
+                           progress=progress_bar(args, "loading"))
     if args.tensor_parallel_size <= 1:
         positions = model.config.max_position_embeddings
     if args.max_model_len is not None and args.max_model_len > positions:

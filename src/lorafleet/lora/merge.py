@@ -23,6 +23,7 @@ from lorafleet.lora.combine import check_weights
 from lorafleet.lora.inject import _adapter_params, lora_layers
 from lorafleet.lora.layers import LoraLayer, ModulesToSave, delta_weight
 from lorafleet.models.dtype import AUTO, parse_dtype
+from lorafleet.models.loader import Progress
 from lorafleet.models.modules import replace_submodule
 
 log = logging.getLogger(__name__)
@@ -124,11 +125,13 @@ def _base_files(base_dir: Path) -> tuple[list[str], dict | None]:
 
 def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path | Sequence[str | Path],
                      out_dir: str | Path, dtype: str | torch.dtype | None = None,
-                     weights: Sequence[float] | None = None) -> MergeReport:
+                     weights: Sequence[float] | None = None,
+                     progress: Progress | None = None) -> MergeReport:
     """Merge PEFT adapter(s) into a Hugging Face checkpoint folder by tensor-name arithmetic and
     write a full checkpoint (same sharding, config and tokenizer files copied) to `out_dir`.
     Several adapters: W = W0 + sum_i weights[i] * s_i B_i A_i (weights default to 1 each).
-    `dtype`: output dtype of floating tensors (default: keep the checkpoint's)."""
+    `dtype`: output dtype of floating tensors (default: keep the checkpoint's).
+    `progress(done, total)`: called per checkpoint tensor written, from (0, total)."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -186,7 +189,9 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path | Sequence[st
                 (adapter_key, delta, module.embedding, module.magnitude, fan_in_fan_out))
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    merged, replaced, total_size = [], [], 0
+    merged, replaced, total_size, done = [], [], 0, 0
+    if progress is not None:
+        progress(0, len(keys))
     for f in files:
         shard = load_file(base_dir / f)
         for key in list(shard):
@@ -222,6 +227,9 @@ def merge_checkpoint(base_dir: str | Path, adapter_dir: str | Path | Sequence[st
                 shard[key] = shard[key].to(dtype)
             shard[key] = shard[key].contiguous()
             total_size += shard[key].numel() * shard[key].element_size()
+            done += 1
+            if progress is not None:
+                progress(done, len(keys))
         save_file(shard, out_dir / f, metadata={"format": "pt"})
     if index is not None:
         index = dict(index, metadata=dict(index.get("metadata", {}), total_size=total_size))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -30,6 +30,9 @@ SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 # Checkpoint entries that are not weights: older transformers saved GPT-2's causal mask and
 # Llama's RoPE frequencies as persistent buffers.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+# STYLE.md rule 8: the library reports progress as progress(done, total) calls (done counts up
+# from 0 to total); the CLI draws the bar. None (the default) reports nothing.
+Progress = Callable[[int, int], None]
 
 
 def build_model(config: ModelConfig, device: str | torch.device = "meta") -> nn.Module:
@@ -72,9 +75,12 @@ def _our_name(name: str, model: nn.Module) -> str | None:
 
 
 def checkpoint_tensors(path: str | Path, model: nn.Module, dtype: torch.dtype,
-                       device: str | torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+                       device: str | torch.device, progress: Progress | None = None,
+                       ) -> Iterator[tuple[str, torch.Tensor]]:
     """Validate names and shapes against `model` (meta is fine), then yield (our key, tensor)
-    one tensor at a time, read from the memory-mapped files, cast to `dtype` on `device`."""
+    one tensor at a time, read from the memory-mapped files, cast to `dtype` on `device`.
+    `progress(done, total)` is called once the consumer has taken each tensor (so the time it
+    spends on one, e.g. quantizing, counts) and with (0, total) before the first."""
     files = weight_files(path)
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     tied = model.config.tie_word_embeddings
@@ -106,7 +112,9 @@ def checkpoint_tensors(path: str | Path, model: nn.Module, dtype: torch.dtype,
     if missing:
         raise ModelLoadError(f"{path}: checkpoint lacks {len(missing)} tensor(s): "
                              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    for ours, (name, file) in names.items():
+    if progress is not None:
+        progress(0, len(names))
+    for done, (ours, (name, file)) in enumerate(names.items(), start=1):
         # One open per tensor: get_tensor returns a view of the file's memory map, and every
         # page read through an open map stays in the process's RSS until the map closes. A
         # caller that converts each tensor as it arrives (NF4 streaming) thus holds one
@@ -116,19 +124,22 @@ def checkpoint_tensors(path: str | Path, model: nn.Module, dtype: torch.dtype,
         if tensor.is_floating_point():
             tensor = tensor.to(dtype)
         yield ours, tensor.to(device)
+        if progress is not None:
+            progress(done, len(names))
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> nn.Module:
+               device: str | torch.device = "cpu", progress: Progress | None = None) -> nn.Module:
     """Load a checkpoint folder (config.json + safetensors) as a `Llama` or `GPT2` in eval
-    mode. Parameters keep requires_grad=True, as in transformers; freezing is LoRA's job."""
+    mode. Parameters keep requires_grad=True, as in transformers; freezing is LoRA's job.
+    `progress(done, total)`: called per tensor read (see `checkpoint_tensors`)."""
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"model folder {path} does not exist")
     config = ModelConfig.from_hf(path)
     dtype = resolve_dtype(dtype, path, device)
     model = build_model(config)
-    state = dict(checkpoint_tensors(path, model, dtype, device))
+    state = dict(checkpoint_tensors(path, model, dtype, device, progress))
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()

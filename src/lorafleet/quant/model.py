@@ -12,6 +12,7 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,6 +22,9 @@ from lorafleet.models.modules import OUTPUT_HEAD, is_conv1d, name_matches
 
 from .linear4bit import Embedding4bit, Linear4bit
 from .nf4 import _check_block_size
+
+if TYPE_CHECKING:
+    from lorafleet.models.loader import Progress
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +80,12 @@ def quantize_model(model: nn.Module, skip: tuple[str, ...] = (OUTPUT_HEAD,),
 
 def load_quantized_model(path: str | Path, dtype: str | torch.dtype = torch.bfloat16,
                          device: str | torch.device = "cpu", skip: tuple[str, ...] = (OUTPUT_HEAD,),
-                         block_size: int = 64, double_quant: bool = True) -> nn.Module:
+                         block_size: int = 64, double_quant: bool = True,
+                         progress: Progress | None = None) -> nn.Module:
     """Load a Hugging Face checkpoint folder with its linears in NF4, never materializing the
     full-precision model: each linear weight is quantized as it is read. The non-quantized
     parameters (embeddings, norms, skipped layers) are loaded in `dtype`; 4-bit layers compute in
-    the input's dtype."""
+    the input's dtype. `progress(done, total)`: called per tensor read and quantized."""
     from lorafleet.models.config import ModelConfig
     from lorafleet.models.loader import build_model, checkpoint_tensors, resolve_dtype
 
@@ -95,7 +100,7 @@ def load_quantized_model(path: str | Path, dtype: str | torch.dtype = torch.bflo
     # Read in float32 and cast here: NF4 codes come from the checkpoint's own values (the same
     # codes as quantizing a float32-loaded model), never from a bf16 rounding of them; one
     # float32 tensor at a time is the only high-precision copy that ever exists.
-    tensors = checkpoint_tensors(path, build_model(config), torch.float32, device)
+    tensors = checkpoint_tensors(path, build_model(config), torch.float32, device, progress)
     quantize_model(model, skip=skip, block_size=block_size, double_quant=double_quant)
     modules = dict(model.named_modules())
     rest: dict[str, torch.Tensor] = {}

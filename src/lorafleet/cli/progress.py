@@ -1,0 +1,43 @@
+"""Progress bars for the CLI: the library reports progress as `progress(done, total)` calls
+(STYLE.md rule 8, `lorafleet.models.loader.Progress`); this turns them into a tqdm bar on
+stderr, so stdout stays the command's output (JSON, tables) and can be piped."""
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+
+def add_progress_argument(parser) -> None:
+    """`--no-progress`, the spelling `lorafleet train` uses."""
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+class ProgressBar:
+    """A `progress(done, total)` callback drawing one tqdm bar, created on the first call and
+    closed when done reaches total. Draws nothing when disabled, or when `stream` (stderr by
+    default) is not a terminal: logs and CI output get no carriage-return noise."""
+
+    def __init__(self, description: str, unit: str = "tensor", enabled: bool = True,
+                 stream: TextIO | None = None):
+        self.description, self.unit = description, unit
+        self.stream = sys.stderr if stream is None else stream
+        self.enabled = enabled and self.stream.isatty()
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm  # lazily: a silent run never imports it
+
+            self.bar = tqdm(total=total, desc=self.description, unit=self.unit,
+                            file=self.stream, leave=False, dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.bar.close()
+            self.bar = None
+
+
+def progress_bar(args, description: str, unit: str = "tensor") -> ProgressBar:
+    """The bar for a command whose arguments may carry `--no-progress`."""
+    return ProgressBar(description, unit, enabled=not getattr(args, "no_progress", False))
