@@ -411,7 +411,7 @@ def report(args) -> int:
     generated = []
     for i, path in enumerate(args.report):
         results = _ok(json.loads(path.read_text()))
-        generated.append(markdown(results, str(path)))
+        generated.append((f"### From {path.name}\n\n" if i else "") + markdown(results, str(path)))
         if args.plot_dir and i == 0:       # the plots are the first file's
             plot(results, args.plot_dir, stem="serve")
     text = "\n".join(generated)
