@@ -108,12 +108,12 @@ def test_top_logprobs_match_oracle_topk(engine, small_fleet):
 
 def test_no_logprobs_computed_unless_asked(engine, monkeypatch):
     from lorafleet.errors import RequestError
-    from lorafleet.serve import engine as engine_module
+    from lorafleet.serve import logits as logits_module   # where the engine's logprobs are made
 
     def fail(*args):
         raise AssertionError("logprobs computed for a batch that asked for none")
 
-    monkeypatch.setattr(engine_module, "token_and_top_logprobs", fail)
+    monkeypatch.setattr(logits_module, "token_and_top_logprobs", fail)
     out = engine.generate([[5, 6, 7], [8, 9]], ["a00", None],
                           SamplingParams(max_tokens=3, ignore_eos=True))
     assert [len(o.token_ids) for o in out] == [3, 3] and out[0].logprobs is None

@@ -22,20 +22,21 @@ from pathlib import Path
 import torch
 
 from lorafleet.adapters.store import check_name, is_valid_name
-from lorafleet.errors import AdapterError, ConfigError, EngineError, RequestError
+from lorafleet.errors import ConfigError, EngineError, RequestError
 from lorafleet.models import load_model
-from lorafleet.models.dtype import parse_dtype, resolve_dtype
+from lorafleet.models.dtype import resolve_dtype
 from lorafleet.models.modules import OUTPUT_HEAD
-from lorafleet.models.sampling import SamplingParams, sample, token_and_top_logprobs
+from lorafleet.models.sampling import SamplingParams
 
 from .adapter_cache import LOAD_AHEAD, AdapterCache, build_host_adapter
 from .adapter_loader import AdapterLoader, HostCache
 from .adapter_registry import BaseLayout, read_spec
-from .json_grammar import JsonVocab, constrain_json
+from .adapter_stores import AdapterStores
+from .engine_config import EngineConfig
+from .json_grammar import JsonVocab
 from .kv_cache import KVCacheManager
-from .logits import process_logits, score_prompts
-from .memory import (available_memory, kv_tokens, parse_memory_size, plan_for_model,
-                     weight_bytes)
+from .logits import sample_rows, sampled_logprobs, score_prompts
+from .memory import available_memory, kv_tokens, plan_for_model, weight_bytes
 from .output import Completion, OutputProcessor, RequestOutput, TokenLogprob
 from .pool import PagePool
 from .runner import ModelRunner
@@ -47,57 +48,6 @@ log = logging.getLogger(__name__)
 # When a step has nothing to run but adapter reads in flight, it waits this long for one
 # (releasing the lock) instead of returning at once: callers that loop on step() do not spin.
 ADAPTER_LOAD_WAIT_S = 0.05
-
-@dataclass
-class EngineConfig:
-    # Memory for weights + packed copies + page pool: bytes (or "12GiB"), or a fraction (<= 1.0)
-    # of the memory available at start. None: the pool holds the running batch's KV and
-    # adapters, within memory.DEFAULT_MEMORY_FRACTION of available memory (memory.py).
-    memory_budget: int | float | str | None = None
-    num_pages: int | None = None       # override: pool size in pages of hidden_size numbers each
-    block_tokens: int = 16             # KV tokens added per allocation (kv_cache.py)
-    max_num_seqs: int = 64             # running batch size cap
-    max_num_batched_tokens: int = 2048 # tokens per step: decode rows + prefill chunks
-    max_lora_rank: int = 64
-    max_adapters_per_step: int | None = None
-    first_token_deadline_s: float | None = None
-    max_model_len: int | None = None   # default: the model's max_position_embeddings
-    # auto: bf16 where the device computes it (a CPU with bf16 instructions, a GPU that has
-    # it), else the checkpoint's 16-bit dtype where computed, else float32 (models/dtype.py).
-    dtype: str | torch.dtype = "auto"
-    device: str = "cpu"
-    # Steps mix decode rows with prefill chunks, long prompts over several steps (scheduler.py);
-    # False: a step is all prefill or all decode.
-    enable_chunked_prefill: bool = True
-    # bf16 on CPU: base projections held in oneDNN's packed layout (packed_linear.py): faster
-    # decode matmuls; beside the plain weights when the memory budget allows, else instead.
-    prepack_weights: bool = True
-    # Host tier of adapters (adapter_loader.py): page copies kept in memory after they enter the
-    # pool, LRU, at most this many (vLLM's max_cpu_loras) and bytes. None: no host cache (an
-    # evicted adapter is read from disk again; docs/engine.md measures what the cache saves).
-    max_cpu_loras: int | None = None
-    max_cpu_lora_bytes: int | None = None
-    # Adapter reads on the loader thread while steps run (S-LoRA sec. 5.2). False: read in the
-    # step that needs them (deterministic scheduling for tests and debugging; steps stall).
-    async_adapter_loading: bool = True
-    # Tensor parallelism (parallel.py, shard.py): the model split over this many processes on
-    # this machine (gloo), this one rank 0; a collective waits at most the timeout.
-    tensor_parallel_size: int = 1
-    tensor_parallel_timeout_s: float = 60.0
-    # "nf4": load a checkpoint folder with its linears in NF4 (QLoRA); under tensor
-    # parallelism each rank quantizes its own shard. None: as the checkpoint/model is.
-    quantize: str | None = None
-
-    def __post_init__(self):
-        self.dtype = parse_dtype(self.dtype, "dtype")
-        if self.memory_budget is not None:
-            self.memory_budget = parse_memory_size(self.memory_budget, "memory_budget")
-        if self.quantize not in (None, "nf4"):
-            raise ConfigError(f"quantize must be 'nf4' or None, got {self.quantize!r}")
-        for name in ("block_tokens", "max_num_seqs", "max_num_batched_tokens",
-                     "tensor_parallel_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -142,6 +92,9 @@ class Engine:
                                            config.tensor_parallel_timeout_s, config.quantize)
             if available is not None:   # N ranks share this machine's memory: 1/N each
                 available //= config.tensor_parallel_size
+        # Public methods take this lock: AsyncEngine steps in a thread while the HTTP server
+        # registers adapters and adds requests from others.
+        self.lock = threading.RLock()
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         self.memory = plan_for_model(model, config, self.max_model_len, available)
@@ -157,9 +110,11 @@ class Engine:
                                          config.max_lora_rank, frozenset({OUTPUT_HEAD}),
                                          base_name=getattr(model, "name_or_path", None))
         self.cache = AdapterCache(
-            self.pool, self.runner.write_pages, AdapterLoader(self.runner.dtype, config.async_adapter_loading),
+            self.pool, self.runner.write_pages,
+            AdapterLoader(self.runner.dtype, config.async_adapter_loading),
             HostCache(config.max_cpu_loras, config.max_cpu_lora_bytes, LOAD_AHEAD))
-        self.stores: list = []            # attached AdapterStores (register_store)
+        self.adapter_stores = AdapterStores(self.adapter_layout, self.cache, self.lock)
+        self.stores = self.adapter_stores.stores   # attached AdapterStores (register_store)
         self.runner.attach(self.cache)
         if self.parallel:
             self.parallel.attach(self)
@@ -173,9 +128,6 @@ class Engine:
         self.output = OutputProcessor(tokenizer)
         self._json_vocab_cache: JsonVocab | None = None    # response_format json_object
         self.requests: dict[str, Sequence] = {}
-        # Public methods take this lock: AsyncEngine steps in a thread while the HTTP server
-        # registers adapters and adds requests from others.
-        self.lock = threading.RLock()
         self._pending: list[RequestOutput] = []
         self.num_steps = self.num_generated = 0
         # Set to a list to record one StepRecord per forward pass (benchmarks).
@@ -195,62 +147,18 @@ class Engine:
 
     def register_store(self, store, lazy: bool = True) -> list[str]:
         """Attach an `AdapterStore` (or a folder of PEFT folders) and register its adapters
-        (lazily: config and header only) unless a name is registered already. Folders added
-        later are found by `resolve_adapter`. A folder that is not a valid adapter is skipped
-        with a warning. Returns the store's registered names."""
-        from lorafleet.adapters.store import AdapterStore
-
-        store = store if isinstance(store, AdapterStore) else AdapterStore(store)
-        with self.lock:
-            if all(Path(s.root).resolve() != Path(store.root).resolve() for s in self.stores):
-                self.stores.append(store)
-        names = []
-        for name in store.names():
-            if name in self.cache:        # already registered (an earlier call, --adapter)
-                names.append(name)
-                continue
-            try:
-                spec = read_spec(name, store.root / name, self.adapter_layout, store.root,
-                                 header_only=lazy)
-            except AdapterError as exc:
-                log.warning("adapter store %s: skipping %r: %s", store.root, name, exc)
-                continue
-            with self.lock:
-                self.cache.register(spec)
-            names.append(name)
-        return names
+        (lazily: config and header only) unless a name is registered already; folders added
+        later are found by `resolve_adapter` (adapter_stores.py). Returns its names."""
+        return self.adapter_stores.attach(store, lazy)
 
     def resolve_adapter(self, name: str) -> bool:
-        """True if `name` is registered, or is a valid folder of an attached store and is now
-        registered (lazily: config and header, no tensors; safe from any thread). False if
-        there is no such adapter; AdapterError if the folder exists but is not a valid adapter
-        for this base, or one of its files resolves outside the store."""
-        from lorafleet.adapters.store import is_valid_name
-
-        with self.lock:
-            if name in self.cache:
-                return True
-            stores = list(self.stores)
-        if not is_valid_name(name):
-            return False
-        for store in stores:
-            if name not in store:
-                continue
-            spec = read_spec(name, store.root / name, self.adapter_layout, store.root)
-            with self.lock:
-                if name not in self.cache:       # another thread may have resolved it first
-                    self.cache.register(spec)
-            return True
-        return False
+        """True if `name` is registered or is now, from an attached store's folder (lazily);
+        False if there is no such adapter; AdapterError if the folder is not a valid adapter."""
+        return self.adapter_stores.resolve(name)
 
     def resolvable_adapters(self) -> list[str]:
-        """Registered adapters and the valid-looking folders of attached stores (not checked
-        until resolved), sorted."""
-        with self.lock:
-            names, stores = set(self.cache.names()), list(self.stores)
-        for store in stores:
-            names.update(store.names())
-        return sorted(names)
+        """Registered adapters and the folders of attached stores (checked when resolved)."""
+        return self.adapter_stores.resolvable()
 
     def register_adapter_tensors(self, name: str, config, tensors: dict) -> None:
         """Same from an adapter_config dict (or LoraConfig) and PEFT-keyed tensors in memory;
@@ -356,8 +264,8 @@ class Engine:
                 if seqs:      # a row with NaN/Inf logits fails its own request, no other
                     seqs, logits = self._drop_nonfinite(seqs, logits, outputs)
                 if seqs:      # else only middle chunks of long prompts ran: nothing to sample
-                    tokens = self._sample(seqs, logits)
-                    logprobs = self._logprobs(seqs, logits, tokens)
+                    tokens = sample_rows(seqs, logits, self.eos_ids, self._json_vocab)
+                    logprobs = sampled_logprobs(seqs, logits, tokens)
                     for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
                         outputs.append(self._postprocess(seq, token, logprobs and logprobs[i]))
                 self.num_steps += 1
@@ -429,46 +337,11 @@ class Engine:
             outputs.append(self._output(seq))
         return outputs
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        logits = process_logits(seqs, logits, self.eos_ids)
-        if all(s.params.temperature == 0 for s in seqs):
-            tokens = logits.argmax(dim=-1)
-        else:
-            tokens = sample(logits, [s.params.temperature for s in seqs],
-                            [s.params.top_k for s in seqs], [s.params.top_p for s in seqs],
-                            [s.generator for s in seqs], [s.params.min_p for s in seqs])
-        if any(s.params.json_object for s in seqs):
-            tokens = constrain_json(seqs, logits, tokens, self._json_vocab(), self.eos_ids)
-        return tokens
-
     def _json_vocab(self) -> JsonVocab:
         """Each token's text, for the JSON constraint (decoded once, on first use)."""
         if self._json_vocab_cache is None:
             self._json_vocab_cache = JsonVocab.of(self.tokenizer, self.model.config.vocab_size)
         return self._json_vocab_cache
-
-    @staticmethod
-    def _logprobs(seqs: list[Sequence], logits: torch.Tensor,
-                  tokens: torch.Tensor) -> list[TokenLogprob | None] | None:
-        """Per row (logits [B, V], tokens [B]): None when its request did not ask, else its
-        TokenLogprob. None when no row asks: the default path computes nothing."""
-        rows = [i for i, s in enumerate(seqs) if s.params.logprobs]
-        if not rows:
-            return None
-        k = max(seqs[i].params.top_logprobs for i in rows)
-        if len(rows) < len(seqs):
-            index = torch.tensor(rows, device=logits.device)
-            logits, tokens = logits.index_select(0, index), tokens.index_select(0, index)
-        chosen, top_values, top_ids = token_and_top_logprobs(logits, tokens, k)
-        chosen, top_values, top_ids = chosen.tolist(), top_values.tolist(), top_ids.tolist()
-        result: list[TokenLogprob | None] = [None] * len(seqs)
-        for j, (i, token) in enumerate(zip(rows, tokens.tolist())):
-            n = seqs[i].params.top_logprobs
-            if n:
-                result[i] = {**dict(zip(top_ids[j][:n], top_values[j][:n])), token: chosen[j]}
-            else:
-                result[i] = chosen[j]
-        return result
 
     def _postprocess(self, seq: Sequence, token: int,
                      logprob: TokenLogprob | None) -> RequestOutput:

@@ -1,17 +1,22 @@
-"""What the engine does with a step's logits besides sampling: the per-request processing
-vLLM's sampling parameters ask for (penalties, logit_bias, min_tokens) and the scoring of
-prompt tokens (prompt logprobs, for `echo` with logprobs).
+"""What the engine does with a step's logits: the per-request processing vLLM's sampling
+parameters ask for (penalties, logit_bias, min_tokens), sampling each row's token (greedy,
+temperature / top-k / top-p / min-p, the JSON constraint), the sampled tokens' logprobs, and
+the scoring of prompt tokens (prompt logprobs, for `echo` with logprobs).
 
 Both work on the rows that ask only: a batch where no request uses them pays nothing, and
 the penalties touch only the tokens each row has seen (models/sampling.py).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from lorafleet.models.sampling import (apply_frequency_presence, apply_repetition_penalty,
-                                       padded_ids, token_and_top_logprobs)
+                                       padded_ids, sample, token_and_top_logprobs)
 
+from .json_grammar import JsonVocab, constrain_json
+from .output import TokenLogprob
 from .sequence import Sequence
 
 
@@ -81,3 +86,44 @@ def score_prompts(rows: list[tuple[Sequence, int, int]], logits: torch.Tensor) -
                                             token: chosen[j]})
             else:
                 seq.prompt_logprobs.append(chosen[j])
+
+
+def sample_rows(seqs: list[Sequence], logits: torch.Tensor, eos_ids,
+                json_vocab: Callable[[], JsonVocab]) -> torch.Tensor:
+    """One token per row of logits [B, V] (tokens [B]) with each row's request's parameters:
+    processed as `process_logits`, then greedy when every row is, else sampled per row; rows
+    with response_format json_object constrained to valid JSON (`json_vocab`: the token texts,
+    asked for only then)."""
+    logits = process_logits(seqs, logits, eos_ids)
+    if all(s.params.temperature == 0 for s in seqs):
+        tokens = logits.argmax(dim=-1)
+    else:
+        tokens = sample(logits, [s.params.temperature for s in seqs],
+                        [s.params.top_k for s in seqs], [s.params.top_p for s in seqs],
+                        [s.generator for s in seqs], [s.params.min_p for s in seqs])
+    if any(s.params.json_object for s in seqs):
+        tokens = constrain_json(seqs, logits, tokens, json_vocab(), eos_ids)
+    return tokens
+
+
+def sampled_logprobs(seqs: list[Sequence], logits: torch.Tensor,
+                     tokens: torch.Tensor) -> list[TokenLogprob | None] | None:
+    """Per row (logits [B, V], tokens [B]): None when its request did not ask, else its
+    TokenLogprob. None when no row asks: the default path computes nothing."""
+    rows = [i for i, s in enumerate(seqs) if s.params.logprobs]
+    if not rows:
+        return None
+    k = max(seqs[i].params.top_logprobs for i in rows)
+    if len(rows) < len(seqs):
+        index = torch.tensor(rows, device=logits.device)
+        logits, tokens = logits.index_select(0, index), tokens.index_select(0, index)
+    chosen, top_values, top_ids = token_and_top_logprobs(logits, tokens, k)
+    chosen, top_values, top_ids = chosen.tolist(), top_values.tolist(), top_ids.tolist()
+    result: list[TokenLogprob | None] = [None] * len(seqs)
+    for j, (i, token) in enumerate(zip(rows, tokens.tolist())):
+        n = seqs[i].params.top_logprobs
+        if n:
+            result[i] = {**dict(zip(top_ids[j][:n], top_values[j][:n])), token: chosen[j]}
+        else:
+            result[i] = chosen[j]
+    return result
