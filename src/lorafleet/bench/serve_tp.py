@@ -133,7 +133,11 @@ def a100_estimate(batch_tokens: int, ranks: list[int], model: dict = LLAMA_7B,
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    return run(parser.parse_args(argv))
+
+
+def run(args) -> int:
+    """`lorafleet bench serve_tp ...` and `python -m lorafleet.bench.serve_tp ...`."""
     from lorafleet.bench.workloads import make_random_llama, write_adapter_store
     from lorafleet.models.config import ModelConfig
 
@@ -159,8 +163,7 @@ def main(argv=None) -> int:
         (r for r in runs if (r["size"], r["torch_threads_per_rank"]) == (size, threads)),
         key=lambda r: r["generated_tokens_per_s"]) for size, threads in variants}
     report = {
-        "benchmark": "serve_tp", "command": "python -m lorafleet.bench.serve_tp " +
-        " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "benchmark": "serve_tp", "command": " ".join(__import__("sys").argv),
         "machine": {"cpu_count": os.cpu_count(), "loadavg": os.getloadavg()},
         "model": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads,
                   "kv_heads": args.kv_heads, "vocab": args.vocab,

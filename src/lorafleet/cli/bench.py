@@ -9,6 +9,7 @@ BENCHMARKS = {
     "quant": "NF4 quantize / dequantize / 4-bit linear vs bitsandbytes and bf16",
     "train": "LoRA vs full fine-tuning memory and step time; our LoRA step vs PEFT",
     "serve": "S-LoRA workload: throughput vs number of adapters, vs baselines",
+    "serve_tp": "tensor-parallel serving: N ranks vs one process, all-reduce time and volume",
     "kernels": "the engine's CPU kernels (batched LoRA, decode attention, packed weights) vs "
                "the torch paths they replace",
     "methods": "the LoRA paper's table at small scale (writes docs/paper.md)",
