@@ -10,6 +10,11 @@ Errors: `add_request` raises RequestError at once for a request that can never r
 adapter, empty or too long prompt, more pages than the pool holds); failures found later (early
 abort past the first-token deadline) come back as a finished RequestOutput with `error` set. In
 both cases the engine keeps serving every other request.
+
+Size (~420 lines): the public interface (adapters, requests, the loop, offline use, stats),
+each method short; what they do lives beside it (engine_config.py, adapter_stores.py,
+scheduler.py, runner.py, logits.py, output.py), and splitting the class further would only
+move its thin delegations.
 """
 from __future__ import annotations
 
