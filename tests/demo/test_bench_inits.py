@@ -97,11 +97,26 @@ def test_paper_section_replaces_only_its_block(tmp_path):
                        "n_test": 4}}
     paper = tmp_path / "paper.md"
     paper.write_text("intro\n")
-    inits.write_paper_section(paper, inits.section_lines(data, "figures/x.png"))
-    inits.write_paper_section(paper, inits.section_lines(data, "figures/x.png"))
+    inits.write_paper_section(paper, inits.section_lines([(data, "figures/x.png")]))
+    inits.write_paper_section(paper, inits.section_lines([(data, "figures/x.png")]))
     text = paper.read_text()
     assert text.startswith("intro\n") and text.count(inits.PAPER_BEGIN) == 1
-    assert "| pissa | 2 | 2.500 (2.500-2.500) |" in text and "![" in text
+    assert "| pissa | 2 | 2.500 (2.500-2.500) |" in text and "](figures/x.png)" in text
+
+    # --from-json: two studies -> one section with two tables and their redrawn figures
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    (tmp_path / "b.json").write_text(json.dumps({**data, "config": {**data["config"],
+                                                                   "lr": 0.003}}))
+    parser = argparse.ArgumentParser()
+    inits.add_arguments(parser)
+    assert inits.run(parser.parse_args(["--from-json", str(tmp_path / "a.json"),
+                                        str(tmp_path / "b.json"), "--paper", str(paper)])) == 0
+    text = paper.read_text()
+    assert text.count(inits.PAPER_BEGIN) == 1 and text.count("| pissa | 2 |") == 2
+    assert "AdamW lr 0.01" in text and "AdamW lr 0.003" in text
+    for name in ("a", "b"):
+        assert f"](figures/{name}_loss.png)" in text
+        assert (tmp_path / "figures" / f"{name}_loss.png").stat().st_size > 1000
 
 
 def _args(tmp_path, llama_dir, **kw):

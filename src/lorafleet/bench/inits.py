@@ -16,6 +16,7 @@ quantizes them itself). It reuses train's batching and loss (forward_logits, los
     python -m lorafleet.bench.inits [--steps 80] [--seeds 3] [--quick] \
         [--json docs/results/inits.json] [--figure docs/figures/inits_loss.png] \
         [--paper docs/paper.md]
+    python -m lorafleet.bench.inits --from-json docs/results/inits.json ... --paper docs/paper.md
 """
 from __future__ import annotations
 
@@ -64,8 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--figure", type=Path, default=None, help="write the loss-curve PNG")
     parser.add_argument("--paper", type=Path, default=None,
                         help="write the markdown section here (e.g. docs/paper.md)")
-    parser.add_argument("--from-json", type=Path, default=None,
-                        help="no training: regenerate figure and section from this JSON")
+    parser.add_argument("--from-json", type=Path, nargs="+", default=None,
+                        help="no training: write the --paper section from these study JSONs "
+                        "(their figures as recorded in them)")
 
 
 # ---------------------------------------------------------------- one run
@@ -205,14 +207,31 @@ def plot_curves(runs: list[dict], path: Path, title: str) -> Path:
     return path
 
 
+def _title(c: dict) -> str:
+    return (f"LoRA init vs convergence: {c['task']}, r={c['r']}, lr {c['lr']:g}, "
+            f"batch {c['batch_size']}")
+
+
 def _fmt(s: dict) -> str:
     return f"{s['mean']:.3f} ({s['min']:.3f}-{s['max']:.3f})"
 
 
-def section_lines(data: dict, figure: str | None) -> list[str]:
-    """The docs/paper.md block (between the markers) from the JSON `data`."""
+def section_lines(studies: list[tuple[dict, str | None]]) -> list[str]:
+    """The docs/paper.md block (between the markers): one table (and figure) per study, each a
+    (JSON data, figure path relative to the paper) pair."""
+    lines = [PAPER_BEGIN]
+    for data, figure in studies:
+        lines += ["", *_study_lines(data, figure)]
+    lines += ["", "\"faster\" / \"slower\": the seed ranges of the mean training loss over all "
+              "steps (the area under the curve) do not overlap those of the reference init on "
+              "the same base (default for the float base, QLoRA's default init for NF4).", "",
+              PAPER_END]
+    return lines
+
+
+def _study_lines(data: dict, figure: str | None) -> list[str]:
     cfg, summary = data["config"], data["summary"]
-    lines = [PAPER_BEGIN, "", f"Command: `{data['command']}` (2-core CPU, no GPU; wall time "
+    lines = [f"Command: `{data['command']}` (2-core CPU, no GPU; wall time "
              f"{data['wall_s'] / 60:.1f} min). Task `{cfg['task']}`, LoRA r = {cfg['r']}, "
              f"alpha = {cfg['r']} on {', '.join(cfg['targets'])}; {cfg['steps']} steps of "
              f"{cfg['batch_size']} examples, AdamW lr {cfg['lr']:g} ({cfg['warmup']} warmup "
@@ -228,12 +247,9 @@ def section_lines(data: dict, figure: str | None) -> list[str]:
             f"within seed spread of {s['vs']}"
         lines.append(f"| {label} | {s['seeds']} | {_fmt(s['auc'])} | {_fmt(s['last10'])} | "
                      f"{_fmt(s['eval_start'])} | {_fmt(s['eval_end'])} | {verdict} |")
-    lines += ["", "\"faster\" / \"slower\": the seed ranges of the mean training loss over all "
-              "steps (the area under the curve) do not overlap those of the reference init on "
-              "the same base (default for the float base, QLoRA's default init for NF4)."]
     if figure:
-        lines += ["", f"![mean training loss per init, min-max band over seeds]({figure})"]
-    lines += ["", PAPER_END]
+        lines += ["", f"![mean training loss per init, lr {cfg['lr']:g}, min-max band over "
+                  f"seeds]({figure})"]
     return lines
 
 
@@ -295,33 +311,42 @@ def run_study(args) -> dict:
 
 
 def run(args) -> int:
+    from lorafleet.errors import ConfigError
+
     if args.quick:
         args.steps, args.seeds, args.n_train, args.n_test = 4, 1, 32, 8
     if args.from_json:
-        data = json.loads(args.from_json.read_text())
-    else:
-        data = run_study(args)
+        # several studies (e.g. two learning rates) -> one section, in the order given; each
+        # study's figure redrawn from its runs as figures/<json name>_loss.png beside the paper
+        if not args.paper:
+            raise ConfigError("--from-json: give --paper to write the section to")
+        studies = []
+        for path in args.from_json:
+            data = json.loads(path.read_text())
+            figure = Path("figures") / f"{path.stem}_loss.png"
+            plot_curves(data["runs"], args.paper.parent / figure, _title(data["config"]))
+            studies.append((data, str(figure)))
+        write_paper_section(args.paper, section_lines(studies))
+        return 0
+    data = run_study(args)
     for label, s in data["summary"].items():
         print(f"{label:28s} mean loss {_fmt(s['auc'])}  held-out end {_fmt(s['eval_end'])}  "
               f"{s['verdict']}")
-    if args.json and not args.from_json:
+    if args.figure:
+        plot_curves(data["runs"], args.figure, _title(data["config"]))
+        # the figure's path as the paper links it (relative to the paper, else as given)
+        data["figure"] = str(args.figure)
+        if args.paper:
+            try:
+                data["figure"] = str(args.figure.resolve().relative_to(
+                    args.paper.resolve().parent))
+            except ValueError:
+                pass
+    if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(data, indent=1) + "\n")
-    figure = None
-    if args.figure:
-        c = data["config"]
-        plot_curves(data["runs"], args.figure,
-                    f"LoRA init vs convergence: {c['task']}, r={c['r']}, lr {c['lr']:g}, "
-                    f"batch {c['batch_size']}")
-        figure = args.figure
     if args.paper:
-        rel = None
-        if figure is not None:
-            try:
-                rel = str(figure.resolve().relative_to(args.paper.resolve().parent))
-            except ValueError:
-                rel = str(figure)
-        write_paper_section(args.paper, section_lines(data, rel))
+        write_paper_section(args.paper, section_lines([(data, data.get("figure"))]))
     return 0
 
 
