@@ -280,14 +280,8 @@ def write_paper_section(path: Path, results: dict, common: dict, command: str,
         lines += ["**Sec. 7 analyses** on the trained data-to-text adapters (q,v):", "",
                   *analysis]
     lines.append(PAPER_END)
-    block = "\n".join(lines)
-    text = path.read_text() if path.is_file() else ""
-    if PAPER_BEGIN in text and PAPER_END in text:
-        head, rest = text.split(PAPER_BEGIN, 1)
-        text = head + block + rest.split(PAPER_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    from lorafleet.bench.doc_block import replace_block
+    replace_block(path, PAPER_BEGIN, PAPER_END, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -274,14 +274,8 @@ def markdown(results: dict, source: str) -> str:
 
 def update_doc(doc: Path, generated: str) -> None:
     """Replace the text between the report markers of `doc` (appending them if absent)."""
-    text = doc.read_text() if doc.exists() else ""
-    block = f"{BEGIN}\n{generated}{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    doc.write_text(text)
+    from lorafleet.bench.doc_block import replace_block
+    replace_block(doc, BEGIN, END, f"{BEGIN}\n{generated}{END}")
 
 
 # ---- plots ------------------------------------------------------------------------------------
