@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from lorafleet.cli.progress import add_progress_argument, progress_bar
+from lorafleet.cli.progress import add_progress_argument, load_base
 from lorafleet.models.dtype import add_dtype_argument
 
 EXAMPLES = """\
@@ -46,17 +46,10 @@ def add_parser(subparsers) -> None:
 
 def load(args):
     """The model (quantized and/or with an adapter) and tokenizer the arguments describe."""
-    from lorafleet.models import load_model, load_tokenizer
+    from lorafleet.models import load_tokenizer
     from lorafleet.models.dtype import resolve_dtype
 
-    dtype = resolve_dtype(args.dtype, args.model, args.device, prefer_half=True)
-    if args.quantize == "nf4":
-        from lorafleet.quant import load_quantized_model
-        model = load_quantized_model(args.model, dtype=dtype, device=args.device,
-                                     progress=progress_bar(args, "loading (nf4)"))
-    else:
-        model = load_model(args.model, dtype=dtype, device=args.device,
-                           progress=progress_bar(args, "loading"))
+    model = load_base(args, resolve_dtype(args.dtype, args.model, args.device, prefer_half=True))
     if args.adapter:
         import lorafleet
         lorafleet.load_adapter(model, args.adapter, adapter_name="default")

@@ -41,3 +41,17 @@ class ProgressBar:
 def progress_bar(args, description: str, unit: str = "tensor") -> ProgressBar:
     """The bar for a command whose arguments may carry `--no-progress`."""
     return ProgressBar(description, unit, enabled=not getattr(args, "no_progress", False))
+
+
+def load_base(args, dtype):
+    """The base model `--model` names, in NF4 with `--quantize nf4` (lazily imported: only NF4
+    users pay for it), with a loading bar; what `generate` and `serve` both load."""
+    if getattr(args, "quantize", None) == "nf4":
+        from lorafleet.quant import load_quantized_model
+
+        return load_quantized_model(args.model, dtype=dtype, device=args.device,
+                                    progress=progress_bar(args, "loading (nf4)"))
+    from lorafleet.models import load_model
+
+    return load_model(args.model, dtype=dtype, device=args.device,
+                      progress=progress_bar(args, "loading"))

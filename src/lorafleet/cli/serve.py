@@ -11,7 +11,7 @@ import socket
 import sys
 from pathlib import Path
 
-from lorafleet.cli.progress import add_progress_argument, progress_bar
+from lorafleet.cli.progress import add_progress_argument, load_base
 from lorafleet.errors import ConfigError
 from lorafleet.models.dtype import add_dtype_argument, resolve_dtype
 from lorafleet.serve.memory import DEFAULT_MEMORY_FRACTION, format_bytes
@@ -232,7 +232,7 @@ def build(args):
     from lorafleet.adapters.store import check_name
     from lorafleet.api.server import ServerConfig, create_app
     from lorafleet.api.state import read_generation_defaults
-    from lorafleet.models import load_model, load_tokenizer
+    from lorafleet.models import load_tokenizer
     from lorafleet.models.config import ModelConfig
     from lorafleet.serve import Engine, EngineConfig
 
@@ -257,13 +257,8 @@ def build(args):
         # with --quantize nf4 each rank quantizes its shard.
         model = args.model
         positions = ModelConfig.from_hf(args.model).max_position_embeddings
-    elif args.quantize == "nf4":
-        from lorafleet.quant import load_quantized_model  # lazily: only NF4 users pay for it
-        model = load_quantized_model(args.model, dtype=dtype, device=args.device,
-                                     progress=progress_bar(args, "loading (nf4)"))
     else:
-        model = load_model(args.model, dtype=dtype, device=args.device,
-                           progress=progress_bar(args, "loading"))
+        model = load_base(args, dtype)
     if args.tensor_parallel_size <= 1:
         positions = model.config.max_position_embeddings
     if args.max_model_len is not None and args.max_model_len > positions:
