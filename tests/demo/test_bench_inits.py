@@ -88,6 +88,13 @@ def test_summary_verdicts_need_non_overlapping_seed_ranges():
     assert s["default"]["auc"]["max"] == pytest.approx(2.6)
 
 
+def test_steps_to_reach_uses_a_trailing_mean():
+    # one lucky batch (step 2) does not count; the trailing mean drops below 1 at step 8
+    assert inits.steps_to_reach([3.0, 0.5, 3.0, 0.5, 0.5, 0.5, 0.5, 0.5], target=1.0) == 8
+    assert inits.steps_to_reach([0.5], target=1.0) == 1
+    assert inits.steps_to_reach([2.0, 2.0], target=1.0) is None
+
+
 def test_paper_section_replaces_only_its_block(tmp_path):
     runs = [_run(lb, s, [3.0, 2.0]) for lb in ("default", "pissa") for s in range(2)]
     data = {"command": "python -m lorafleet.bench.inits", "wall_s": 120.0, "runs": runs,
@@ -101,7 +108,8 @@ def test_paper_section_replaces_only_its_block(tmp_path):
     inits.write_paper_section(paper, inits.section_lines([(data, "figures/x.png")]))
     text = paper.read_text()
     assert text.startswith("intro\n") and text.count(inits.PAPER_BEGIN) == 1
-    assert "| pissa | 2 | 2.500 (2.500-2.500) |" in text and "](figures/x.png)" in text
+    assert "| pissa | 2 | 2.500 (2.500-2.500) | 3.0 (3-3) |" in text  # never < 1: steps + 1
+    assert "](figures/x.png)" in text
 
     # --from-json: two studies -> one section with two tables and their redrawn figures
     (tmp_path / "a.json").write_text(json.dumps(data))

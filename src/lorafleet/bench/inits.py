@@ -140,6 +140,19 @@ def run_one(label: str, seed: int, train_set: list, test_set: list, cfg: dict) -
 
 # ---------------------------------------------------------------- summary
 
+TARGET_LOSS = 1.0   # "steps to reach": where the curves of the json task are still steep
+SMOOTH = 5          # steps in the trailing mean that decides it (one batch is noisy)
+
+
+def steps_to_reach(curve: list[float], target: float = TARGET_LOSS) -> int | None:
+    """First step (1-based) whose trailing SMOOTH-step mean training loss is below `target`."""
+    for i in range(len(curve)):
+        window = curve[max(0, i + 1 - SMOOTH):i + 1]
+        if sum(window) / len(window) < target:
+            return i + 1
+    return None
+
+
 def summarize(runs: list[dict]) -> dict[str, dict]:
     """Per init: mean / min / max over seeds of the mean training loss over all steps (the area
     under the curve: lower = converged faster), of the last 10 steps' loss, and of the held-out
@@ -157,6 +170,8 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
         out[label] = {
             "seeds": len(rs),
             "auc": stats([sum(r["train_loss"]) / len(r["train_loss"]) for r in rs]),
+            "steps_to_target": stats([steps_to_reach(r["train_loss"]) or
+                                      len(r["train_loss"]) + 1 for r in rs]),
             "last10": stats([sum(r["train_loss"][-10:]) / len(r["train_loss"][-10:])
                              for r in rs]),
             "eval_start": stats([r["eval_loss_start"] for r in rs]),
@@ -222,7 +237,9 @@ def section_lines(studies: list[tuple[dict, str | None]]) -> list[str]:
     lines = [PAPER_BEGIN]
     for data, figure in studies:
         lines += ["", *_study_lines(data, figure)]
-    lines += ["", "\"faster\" / \"slower\": the seed ranges of the mean training loss over all "
+    lines += ["", f"Steps to train loss < {TARGET_LOSS:g}: the first step whose trailing "
+              f"{SMOOTH}-step mean is below it (mean, min-max over seeds).",
+              "\"faster\" / \"slower\": the seed ranges of the mean training loss over all "
               "steps (the area under the curve) do not overlap those of the reference init on "
               "the same base (default for the float base, QLoRA's default init for NF4).", "",
               PAPER_END]
@@ -238,14 +255,16 @@ def _study_lines(data: dict, figure: str | None) -> list[str]:
              f"steps, then constant), fp32; seeds {', '.join(map(str, cfg['seed_list']))}; "
              f"held-out loss on {cfg['n_test']} test examples. Values are mean (min-max over "
              f"seeds).", "",
-             "| init | seeds | mean train loss, all steps | train loss, last 10 steps | "
-             "held-out loss at step 0 | held-out loss at end | vs reference |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             f"| init | seeds | mean train loss, all steps | steps to train loss < "
+             f"{TARGET_LOSS:g} | train loss, last 10 steps | held-out loss at step 0 | held-out "
+             f"loss at end | vs reference |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for label, s in summary.items():
         verdict = s["verdict"] if s["verdict"] == "reference" else \
             f"{s['verdict']} than {s['vs']}" if s["verdict"] != "within seed spread" else \
             f"within seed spread of {s['vs']}"
-        lines.append(f"| {label} | {s['seeds']} | {_fmt(s['auc'])} | {_fmt(s['last10'])} | "
+        reach = s["steps_to_target"]
+        lines.append(f"| {label} | {s['seeds']} | {_fmt(s['auc'])} | {reach['mean']:.1f} "
+                     f"({reach['min']:.0f}-{reach['max']:.0f}) | {_fmt(s['last10'])} | "
                      f"{_fmt(s['eval_start'])} | {_fmt(s['eval_end'])} | {verdict} |")
     if figure:
         lines += ["", f"![mean training loss per init, lr {cfg['lr']:g}, min-max band over "
@@ -323,6 +342,7 @@ def run(args) -> int:
         studies = []
         for path in args.from_json:
             data = json.loads(path.read_text())
+            data["summary"] = summarize(data["runs"])   # as this code defines the columns
             figure = Path("figures") / f"{path.stem}_loss.png"
             plot_curves(data["runs"], args.paper.parent / figure, _title(data["config"]))
             studies.append((data, str(figure)))
