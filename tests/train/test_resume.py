@@ -192,8 +192,11 @@ def test_bench_train_smoke(tmp_path, capsys):
                  "--threads", "1", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     results = report["results"]
-    assert set(results) == {"lora", "lora+ckpt", "full", "full+ckpt"}
-    assert results["lora"]["trainable_params"] == 1 * 2 * 8 * (64 + 64)  # r=8 on q and v
+    assert set(results) == {"lora", "lora+ckpt", "lora-bf16", "lora-bf16+ckpt", "qlora",
+                            "qlora+ckpt", "full", "full+ckpt"}
+    for kind in ("lora", "lora-bf16", "qlora"):   # r=8 on q and v, whatever the base
+        assert results[kind]["trainable_params"] == 1 * 2 * 8 * (64 + 64), kind
+    assert 0 < report["ratios"]["qlora_over_lora_fp32_memory"]
     assert results["full"]["trainable_params"] == results["full"]["total_params"]
     assert all(r["step_time_s"] > 0 and r["peak_rss_mib"] > 0 for r in results.values())
     assert report["versus_peft"]["ours_step_s"] > 0 and report["versus_peft"]["peft_step_s"] > 0

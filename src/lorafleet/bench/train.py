@@ -33,7 +33,10 @@ import time
 from pathlib import Path
 
 MIB = 1024 * 1024
-CONFIGS = ("lora", "lora+ckpt", "full", "full+ckpt")
+# lora over a float32 base, lora-bf16 over a bf16 base, qlora over the NF4 base streamed from
+# the checkpoint (bf16 compute); trained weights are float32 in every case (train/base.py).
+CONFIGS = ("lora", "lora+ckpt", "lora-bf16", "lora-bf16+ckpt", "qlora", "qlora+ckpt", "full",
+           "full+ckpt")
 CONTENDERS = ("ours", "ours_reference", "peft")  # ours_reference: lora/fused.py switched off
 
 
@@ -82,9 +85,22 @@ def _reset_peak() -> bool:
 
 
 def _ours(model_dir: str, method: str, r: int):
+    """The model as `lorafleet train --method M` builds it (train/base.py): qlora streams the
+    checkpoint into NF4, lora-bf16 holds the frozen base in bf16."""
+    import torch
+
     from lorafleet.models import load_model
-    from lorafleet.train.methods import MethodConfig, apply_method
-    return apply_method(load_model(model_dir), MethodConfig(method, r=r, alpha=2 * r)).train()
+    from lorafleet.train.base import trainable_in_float32
+    from lorafleet.train.methods import OUTPUT_HEADS, MethodConfig, apply_method
+    if method == "qlora":
+        from lorafleet.quant import load_quantized_model
+        model = load_quantized_model(model_dir, dtype=torch.bfloat16, skip=OUTPUT_HEADS)
+    else:
+        model = load_model(model_dir, dtype=torch.bfloat16 if method == "lora-bf16"
+                           else torch.float32)
+    model = apply_method(model, MethodConfig(method.removesuffix("-bf16"), r=r, alpha=2 * r))
+    trainable_in_float32(model)
+    return model.train()
 
 
 def _peft(model_dir: str, r: int):
@@ -310,7 +326,12 @@ def run(args) -> int:
                                            results["full+ckpt"]["model_and_training_mib"]),
             "lora_over_full_peak_rss": lora["peak_rss_mib"] / full["peak_rss_mib"],
             "lora_over_full_step_time": lora["step_time_s"] / full["step_time_s"],
-            "adapter_over_checkpoint_size": lora["adapter_bytes"] / model_bytes})
+            "adapter_over_checkpoint_size": lora["adapter_bytes"] / model_bytes,
+            # issue 14's targets: QLoRA <= 0.45x and LoRA over bf16 <= 0.6x of LoRA over fp32
+            "qlora_over_lora_fp32_memory": (results["qlora"]["model_and_training_mib"] /
+                                            lora["model_and_training_mib"]),
+            "lora_bf16_over_lora_fp32_memory": (results["lora-bf16"]["model_and_training_mib"] /
+                                                lora["model_and_training_mib"])})
     summary["ratios"] = ratios
     print(markdown(summary))
     if args.json_out:
@@ -341,7 +362,11 @@ def markdown(s: dict) -> str:
                   f"step time {ratios['lora_over_full_step_time']:.2f}. Adapter file "
                   f"{lora['adapter_bytes'] / 1e6:.2f} MB vs checkpoint "
                   f"{m['checkpoint_bytes'] / 1e9:.2f} GB "
-                  f"({1 / ratios['adapter_over_checkpoint_size']:,.0f}x smaller).", ""]
+                  f"({1 / ratios['adapter_over_checkpoint_size']:,.0f}x smaller)."
+                  + (f" QLoRA / LoRA over fp32 memory "
+                     f"{ratios['qlora_over_lora_fp32_memory']:.2f}, LoRA over bf16 / over fp32 "
+                     f"{ratios['lora_bf16_over_lora_fp32_memory']:.2f}."
+                     if "qlora_over_lora_fp32_memory" in ratios else ""), ""]
     lines += ["| LoRA step, interleaved | median (s) | min (s) | max (s) | / PEFT, per round "
               "(median, min-max) |", "|---|---|---|---|---|"]
     per_round = {"ours": ratios["ours_over_peft_per_round"],
