@@ -111,7 +111,7 @@ async def resolve_model(state: ServerState, grant: Grant, model: str) -> str | N
     if not grant.allows(model) or model in state.unloading or model in state.loading:
         raise model_not_found(state, model)
     engine = state.engine
-    if model in engine.adapters():
+    if engine.has_adapter(model):
         return model
     try:
         check_name(model)

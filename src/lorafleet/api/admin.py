@@ -42,7 +42,7 @@ async def load_lora_adapter(request: Request):
     if name in state.loading or name in state.unloading:
         raise ApiError(409, f"adapter {name!r} is being loaded or unloaded by another request",
                        param="lora_name", code="adapter_busy")
-    if name in engine.adapters():
+    if engine.has_adapter(name):
         raise ApiError(409, f"model {name!r} is already loaded; unload it first",
                        param="lora_name", code="already_loaded")
     try:
@@ -85,7 +85,7 @@ async def unload_lora_adapter(request: Request):
     if name in state.loading:
         raise ApiError(409, f"adapter {name!r} is being loaded by another request",
                        param="lora_name", code="adapter_busy")
-    if name not in state.engine.adapters() or name in state.unloading:
+    if not state.engine.has_adapter(name) or name in state.unloading:
         raise ApiError(404, f"adapter {name[:128]!r} is not loaded", param="lora_name",
                        code="model_not_found")
     users = sorted(state.in_use.get(name, ()))

@@ -144,7 +144,7 @@ class Job:
             raise ApiError(429, f"server queue is full: {state.outstanding} sequences in flight, "
                                 f"the limit is max_queue={state.config.max_queue}; retry later",
                            type_="rate_limit_error", code="queue_full", retry_after=1)
-        if self.adapter is not None and (self.adapter not in state.engine.adapters()
+        if self.adapter is not None and (not state.engine.has_adapter(self.adapter)
                                          or self.adapter in state.unloading):
             raise ApiError(404, f"model {self.adapter!r} does not exist (it was unloaded)",
                            param="model", code="model_not_found")

@@ -188,6 +188,10 @@ class Engine:
     def adapters(self) -> list[str]:
         return self.cache.names()
 
+    def has_adapter(self, name: str) -> bool:
+        """Registered (O(1): `adapters()` sorts every name, thousands of them per request)."""
+        return name in self.cache
+
     # ---- requests ----------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_ids, adapter: str | None = None,
