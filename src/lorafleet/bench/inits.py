@@ -274,14 +274,8 @@ def _study_lines(data: dict, figure: str | None) -> list[str]:
 
 def write_paper_section(path: Path, lines: list[str]) -> None:
     """Replace the generated block of `path` (between the markers), or append it."""
-    block = "\n".join(lines)
-    text = path.read_text() if path.is_file() else ""
-    if PAPER_BEGIN in text and PAPER_END in text:
-        head, rest = text.split(PAPER_BEGIN, 1)
-        text = head + block + rest.split(PAPER_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    from lorafleet.bench.doc_block import replace_block
+    replace_block(path, PAPER_BEGIN, PAPER_END, "\n".join(lines))
 
 
 # ---------------------------------------------------------------- the study

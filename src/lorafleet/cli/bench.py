@@ -13,6 +13,7 @@ BENCHMARKS = {
     "kernels": "the engine's CPU kernels (batched LoRA, decode attention, packed weights) vs "
                "the torch paths they replace",
     "methods": "the LoRA paper's table at small scale (writes docs/paper.md)",
+    "inits": "LoRA initializations (pissa, olora, loftq) vs the default: convergence",
     "dtypes": "QLoRA's data types: NF4 vs FP4 vs Int4 error and perplexity (docs/paper.md)",
 }
 
