@@ -71,8 +71,8 @@ def data(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_equal_one_and_resume_exactly(tmp_path, llama_dir, data, parallel):
+@pytest.mark.parametrize("parallel, cut", [("ddp", "stop"), ("ddp", "kill"), ("fsdp", "kill")])
+def test_two_processes_equal_one_and_resume_exactly(tmp_path, llama_dir, data, parallel, cut):
     # grad_accum=2: DDP's no_sync / FSDP's set_requires_gradient_sync on the first micro-batch
     values = settings(llama_dir, data, tmp_path / "two", parallel=parallel)
     report = two_processes(tmp_path, values)
@@ -86,7 +86,7 @@ def test_two_processes_equal_one_and_resume_exactly(tmp_path, llama_dir, data, p
     values = settings(llama_dir, data, tmp_path / "ref", parallel=parallel, dropout=0.1)
     reference = two_processes(tmp_path, values)
     cut_values = {**values, "out": str(tmp_path / "cut"), "save_every": 2}
-    if parallel == "ddp":  # rank 0 alone asks to stop after step 2 (checkpoint on the way out)
+    if cut == "stop":  # rank 0 alone asks to stop after step 2 (checkpoint on the way out)
         cut = two_processes(tmp_path, cut_values, stop_at=2)
         assert cut["interrupted"] and cut["steps"] == 2
     else:  # every process killed after step 3: resume from the step-2 checkpoint
