@@ -15,6 +15,7 @@ import time
 import httpx
 import openai
 import pytest
+from serve_process import wait_until_serving
 from .conftest import ServerThread
 
 from lorafleet.cli import main as cli_main
@@ -37,22 +38,7 @@ def serve_process(llama_dir, adapter_root, tmp_path_factory):
          "--num-pages", "4096", "--dtype", "float32"],   # as the in-process generate oracle
                                                             # resolves auto (tests/conftest.py)
         stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 90
-    url = None
-    while url is None:
-        assert proc.poll() is None, log_path.read_text()
-        assert time.monotonic() < deadline, log_path.read_text()
-        found = re.search(r"listening (http://127\.0\.0\.1:\d+)/v1", log_path.read_text())
-        if found:
-            url = found.group(1)
-        time.sleep(0.1)
-    while True:  # the log line comes just before uvicorn accepts
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+    url = wait_until_serving(proc, log_path, 90)
     proc.url, proc.log_path = url, log_path
     yield proc
     if proc.poll() is None:

@@ -14,6 +14,7 @@ import time
 import httpx
 import openai
 import pytest
+from serve_process import wait_until_serving
 
 from lorafleet.cli import build_parser, main as cli_main
 from lorafleet.cli.config_file import apply_config_file
@@ -135,20 +136,7 @@ def test_serve_started_the_vllm_way_answers_the_openai_client(llama_dir, adapter
             stdout=log_file, stderr=subprocess.STDOUT,
             env={**os.environ, "OMP_NUM_THREADS": "1", "VLLM_API_KEY": "sk-env"})
         try:
-            deadline, url = time.monotonic() + 90, None
-            while url is None:
-                assert proc.poll() is None, log_path.read_text()
-                assert time.monotonic() < deadline, log_path.read_text()
-                found = re.search(r"listening (http://127\.0\.0\.1:\d+)/v1", log_path.read_text())
-                url = found and found.group(1)
-                time.sleep(0.1)
-            while True:
-                try:
-                    if httpx.get(url + "/health", timeout=5).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.1)
+            url = wait_until_serving(proc, log_path, 90)
             for key in ("sk-flag", "sk-env"):
                 client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0,
                                        timeout=60)

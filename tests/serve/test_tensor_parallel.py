@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from hf_fixtures import make_checkpoint
+from serve_process import wait_until_serving
 from lorafleet.errors import ConfigError, EngineError
 from lorafleet.serve.engine import Engine, EngineConfig, SamplingParams
 from lorafleet.serve.shard import Shard, shard_pages
@@ -301,20 +302,7 @@ def test_serve_cli_tensor_parallel_with_openai_client(tp_fleet, tmp_path):
              *[f"--adapter={n}={adapters[n]}" for n in names]],
             stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        deadline, url = time.monotonic() + 120, None
-        while url is None:
-            assert proc.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, log_path.read_text()
-            found = re.search(r"listening (http://127\.0\.0\.1:\d+)/v1", log_path.read_text())
-            url = found and found.group(1)
-            time.sleep(0.2)
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+        url = wait_until_serving(proc, log_path, 120, poll_s=0.2)
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
                                timeout=60)
         for (name, prompt), text in expected.items():
