@@ -5,6 +5,9 @@ serve many adapters today.
                           [--json docs/results/serve-DATE.json] [--plot-dir docs/img]
     lorafleet bench serve --report docs/results/serve-*.json [--update-doc docs/benchmarks.md]
 
+Over ~400 lines because it is the sweep's one plan: which runs, in which order, with which
+budget; the run worker, baselines, trace and report already live in their own files.
+
 Setup: a random Llama (hidden 1024, 4 layers, GQA, saved in bf16) and a store of random PEFT
 adapter folders on disk (ranks 8-64, a quarter on every linear layer, the rest on q,k,v,o:
 workloads.py). Each run registers the store's first N adapters (lazily where the engine can:
