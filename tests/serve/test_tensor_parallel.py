@@ -1,7 +1,8 @@
 """Tensor-parallel serving (serve/parallel.py, serve/shard.py): two gloo processes on this
 machine, float32, must give every request the same greedy tokens as the single-process engine
 and as transformers + PEFT (merged), with adapters of mixed ranks on a Llama with GQA (KV heads
-split across ranks) and a Qwen2 with qkv bias and one KV head (replicated on both ranks)."""
+split across ranks) and a Qwen2 with qkv bias, one KV head (replicated on both ranks) and tied
+embeddings over an odd vocabulary (385 rows: uneven halves when split by vocabulary)."""
 from __future__ import annotations
 
 import os
@@ -15,7 +16,7 @@ from hf_fixtures import make_checkpoint
 from serve_process import wait_until_serving
 from lorafleet.errors import ConfigError, EngineError
 from lorafleet.serve.engine import Engine, EngineConfig, SamplingParams
-from lorafleet.serve.shard import Shard, shard_pages
+from lorafleet.serve.shard import Shard, VocabParallelEmbedding, shard_pages, vocab_shard
 
 from .conftest import LLAMA_TARGETS, RANKS, make_peft_adapter, merged_oracle, oracle_greedy
 from .test_engine import _run, _workload
@@ -38,9 +39,10 @@ def _fleet(root, kind, **overrides):
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def tp_fleet(request, tmp_path_factory):
     """(checkpoint, adapters, workload, oracle tokens) for a Llama (4 heads, 2 KV heads) and a
-    Qwen2 (qkv bias, 4 heads, 1 KV head)."""
+    Qwen2 (qkv bias, 4 heads, 1 KV head, tied embeddings, vocabulary 385)."""
     root = tmp_path_factory.mktemp(f"tp_{request.param}")
-    overrides = {"num_key_value_heads": 1} if request.param == "qwen2" else {}
+    overrides = ({"num_key_value_heads": 1, "vocab_size": 385, "tie_word_embeddings": True}
+                 if request.param == "qwen2" else {})
     base_dir, base, adapters = _fleet(root, request.param, **overrides)
     workload = _workload(adapters, num_base=3, seed=5)
     merged = {name: merged_oracle(base, path) for name, path in adapters.items()}
@@ -70,11 +72,77 @@ def test_two_ranks_match_single_process_and_peft(tp_fleet, chunked):
         assert tokens_2 == tokens_1
         assert tokens_2 == expected
         stats = parallel.stats()
-        # two row-parallel projections per layer, each one all-reduce per step
-        assert stats["allreduce_calls"] == 2 * 2 * parallel.num_steps
+        # two row-parallel projections per layer, each one all-reduce per step (and the
+        # embedding's when it is split by vocabulary)
+        embedding = parallel.config.tensor_parallel_vocab == "sharded"
+        assert stats["allreduce_calls"] == (2 * 2 + embedding) * parallel.num_steps
         assert parallel.healthy()
     finally:
         parallel.close()
+
+
+@pytest.mark.parametrize("vocab", ["replicated", "lm_head", "sharded"])
+def test_vocab_split_same_tokens(tp_fleet, vocab):
+    """Embedding and lm_head replicated, or split by vocabulary rows (lm_head only, or both):
+    the same greedy tokens as transformers + PEFT, on the Qwen2 fleet with tied embeddings and
+    385 rows (193 + 192); the logits gathered to rank 0 once per step that samples, one more
+    all-reduce per step with the embedding split."""
+    base_dir, adapters, workload, expected = tp_fleet
+    parallel = _engine(base_dir, adapters, tensor_parallel_size=2, tensor_parallel_vocab=vocab,
+                       max_num_batched_tokens=24)
+    try:
+        tokens, _ = _run(parallel, workload, SamplingParams(max_tokens=MAX_TOKENS,
+                                                            ignore_eos=True))
+        assert tokens == expected
+        vocab_size = parallel.model.config.vocab_size
+        rows = vocab_shard(vocab_size, 0, 2)
+        head, embed = parallel.model.lm_head, parallel.model.model.embed_tokens
+        assert head.out_features == (vocab_size if vocab == "replicated" else rows.end)
+        assert embed.weight.shape[0] == (rows.end if vocab == "sharded" else vocab_size)
+        stats = parallel.stats()
+        steps = parallel.num_steps
+        assert stats["allreduce_calls"] == (2 * 2 + (vocab == "sharded")) * steps
+        if vocab == "replicated":
+            assert stats["gather_calls"] == 0
+        else:       # steps that only run middle chunks of prompts sample nothing: no gather
+            assert 0 < stats["gather_calls"] <= steps
+            row_bytes = 2 * rows.end * 4                    # both ranks' padded slices, fp32
+            assert stats["gather_tensor_bytes"] % row_bytes == 0
+    finally:
+        parallel.close()
+
+
+def test_vocab_parallel_embedding_three_ranks():
+    """VocabParallelEmbedding: 10 rows over 3 ranks (4, 4, 2); the sum over ranks (what the
+    all-reduce computes) equals the whole table's lookup, ids at every boundary."""
+    table = torch.randn(10, 6)
+    ids = torch.tensor([[0, 3, 4, 7, 8, 9, 5, 0]])
+    parts = []
+    for rank in range(3):
+        rows = vocab_shard(10, rank, 3)
+        module = VocabParallelEmbedding(table[rows.start:rows.end].clone(), rows.start,
+                                        lambda t: None)
+        parts.append(module(ids))
+    assert [vocab_shard(10, r, 3).end - vocab_shard(10, r, 3).start for r in range(3)] == [4, 4, 2]
+    torch.testing.assert_close(sum(parts), torch.nn.functional.embedding(ids, table))
+
+
+def test_cuda_needs_a_gpu_per_rank(tp_fleet, monkeypatch):
+    """On CUDA rank r runs on cuda:r: fewer visible GPUs than ranks, or rank 0 asked on another
+    GPU, is a ConfigError before anything loads (CUDA faked present: this machine has none)."""
+    import torch.distributed as dist
+
+    base_dir, _, _, _ = tp_fleet
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
+    with pytest.raises(ConfigError, match="one GPU per rank .* 1 visible"):
+        Engine(base_dir, config=EngineConfig(tensor_parallel_size=2, device="cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(ConfigError, match="rank 0, this process, on cuda:0"):
+        Engine(base_dir, config=EngineConfig(tensor_parallel_size=2, device="cuda:1"))
+    with pytest.raises(ConfigError, match="tensor_parallel_vocab"):
+        EngineConfig(tensor_parallel_vocab="columns")
 
 
 def test_tiny_pool_evicts_adapters_same_tokens(tp_fleet):

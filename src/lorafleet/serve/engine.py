@@ -43,6 +43,7 @@ from .kv_cache import KVCacheManager
 from .logits import sample_rows, sampled_logprobs, score_prompts
 from .memory import available_memory, kv_tokens, plan_for_model, weight_bytes
 from .output import Completion, OutputProcessor, RequestOutput, TokenLogprob
+from .page_copy import make_page_copier
 from .pool import PagePool
 from .runner import ModelRunner
 from .scheduler import Scheduler, SchedulerConfig
@@ -73,6 +74,9 @@ class Engine:
         for BatchedLoraLinear shells, which behave as before when called without LoRA)."""
         self.config = config = config or EngineConfig()
         source, self.parallel = model, None
+        if config.tensor_parallel_size > 1:     # GPUs or cores for every rank: before loading
+            from .collectives import check_devices
+            check_devices(config.tensor_parallel_size, config.device)
         if isinstance(model, (str, Path)):
             available = available_memory(config.device)       # before the weights take theirs
             if tokenizer is None and (Path(model) / "tokenizer.json").is_file():
@@ -94,9 +98,10 @@ class Engine:
             from .parallel import TensorParallel
             self.parallel = TensorParallel(source, model, config.tensor_parallel_size,
                                            next(model.parameters()).dtype, config.device,
-                                           config.tensor_parallel_timeout_s, config.quantize)
-            if available is not None:   # N ranks share this machine's memory: 1/N each
-                available //= config.tensor_parallel_size
+                                           config.tensor_parallel_timeout_s, config.quantize,
+                                           config.tensor_parallel_vocab)
+            if available is not None and config.device == "cpu":   # N ranks share the RAM
+                available //= config.tensor_parallel_size          # (on CUDA: a GPU each)
         # Public methods take this lock: AsyncEngine steps in a thread while the HTTP server
         # registers adapters and adds requests from others.
         self.lock = threading.RLock()
@@ -114,10 +119,11 @@ class Engine:
         self.adapter_layout = BaseLayout(targets, self.runner.pages.shape[1],
                                          config.max_lora_rank, frozenset({OUTPUT_HEAD}),
                                          base_name=getattr(model, "name_or_path", None))
+        copier = make_page_copier(self.runner.pages)   # CUDA: a side stream (page_copy.py)
         self.cache = AdapterCache(
             self.pool, self.runner.write_pages,
-            AdapterLoader(self.runner.dtype, config.async_adapter_loading),
-            HostCache(config.max_cpu_loras, config.max_cpu_lora_bytes, LOAD_AHEAD))
+            AdapterLoader(self.runner.dtype, config.async_adapter_loading, copier.stage),
+            HostCache(config.max_cpu_loras, config.max_cpu_lora_bytes, LOAD_AHEAD), copier)
         self.adapter_stores = AdapterStores(self.adapter_layout, self.cache, self.lock)
         self.stores = self.adapter_stores.stores   # attached AdapterStores (register_store)
         self.runner.attach(self.cache)
@@ -150,11 +156,12 @@ class Engine:
         with self.lock:
             self.cache.register(spec)
 
-    def register_store(self, store, lazy: bool = True) -> list[str]:
+    def register_store(self, store, lazy: bool = True, progress=None) -> list[str]:
         """Attach an `AdapterStore` (or a folder of PEFT folders) and register its adapters
         (lazily: config and header only) unless a name is registered already; folders added
-        later are found by `resolve_adapter` (adapter_stores.py). Returns its names."""
-        return self.adapter_stores.attach(store, lazy)
+        later are found by `resolve_adapter` (adapter_stores.py). Returns its names.
+        `progress(done, total)`: called per folder of the store."""
+        return self.adapter_stores.attach(store, lazy, progress)
 
     def resolve_adapter(self, name: str) -> bool:
         """True if `name` is registered or is now, from an attached store's folder (lazily);

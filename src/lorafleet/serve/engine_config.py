@@ -47,9 +47,12 @@ class EngineConfig:
     # step that needs them (deterministic scheduling for tests and debugging; steps stall).
     async_adapter_loading: bool = True
     # Tensor parallelism (parallel.py, shard.py): the model split over this many processes on
-    # this machine (gloo), this one rank 0; a collective waits at most the timeout.
+    # this machine (gloo on CPU; NCCL on CUDA, rank r on cuda:r), this one rank 0; a collective
+    # waits at most the timeout. vocab: embedding and lm_head "replicated", or split by
+    # vocabulary: "lm_head" only, or "sharded" (both); shard.py, docs/engine.md measure them.
     tensor_parallel_size: int = 1
     tensor_parallel_timeout_s: float = 60.0
+    tensor_parallel_vocab: str = "replicated"
     # "nf4": load a checkpoint folder with its linears in NF4 (QLoRA); under tensor
     # parallelism each rank quantizes its own shard. None: as the checkpoint/model is.
     quantize: str | None = None
@@ -58,6 +61,9 @@ class EngineConfig:
         self.dtype = parse_dtype(self.dtype, "dtype")
         if self.memory_budget is not None:
             self.memory_budget = parse_memory_size(self.memory_budget, "memory_budget")
+        if self.tensor_parallel_vocab not in ("replicated", "lm_head", "sharded"):
+            raise ConfigError(f"tensor_parallel_vocab must be 'replicated', 'lm_head' or "
+                              f"'sharded', got {self.tensor_parallel_vocab!r}")
         if self.quantize not in (None, "nf4"):
             raise ConfigError(f"quantize must be 'nf4' or None, got {self.quantize!r}")
         for name in ("block_tokens", "max_num_seqs", "max_num_batched_tokens",

@@ -9,11 +9,13 @@ cache and of the adapters (shard.py) and run each step as rank 0 sends it:
             runs: a few KB) -> every worker's pipe -> its own forward -> sample
     rank r: wait on the pipe -> write pages / run the same forward (no logits)
     all:    inside the forward, one all-reduce per row-parallel projection (o_proj, down_proj:
-            2 per layer) over the group (gloo on CPU)
+            2 per layer) over the group (collectives.py: gloo on CPU, NCCL on CUDA with rank r
+            on cuda:r); vocab-sharded (shard.py), one gather of the logits to rank 0 and, with
+            the embedding split too, one all-reduce of the embedded tokens
 
 Control goes through a pipe per worker rather than a collective so an idle server waits
-without a collective timing out; only the forward's all-reduces use torch.distributed, with
-`timeout_s`. A worker that dies or fails: its error (from its error queue, or its exit code) is
+without a collective timing out, and metadata never has to be a (CUDA, for NCCL) tensor; only
+the forward's collectives use torch.distributed, with `timeout_s`. A worker that dies or fails: its error (from its error queue, or its exit code) is
 raised as EngineError by the step that meets it (an all-reduce that fails, or the liveness
 check before each step), and every later step raises it at once: never a hang.
 
@@ -33,7 +35,7 @@ import queue
 import time
 import traceback
 import weakref
-from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -42,31 +44,15 @@ import torch.distributed as dist
 from lorafleet.errors import ConfigError, EngineError
 
 from .adapter_registry import file_pages
+from .collectives import (STARTUP_TIMEOUT_S, Collectives, CommStats, check_devices, new_group,
+                          rank_device)
 from .lora_batch import LoraBatchBuilder
 from .runner import ModelRunner, StepInputs
 from .shard import builder_shapes, check_tensor_parallel, shard_model, shard_pages, shard_plan
 
 log = logging.getLogger(__name__)
 
-STARTUP_TIMEOUT_S = 300.0     # workers: spawn, import, load and shard the model
 POLL_S = 0.5                  # how often an idle worker checks that the engine still lives
-
-
-@dataclass
-class CommStats:
-    """All-reduces on rank 0: count, bytes each rank sends and receives (ring: 2 (N-1)/N of
-    the tensor each way), and seconds spent in them."""
-    calls: int = 0
-    tensor_bytes: int = 0
-    seconds: float = 0.0
-    steps: int = 0
-    control_bytes: int = 0       # pickled step messages, per worker (pipes)
-    page_bytes: int = 0          # adapter pages sent to workers, per worker
-
-    def as_dict(self) -> dict:
-        return {"allreduce_calls": self.calls, "allreduce_tensor_bytes": self.tensor_bytes,
-                "allreduce_seconds": self.seconds, "tp_steps": self.steps,
-                "tp_control_bytes": self.control_bytes, "tp_page_bytes": self.page_bytes}
 
 
 class ShardedLoraBatchBuilder(LoraBatchBuilder):
@@ -78,40 +64,22 @@ class ShardedLoraBatchBuilder(LoraBatchBuilder):
         self._shapes = builder_shapes(local_targets, full_targets, pages.shape[1])
 
 
-def _check_world(world: int, device: str) -> None:
-    if device != "cpu":
-        raise ConfigError(f"tensor_parallel_size {world} on device {device!r}: tensor "
-                          f"parallelism runs on CPU (gloo) only so far")
-    cores = os.cpu_count() or 1
-    if world > cores:
-        raise ConfigError(f"tensor_parallel_size {world} is more than this machine's {cores} "
-                          f"CPU cores")
-
-
-def _group(store, rank: int, world: int):
-    """The gloo group; joining waits up to STARTUP_TIMEOUT_S (workers spawn and import torch
-    first); each collective has its own timeout (`_allreduce_options`)."""
-    return dist.ProcessGroupGloo(store, rank, world, datetime.timedelta(seconds=STARTUP_TIMEOUT_S))
-
-
-def _allreduce_options(timeout_s: float):
-    options = dist.AllreduceOptions()
-    options.timeout = datetime.timedelta(seconds=timeout_s)
-    return options
-
-
 class TensorParallel:
     """Rank 0's side: starts the workers, shards the engine's model, and forwards pages and
     steps. Built by Engine when EngineConfig.tensor_parallel_size > 1."""
 
     def __init__(self, source, model, world: int, dtype: torch.dtype, device: str,
-                 timeout_s: float, quantize: str | None = None):
-        """source: the checkpoint folder the workers load (or the loaded model, unsharded,
-        sent pickled); model: rank 0's loaded copy, sharded here in place. quantize "nf4":
-        every rank quantizes its own shard."""
+                 timeout_s: float, quantize: str | None = None, vocab: str = "replicated"):
+        """source: the checkpoint folder the workers load (on CPU also the loaded model,
+        unsharded, sent pickled); model: rank 0's loaded copy (on cuda:0 for CUDA), sharded
+        here in place. quantize "nf4": every rank quantizes its own shard. vocab: how the
+        embedding and lm_head are split (shard.VOCAB_MODES)."""
         check_tensor_parallel(model.config, world)
-        _check_world(world, device)
-        self.world, self.timeout_s = world, timeout_s
+        check_devices(world, device)
+        if device != "cpu" and not isinstance(source, (str, Path)):
+            raise ConfigError("tensor parallelism on CUDA needs the checkpoint folder, not a "
+                              "loaded model: each worker loads its own copy onto its GPU")
+        self.world, self.timeout_s, self.vocab = world, timeout_s, vocab
         self.plans = [shard_plan(model.config, r, world) for r in range(world)]
         self.failed: str | None = None
         self.stats = CommStats()
@@ -127,31 +95,21 @@ class TensorParallel:
             ours, theirs = ctx.Pipe()
             proc = ctx.Process(target=worker_main, name=f"lorafleet-tp-{rank}", daemon=True,
                                args=(rank, world, store.port, source, dtype, device, timeout_s,
-                                     threads, theirs, self.errors, quantize))
+                                     threads, theirs, self.errors, quantize, vocab))
             proc.start()
             theirs.close()
             self.conns.append(ours)
             self.procs.append(proc)
         self._finalizer = weakref.finalize(self, _stop, self.conns, self.procs)
-        self.store, self._options = store, _allreduce_options(timeout_s)
-        try:
-            self.group = _group(store, 0, world)            # waits for every worker to join
+        self.store = store
+        try:        # gloo: waits for every worker to join; NCCL: at the first collective
+            self.group = new_group(store, 0, world, device, timeout_s)
         except (RuntimeError, dist.DistError) as exc:
             self._finalizer()                               # stop whatever did start
             self._fail(f"the workers did not join the process group ({exc})")
-        self.full_targets = shard_model(model, 0, world, self.all_reduce, quantize)
-
-    # ---- the forward's collective ---------------------------------------------------------
-
-    def all_reduce(self, tensor: torch.Tensor) -> None:
-        started = time.perf_counter()
-        try:
-            self.group.allreduce([tensor], self._options).wait()
-        except RuntimeError as exc:
-            self._fail(f"all-reduce failed ({exc})")
-        self.stats.calls += 1
-        self.stats.tensor_bytes += tensor.numel() * tensor.element_size()
-        self.stats.seconds += time.perf_counter() - started
+        self.comm = Collectives(self.group, 0, world, timeout_s, self.stats, self._fail)
+        self.full_targets = shard_model(model, 0, world, self.comm.all_reduce, quantize, vocab,
+                                        self.comm.gather)
 
     # ---- wiring into the engine -------------------------------------------------------------
 
@@ -175,6 +133,7 @@ class TensorParallel:
                 if time.monotonic() > deadline:
                     self._fail(f"worker {rank} was not ready after {STARTUP_TIMEOUT_S:.0f} s")
             conn.recv()
+        self.comm.barrier(runner.device)     # NCCL makes its communicator here, not mid-step
 
     def read_pages(self, spec, path, dtype) -> torch.Tensor:
         """The loader's read (its thread): every rank's shard of the adapter, side by side."""
@@ -190,7 +149,7 @@ class TensorParallel:
         size = pages.shape[1] // self.world
         for rank, conn in enumerate(self.conns, start=1):
             self._send_to(conn, ("write", list(page_ids),
-                                 pages[:, rank * size:(rank + 1) * size].contiguous()))
+                                 pages[:, rank * size:(rank + 1) * size].cpu().contiguous()))
         self.stats.page_bytes += pages.shape[0] * size * pages.element_size()
         self.runner.write_pages(page_ids, pages[:, :size])
 
@@ -292,10 +251,11 @@ def _stop(conns, procs) -> None:
 # ---- the worker process -----------------------------------------------------------------------
 
 def worker_main(rank: int, world: int, port: int, source, dtype, device: str, timeout_s: float,
-                threads: int, conn, errors, quantize: str | None = None) -> None:
+                threads: int, conn, errors, quantize: str | None = None,
+                vocab: str = "replicated") -> None:
     try:
         torch.set_num_threads(threads)
-        _worker_loop(rank, world, port, source, dtype, device, timeout_s, conn, quantize)
+        _worker_loop(rank, world, port, source, dtype, device, timeout_s, conn, quantize, vocab)
     except EOFError:              # the engine closed its end: shut down quietly
         return
     except BaseException as exc:  # noqa: BLE001 -- reported to rank 0, then this rank exits
@@ -303,28 +263,27 @@ def worker_main(rank: int, world: int, port: int, source, dtype, device: str, ti
         raise SystemExit(1) from None
 
 
-def _worker_loop(rank, world, port, source, dtype, device, timeout_s, conn, quantize) -> None:
+def _worker_loop(rank, world, port, source, dtype, device, timeout_s, conn, quantize,
+                 vocab) -> None:
     from lorafleet.models import load_model
 
+    device = rank_device(device, rank)
     store = dist.TCPStore("127.0.0.1", port, world, False,
                           datetime.timedelta(seconds=STARTUP_TIMEOUT_S))
-    group = _group(store, rank, world)      # first: rank 0 waits for it
-    options = _allreduce_options(timeout_s)
+    group = new_group(store, rank, world, device, timeout_s)   # first: rank 0 waits for it
+    comm = Collectives(group, rank, world, timeout_s)
     model = source if isinstance(source, torch.nn.Module) else load_model(source, dtype=dtype,
                                                                           device=device)
-
-    def all_reduce(tensor: torch.Tensor) -> None:
-        group.allreduce([tensor], options).wait()
-
     parent = os.getppid()
     message = _receive(conn, parent)
     _, num_pages, block_tokens, prepack, keep_plain, full_targets = message
-    shard_model(model, rank, world, all_reduce, quantize)
+    shard_model(model, rank, world, comm.all_reduce, quantize, vocab, comm.gather)
     runner = ModelRunner(model, num_pages, block_tokens, prepack, keep_plain_weights=keep_plain)
     mirror = SimpleNamespace(load_id={}, host={}, resident={})
     runner.attach(mirror, ShardedLoraBatchBuilder(runner.pages, mirror, runner.targets,
                                                   full_targets))
     conn.send(("ready", rank))
+    comm.barrier(runner.device)
     while True:
         message = _receive(conn, parent)
         kind = message[0]
@@ -339,7 +298,8 @@ def _worker_loop(rank, world, port, source, dtype, device, timeout_s, conn, quan
             mirror.host[name] = SimpleNamespace(modules=modules)
         elif kind == "step":
             inputs = message[1]
-            inputs.logits_indices = []        # rank 0 alone computes logits and samples
+            if vocab == "replicated":         # rank 0 alone computes logits and samples
+                inputs.logits_indices = []
             runner.execute(inputs)
 
 

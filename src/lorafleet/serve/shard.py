@@ -8,13 +8,23 @@ Rank r of N keeps (heads split in contiguous groups, GQA: KV heads replicated wh
     o_proj, down_proj                            row-parallel: its columns of W (input
                                                  features); outputs are all-reduced, the bias
                                                  is added once, after the all-reduce
-    embed_tokens, norms, lm_head                 replicated
+    norms                                        replicated
+    embed_tokens, lm_head                        replicated, or split by vocabulary rows
+                                                 (EngineConfig.tensor_parallel_vocab, below)
 
 LoRA follows the base (S-LoRA sec. 6, vLLM's default, not `--fully-sharded-loras`):
 column-parallel: A [r, in] replicated, B [out, r] split by output rows like W, so each rank's
 delta lands on its own output columns; row-parallel: A split by input columns like W, B
 replicated, so each rank's delta is a partial sum that the base's all-reduce adds up (the
 forward hook runs after the shell has added the delta). Neither adds a collective.
+
+Vocabulary split (Megatron's VocabParallelEmbedding and parallel lm_head), rank r holds rows
+[r * ceil(V/N), ...): "lm_head": each rank computes its slice of the logits and rank 0 gathers
+them (one gather of rows x V numbers per step; replicated, rank 0 alone computes the whole
+lm_head while the workers wait); "sharded": the embedding too: a token outside a rank's rows
+looks up zeros and one all-reduce of [T, H] per step sums the one rank's row (1/N of the
+embedding's memory per rank, one more collective). Adapters never target either (the output
+head is excluded from adapter layouts).
 
 Adapter pages keep the unsharded layout (page counts and offsets from the full shapes, so the
 scheduler's page ids mean the same on every rank); a rank writes its shard at the start of each
@@ -34,6 +44,7 @@ from .kv_cache import cdiv
 from .runner import wrap_projections
 
 COLUMN, ROW = "column", "row"
+VOCAB_MODES = ("replicated", "lm_head", "sharded")   # EngineConfig.tensor_parallel_vocab
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -92,6 +103,48 @@ def shard_plan(config, rank: int, world: int) -> dict[str, Shard]:
     return plan
 
 
+def vocab_shard(vocab_size: int, rank: int, world: int) -> Shard:
+    """Rank `rank`'s rows of the embedding / lm_head: ceil(V / N) each, the last fewer."""
+    per = cdiv(vocab_size, world)
+    start = min(rank * per, vocab_size)
+    return Shard(COLUMN, start, min(start + per, vocab_size))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [start, end) of an embedding: other ids look up zeros, and the all-reduce adds the
+    one rank's row of each token into every rank's [B, T, H]."""
+
+    def __init__(self, weight: torch.Tensor, start: int,
+                 all_reduce: Callable[[torch.Tensor], None]):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)     # [end - start, H]
+        self.start, self.all_reduce = start, all_reduce
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        local = input_ids - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = nn.functional.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0).contiguous()
+        self.all_reduce(out)
+        return out
+
+
+def _gather_logits_hook(gather: Callable[[torch.Tensor], list | None], vocab_size: int,
+                        world: int):
+    """lm_head's forward hook: its [B, N, rows] slice -> rank 0 gets [B, N, V] (slices padded
+    to ceil(V / N) for the gather, cut after); other ranks keep their slice (unused)."""
+    per = cdiv(vocab_size, world)
+
+    def hook(module, args, output):
+        if output.shape[-2] == 0:        # no row samples this step: every rank skips alike
+            return output.new_empty(*output.shape[:-1], vocab_size)
+        if output.shape[-1] < per:
+            output = nn.functional.pad(output, (0, per - output.shape[-1]))
+        parts = gather(output.contiguous())
+        return output if parts is None else torch.cat(parts, dim=-1)[..., :vocab_size]
+    return hook
+
+
 def local_config(config, world: int):
     """The model config as rank-local code sees it (head counts, MLP width)."""
     kv = max(1, config.num_key_value_heads // world)
@@ -126,19 +179,31 @@ def _sliced_linear(linear: nn.Module, name: str, shard: Shard) -> tuple[nn.Linea
 
 def shard_model(model: nn.Module, rank: int, world: int,
                 all_reduce: Callable[[torch.Tensor], None],
-                quantize: str | None = None) -> dict[str, tuple[int, int]]:
+                quantize: str | None = None, vocab: str = "replicated",
+                gather: Callable[[torch.Tensor], list | None] | None = None
+                ) -> dict[str, tuple[int, int]]:
     """Cut `model` (a loaded Llama-family model, in place) down to rank `rank`'s shard: its
     projections sliced, attention modules given local head counts, `model.config` replaced by
     the local view, and row-parallel projections wrapped (runner.wrap_projections) with a
     forward hook that all-reduces the output (base + LoRA delta) and then adds the bias.
     quantize "nf4": then the shard's projections (not lm_head) are quantized (QLoRA's NF4), so
-    each rank quantizes only its own part. Returns the unsharded targets (name -> (in, out)):
-    adapters are checked against them."""
+    each rank quantizes only its own part. vocab (VOCAB_MODES): "lm_head" / "sharded" split the
+    lm_head / also the embedding by vocabulary rows; `gather` then brings the logits to rank 0.
+    Returns the unsharded targets (name -> (in, out)): adapters are checked against them."""
     config = model.config
     check_tensor_parallel(config, world)
+    if vocab not in VOCAB_MODES:
+        raise ConfigError(f"tensor_parallel_vocab must be one of {', '.join(VOCAB_MODES)}, "
+                          f"got {vocab!r}")
     full_targets = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
                     if isinstance(m, nn.Linear)}
     plan = shard_plan(config, rank, world)
+    rows = vocab_shard(config.vocab_size, rank, world)
+    if vocab != "replicated" and world > 1:
+        model.lm_head = _sliced_linear(model.lm_head, "lm_head", rows)[0]
+    if vocab == "sharded" and world > 1:
+        table = model.model.embed_tokens.weight.detach()[rows.start:rows.end].clone()
+        model.model.embed_tokens = VocabParallelEmbedding(table, rows.start, all_reduce)
     row_bias = {}
     for name, shard in plan.items():
         local, bias = _sliced_linear(model.get_submodule(name), name, shard)
@@ -160,6 +225,9 @@ def shard_model(model: nn.Module, rank: int, world: int,
         if shard.kind == ROW:
             model.get_submodule(name).register_forward_hook(_reduce_hook(all_reduce,
                                                                          row_bias[name]))
+    if vocab != "replicated" and world > 1:
+        model.lm_head.register_forward_hook(_gather_logits_hook(gather, config.vocab_size,
+                                                                world))
     return full_targets
 
 
