@@ -6,8 +6,10 @@ methods). The trainer does not know which method it runs.
     qlora    the base quantized to NF4, then lora (QLoRA paper)
     full     every parameter
     adapter  bottleneck adapters: a small residual MLP after attention and after the FFN
-             (Houlsby et al. 2019)
-    prefix   learned key/value prefixes in every layer (Li & Liang 2021)
+             (Houlsby et al. 2019; the LoRA paper's Adapter^H), or with --adapter-variant lin
+             one per layer, after the FFN, with a LayerNorm inside (Lin et al. 2020; Adapter^L)
+    prefix   learned key/value prefixes in every layer (Li & Liang 2021); --prefix-projection
+             trains them through their MLP reparameterization (sec. 4.3)
     prompt   learned input embeddings prepended to the input (Lester et al. 2021)
     bitfit   biases only (Ben Zaken et al. 2021)
 
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -42,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 METHOD_FILE = "method.json"
 TRAINABLE_FILE = "trainable.safetensors"
+SAVED_AS = "saved_as"  # method.json state key: "prefixes" when the prefix MLP was dropped
 
 # --targets short names -> module-name suffixes (Llama family, GPT-2). GPT-2 fuses q, k, v into
 # one c_attn, which is what PEFT adapts for "q,v" on GPT-2 too.
@@ -52,6 +55,8 @@ TARGET_ALIASES = {
 }
 OUTPUT_HEADS = (OUTPUT_HEAD,)  # never adapted by all-linear (PEFT excludes the output layer too)
 ADAPTER_AFTER = ("self_attn.o_proj", "attn.c_proj", "mlp.down_proj", "mlp.c_proj")
+ADAPTER_AFTER_MLP = ("mlp.down_proj", "mlp.c_proj")  # Lin et al.: after the FFN only
+ADAPTER_VARIANTS = ("houlsby", "lin")
 KEY_VALUE = ("self_attn.k_proj", "self_attn.v_proj", "attn.c_attn")
 EMBEDDINGS = ("embed_tokens", "wte")
 PLACEHOLDER_TOKEN = 0  # any valid id: the wrapped modules overwrite what it produces
@@ -88,13 +93,25 @@ class MethodConfig:
                                "adapter is meant for `lorafleet merge`, not `serve`")
     bottleneck: int = _option(16, "adapter: hidden width of each bottleneck MLP")
     virtual_tokens: int = _option(8, "prefix / prompt: number of learned positions")
+    prefix_projection: bool = _option(False, "prefix: train the prefixes through an MLP "
+                                      "(embedding -> Linear -> tanh -> Linear), Li & Liang's "
+                                      "reparameterization (PEFT's prefix_projection); the "
+                                      "artifact keeps only the resulting prefixes")
+    prefix_hidden: int = _option(512, "prefix with --prefix-projection: the MLP's hidden width "
+                                 "(PEFT's encoder_hidden_size)")
+    adapter_variant: str = _option("houlsby", "adapter: houlsby (after attention and after the "
+                                   "FFN) or lin (one per layer after the FFN, LayerNorm inside; "
+                                   "Lin et al. 2020)", choices=ADAPTER_VARIANTS)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {sorted(METHODS)} (found {self.method!r})")
-        for name in ("r", "bottleneck", "virtual_tokens"):
+        for name in ("r", "bottleneck", "virtual_tokens", "prefix_hidden"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 (found {getattr(self, name)})")
+        if self.adapter_variant not in ADAPTER_VARIANTS:
+            raise ConfigError(f"adapter_variant must be one of {ADAPTER_VARIANTS} "
+                              f"(found {self.adapter_variant!r})")
         from lorafleet.lora.config import INIT_METHODS, is_init_method
         if self.init_lora_weights != "default" and not is_init_method(self.init_lora_weights):
             raise ConfigError(f"init_lora_weights: expected default or one of {INIT_METHODS} "
@@ -149,6 +166,23 @@ class BottleneckAdapter(nn.Module):
         return y + self.up(nn.functional.gelu(self.down(y)))
 
 
+class LinAdapter(nn.Module):
+    """y = base(x); y + up(relu(down(LayerNorm(y)))) (Lin et al. 2020). up starts at zero."""
+
+    def __init__(self, base: nn.Module, hidden: int, bottleneck: int, **factory):
+        super().__init__()
+        self.base_layer = base
+        self.norm = nn.LayerNorm(hidden, **factory)
+        self.down = nn.Linear(hidden, bottleneck, **factory)
+        self.up = nn.Linear(bottleneck, hidden, **factory)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x, *args):
+        y = self.base_layer(x, *args)
+        return y + self.up(nn.functional.relu(self.down(self.norm(y))))
+
+
 class VirtualTokenOutput(nn.Module):
     """Overwrite the output columns [start, start + width) at the first P positions with a
     learned [P, width] tensor. Used for input embeddings (prompt) and k/v projections (prefix)."""
@@ -159,13 +193,56 @@ class VirtualTokenOutput(nn.Module):
         self.virtual = nn.Parameter(init)      # [P, width]
         self.start = start
 
+    def learned(self) -> torch.Tensor:         # [P, width]
+        return self.virtual
+
     def forward(self, x, *args):
         y = self.base_layer(x, *args)          # [B, T, out]
-        n_virtual, width = self.virtual.shape
+        learned = self.learned()
+        n_virtual, width = learned.shape
         head = y[:, :n_virtual]
-        learned = self.virtual.to(y.dtype).expand(y.shape[0], -1, -1)
+        learned = learned.to(y.dtype).expand(y.shape[0], -1, -1)
         head = torch.cat([head[..., :self.start], learned, head[..., self.start + width:]], -1)
         return torch.cat([head, y[:, n_virtual:]], dim=1)
+
+
+class PrefixEncoder(nn.Module):
+    """Li & Liang's reparameterization: P embedding vectors through Linear -> tanh -> Linear give
+    every layer's key/value prefixes at once (PEFT's PrefixEncoder with prefix_projection; same
+    layers, default inits and parameter count). Output row block [offset, offset + width) is one
+    wrapped projection's prefix; for Llama the blocks run k0, v0, k1, v1, ... as PEFT's do."""
+
+    def __init__(self, n_virtual: int, hidden: int, encoder_hidden: int, total_width: int,
+                 **factory):
+        super().__init__()
+        self.embedding = nn.Embedding(n_virtual, hidden, **factory)
+        self.transform = nn.Sequential(nn.Linear(hidden, encoder_hidden, **factory), nn.Tanh(),
+                                       nn.Linear(encoder_hidden, total_width, **factory))
+
+    def block(self, offset: int, width: int) -> torch.Tensor:   # [P, width]
+        # Each layer asks for its own rows: recomputing the small first layer per call keeps
+        # the wrappers stateless (no per-forward cache, so activation checkpointing's recompute
+        # and DDP see ordinary modules). P * hidden * encoder_hidden FLOPs per call: negligible.
+        first, act, last = self.transform
+        h = act(first(self.embedding.weight))
+        rows = slice(offset, offset + width)
+        return nn.functional.linear(h, last.weight[rows], last.bias[rows])
+
+
+class ProjectedTokenOutput(VirtualTokenOutput):
+    """VirtualTokenOutput whose [P, width] prefix is a row block of a shared PrefixEncoder."""
+
+    def __init__(self, base: nn.Module, encoder: PrefixEncoder, offset: int, width: int,
+                 start: int = 0):
+        nn.Module.__init__(self)
+        self.base_layer = base
+        self.start, self.offset, self.width = start, offset, width
+        # A list hides the encoder from module registration: it is registered once, on the
+        # PrefixProjectionModel, so its parameters have one name and one copy in state_dict.
+        self._encoder = [encoder]
+
+    def learned(self) -> torch.Tensor:
+        return self._encoder[0].block(self.offset, self.width)
 
 
 class VirtualTokenModel(nn.Module):
@@ -181,6 +258,14 @@ class VirtualTokenModel(nn.Module):
         out = self.model(torch.cat([pad, input_ids], dim=1))
         logits = out.logits if hasattr(out, "logits") else out
         return logits[:, self.n_virtual:]
+
+
+class PrefixProjectionModel(VirtualTokenModel):
+    """VirtualTokenModel that owns the PrefixEncoder its wrapped projections read from."""
+
+    def __init__(self, model: nn.Module, n_virtual: int, encoder: PrefixEncoder):
+        super().__init__(model, n_virtual)
+        self.prefix_encoder = encoder
 
 
 # ---- the methods: transform the model, leave only the trained parameters trainable ------------
@@ -240,14 +325,16 @@ def quantize_base(model: nn.Module) -> nn.Module:
 
 
 def apply_adapter(model: nn.Module, cfg: MethodConfig, state: dict) -> nn.Module:
-    names = modules_ending_with(model, ADAPTER_AFTER)
+    after, layer = ((ADAPTER_AFTER_MLP, LinAdapter) if cfg.adapter_variant == "lin"
+                    else (ADAPTER_AFTER, BottleneckAdapter))
+    names = modules_ending_with(model, after)
     if not names:
-        raise TargetError(f"adapter: no attention/FFN output projection ({ADAPTER_AFTER})")
+        raise TargetError(f"adapter: no attention/FFN output projection ({after})")
     factory = float_like(model)
     for name in names:
         base = model.get_submodule(name)
-        replace_submodule(model, name, BottleneckAdapter(base, linear_features(base)[1],
-                                                         cfg.bottleneck, **factory))
+        replace_submodule(model, name, layer(base, linear_features(base)[1], cfg.bottleneck,
+                                             **factory))
     return model
 
 
@@ -256,13 +343,24 @@ def apply_prefix(model: nn.Module, cfg: MethodConfig, state: dict) -> nn.Module:
     if not names:
         raise TargetError(f"prefix: no key/value projection ({KEY_VALUE}) in this model")
     factory = float_like(model)
+    columns = []
     for name in names:
-        base = model.get_submodule(name)
-        out = linear_features(base)[1]
+        out = linear_features(model.get_submodule(name))[1]
         # GPT-2's fused c_attn outputs [q | k | v]: only the k and v columns are prefixes.
-        start, width = (out // 3, 2 * out // 3) if name.endswith("c_attn") else (0, out)
+        columns.append((out // 3, 2 * out // 3) if name.endswith("c_attn") else (0, out))
+    if cfg.prefix_projection:
+        hidden = linear_features(model.get_submodule(names[0]))[0]
+        encoder = PrefixEncoder(cfg.virtual_tokens, hidden, cfg.prefix_hidden,
+                                sum(width for _, width in columns), **factory)
+        offset = 0
+        for name, (start, width) in zip(names, columns):
+            replace_submodule(model, name, ProjectedTokenOutput(
+                model.get_submodule(name), encoder, offset, width, start))
+            offset += width
+        return PrefixProjectionModel(model, cfg.virtual_tokens, encoder)
+    for name, (start, width) in zip(names, columns):
         init = torch.randn(cfg.virtual_tokens, width, **factory) * PREFIX_INIT_STD
-        replace_submodule(model, name, VirtualTokenOutput(base, init, start))
+        replace_submodule(model, name, VirtualTokenOutput(model.get_submodule(name), init, start))
     return VirtualTokenModel(model, cfg.virtual_tokens)
 
 
@@ -273,12 +371,28 @@ def apply_prompt(model: nn.Module, cfg: MethodConfig, state: dict) -> nn.Module:
         raise TargetError(f"prompt: no input embedding ({EMBEDDINGS}) in this model")
     embedding = model.get_submodule(names[0])
     # Lester et al. sec. 2.2: initializing from real vocabulary embeddings trains better
-    # than random vectors.
-    rows = torch.randint(0, embedding.num_embeddings, (cfg.virtual_tokens,),
-                         generator=torch.Generator().manual_seed(0))
+    # than random vectors. They draw from the 5,000 most common tokens; the model alone has no
+    # token frequencies (and id order is no proxy: Llama's low ids are byte tokens), so draw
+    # uniformly from the vocabulary less the special tokens the config names (BOS/EOS/PAD),
+    # whose embeddings carry control meaning rather than text.
+    special = special_token_ids(model)
+    allowed = torch.tensor([i for i in range(embedding.num_embeddings) if i not in special])
+    rows = allowed[torch.randint(0, len(allowed), (cfg.virtual_tokens,),
+                                 generator=torch.Generator().manual_seed(0))]
     init = embedding.weight.detach()[rows].clone().float().to(**float_like(model))
     replace_submodule(model, names[0], VirtualTokenOutput(embedding, init))
     return VirtualTokenModel(model, cfg.virtual_tokens)
+
+
+def special_token_ids(model: nn.Module) -> set[int]:
+    """BOS/EOS/PAD ids named by the model's config (ours and transformers' use the same keys)."""
+    config = getattr(model, "config", None)
+    ids: set[int] = set()
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(config, key, None)
+        ids.update(v for v in (value if isinstance(value, (list, tuple)) else [value])
+                   if isinstance(v, int))
+    return ids
 
 
 def apply_bitfit(model: nn.Module, cfg: MethodConfig, state: dict) -> nn.Module:
@@ -327,6 +441,17 @@ def save_trained(model: nn.Module, cfg: MethodConfig, state: dict, path: str | P
         # A PiSSA / OLoRA adapter only fits its rewritten base: save the equal plain LoRA over
         # the original base, which is what `serve` and PEFT load.
         lorafleet.save_adapter(model, path, convert_to_lora=rewrites_base(cfg))
+    elif isinstance(model, PrefixProjectionModel):
+        # Li & Liang drop the MLP after training and keep only the prefixes it produces: the
+        # artifact is plain prefix tuning's (P * layers * 2 * kv_width numbers, against the
+        # MLP's hidden * encoder_hidden + encoder_hidden * layers * 2 * kv_width), and
+        # inference skips the MLP. Resuming training needs the MLP: the trainer's checkpoints
+        # hold every trainable tensor (trainable_state), not this artifact.
+        prefixes = {f"{name}.virtual": module.learned().detach().contiguous()
+                    for name, module in model.named_modules()
+                    if isinstance(module, ProjectedTokenOutput)}
+        save_file(prefixes, str(path / TRAINABLE_FILE))
+        state = {**state, SAVED_AS: "prefixes"}
     else:
         save_file(_unshared(trainable_state(model)), str(path / TRAINABLE_FILE))
     (path / METHOD_FILE).write_text(json.dumps({**asdict(cfg), "state": state}, indent=2))
@@ -361,6 +486,8 @@ def load_trained(model: nn.Module, path: str | Path) -> nn.Module:
             quantize_base(model)
         lorafleet.load_adapter(model, path, adapter_name="default")
         return model
+    if state.get(SAVED_AS) == "prefixes":   # a projected prefix saved as its prefixes
+        cfg = replace(cfg, prefix_projection=False)
     trained = apply_method(model, cfg, state)
     tensors = load_file(str(path / TRAINABLE_FILE))
     expected = set(trainable_state(trained))
