@@ -162,3 +162,96 @@ def test_sgmv_triton_cuda_graph_and_one_compile_per_shape(monkeypatch):
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(static_y.float(), expected.float(), **_tolerance(torch.bfloat16))
+
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2,
+                              reason="tensor parallelism on CUDA needs 2 GPUs")
+
+
+def _tp_fleet(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hf_fixtures import make_checkpoint
+
+    hf = make_checkpoint(tmp_path / "base", "llama", vocab_size=385)    # odd: uneven halves
+    adapters = {f"a{i}": _adapter(tmp_path, hf, f"a{i}", i) for i in range(3)}
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16], [17, 18], [19, 20, 21]]
+    return tmp_path / "base", adapters, prompts, ["a0", None, "a1", "a2", "a0"]
+
+
+def _tp_engine(base, adapters, **config):
+    from lorafleet.serve import Engine, EngineConfig
+
+    engine = Engine(base, config=EngineConfig(num_pages=512, device="cuda", dtype="float32",
+                                              **config))
+    for name, path in adapters.items():
+        engine.register_adapter(name, path)
+    return engine
+
+
+@two_gpus
+@pytest.mark.parametrize("vocab", ["replicated", "lm_head", "sharded"])
+def test_tensor_parallel_nccl_equals_one_gpu(tmp_path, vocab):
+    """Two ranks over NCCL (rank r on cuda:r), float32: every request's greedy tokens equal the
+    single-GPU engine's; two all-reduces per layer per step (one more with the embedding split
+    by vocabulary), the logits gathered to rank 0 when lm_head is split."""
+    from lorafleet.serve import SamplingParams
+
+    base, adapters, prompts, names = _tp_fleet(tmp_path)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    single = _tp_engine(base, adapters)
+    expected = [c.token_ids for c in single.generate(prompts, names, params)]
+    parallel = _tp_engine(base, adapters, tensor_parallel_size=2, tensor_parallel_vocab=vocab)
+    try:
+        assert parallel.runner.device == torch.device("cuda", 0)
+        got = [c.token_ids for c in parallel.generate(prompts, names, params)]
+        assert got == expected
+        stats = parallel.stats()
+        layers = parallel.model.config.num_hidden_layers
+        assert stats["allreduce_calls"] == (2 * layers + (vocab == "sharded")) * parallel.num_steps
+        assert (stats["gather_calls"] > 0) == (vocab != "replicated")
+        assert parallel.healthy()
+    finally:
+        parallel.close()
+
+
+@two_gpus
+def test_tensor_parallel_nccl_killed_worker_is_an_error(tmp_path):
+    """A worker killed between steps: the next step finishes every request with an error
+    naming it (the liveness check before the step, never an NCCL collective waiting on a dead
+    rank); unhealthy after, new requests refused."""
+    import os
+    import signal
+
+    from lorafleet.errors import EngineError
+    from lorafleet.serve import SamplingParams
+
+    base, adapters, prompts, names = _tp_fleet(tmp_path)
+    parallel = _tp_engine(base, adapters, tensor_parallel_size=2, tensor_parallel_timeout_s=20)
+    try:
+        for i, (prompt, name) in enumerate(zip(prompts, names)):
+            parallel.add_request(f"r{i}", prompt, name, SamplingParams(max_tokens=8))
+        parallel.step()
+        os.kill(parallel.parallel.procs[0].pid, signal.SIGKILL)
+        parallel.parallel.procs[0].join(10)
+        outputs = parallel.step()
+        assert sorted(o.request_id for o in outputs) == [f"r{i}" for i in range(len(prompts))]
+        assert all(o.finished and "worker 1" in o.error for o in outputs)
+        assert not parallel.healthy()
+        with pytest.raises(EngineError, match="worker 1"):
+            parallel.add_request("late", [5, 6, 7])
+    finally:
+        parallel.close()
+
+
+def test_tensor_parallel_more_ranks_than_gpus_refused(tmp_path):
+    """More ranks than visible GPUs: a ConfigError naming the count, before anything loads."""
+    from lorafleet.errors import ConfigError
+    from lorafleet.serve import Engine, EngineConfig
+
+    ranks = torch.cuda.device_count() + 1
+    with pytest.raises(ConfigError, match=f"{torch.cuda.device_count()} visible"):
+        Engine(tmp_path / "missing", config=EngineConfig(tensor_parallel_size=ranks,
+                                                          device="cuda"))
