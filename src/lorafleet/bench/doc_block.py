@@ -1,8 +1,28 @@
 """Generated blocks in the docs: a table between two marker lines, rewritten from a run's JSON so
-that a reader can rerun a benchmark and diff the doc."""
+that a reader can rerun a benchmark and diff the doc.
+
+A block is `<!-- bench NAME: begin -->`, the text a bench's renderer makes from its JSON, and
+`<!-- bench NAME: end -->`; tests/bench/test_doc_tables.py re-renders every block in docs/ from
+its committed JSON and checks the doc holds exactly that."""
 from __future__ import annotations
 
+import datetime
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The begin and end lines of the block `name` (`lorafleet bench NAME`'s own block)."""
+    return f"<!-- bench {name}: begin -->", f"<!-- bench {name}: end -->"
+
+
+def block(name: str, body: str) -> str:
+    """`body` between the markers of `name`, one marker line above and one below."""
+    begin, end = markers(name)
+    return f"{begin}\n{body.strip(chr(10))}\n{end}"
 
 
 def replace_block(path: Path, begin: str, end: str, block: str) -> None:
@@ -15,3 +35,49 @@ def replace_block(path: Path, begin: str, end: str, block: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def write_block(path: Path, name: str, body: str) -> None:
+    """Replace (or append) the block `name` of the doc `path` with `body`."""
+    replace_block(path, *markers(name), block(name, body))
+
+
+def command_line(name: str, argv: list[str] | None = None) -> str:
+    """`lorafleet bench NAME` with this process's arguments, less --update-doc (where the table
+    went does not change what was measured)."""
+    args = list(sys.argv[3:] if argv is None else argv)
+    if "--update-doc" in args:
+        i = args.index("--update-doc")
+        del args[i:i + 2]
+    return " ".join([f"lorafleet bench {name}", *args])
+
+
+def run_info(command: str) -> dict:
+    """Where and when a measurement ran, kept in its JSON so the doc can say so: the command,
+    UTC time, commit, CPU model and count, torch version, load average at the start."""
+    import torch
+
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent).stdout.strip()
+    except OSError:  # no git: the JSON says so rather than failing the run
+        commit = ""
+    return {"command": command,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": commit or "unknown", "cpu": cpu or "unknown", "cpus": os.cpu_count(),
+            "torch": torch.__version__, "load_average_start": round(os.getloadavg()[0], 1)}
+
+
+def run_line(info: dict) -> str:
+    """One sentence naming the run of `run_info`, with the load average at its end if known."""
+    load = f"load average {info['load_average_start']}"
+    if info.get("load_average_end") is not None:
+        load += f" -> {info['load_average_end']}"
+    return (f"Command: `{info['command']}`; run of {info['date']} at commit {info['commit']} on "
+            f"{info['cpu']} ({info['cpus']} CPUs, shared with other jobs), torch "
+            f"{info['torch']}, {load}.")

@@ -12,12 +12,18 @@ replace, on the serve benchmark's shapes, side by side in one process.
 - a base projection at decode batch sizes: oneDNN-prepacked weights (packed_linear.py) vs
   `F.linear`.
 Times are the median of `--repeats` calls, one torch thread by default.
+
+    lorafleet bench kernels [--threads 1] [--json docs/results/kernels.json]
+                            [--update-doc docs/benchmarks.md]
+    lorafleet bench kernels --from-json docs/results/kernels.json \
+        docs/results/kernels-2threads.json --update-doc docs/benchmarks.md
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import random
 import statistics
 import time
@@ -38,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--from-json", type=Path, nargs="+", default=None,
+                        help="measure nothing: render the tables of these saved runs, in order")
+    parser.add_argument("--update-doc", type=Path, default=None,
+                        help="rewrite the `bench kernels` block of this doc (docs/benchmarks.md)")
 
 
 def _time(fn, repeats: int) -> float:
@@ -79,6 +89,22 @@ def _lora_case(torch, hidden, ranks, rows_per_segment, seed):
 
 
 def run(args) -> int:
+    from lorafleet.bench.doc_block import write_block
+
+    if args.from_json:
+        reports = [json.loads(path.read_text()) for path in args.from_json]
+    else:
+        reports = [measure(args)]
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(reports[0], indent=2) + "\n")
+    print(markdown(reports))
+    if args.update_doc:
+        write_block(args.update_doc, "kernels", markdown(reports))
+    return 0
+
+
+def measure(args) -> dict:
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -90,6 +116,9 @@ def run(args) -> int:
     from lorafleet.serve.packed_linear import PackedLinear, can_prepack
     from lorafleet.serve.sgmv_cpu import sgmv_cpu, sgmv_cpu_available
 
+    from lorafleet.bench.doc_block import command_line, run_info
+
+    info = run_info(command_line("kernels"))
     torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
     ranks = [int(r) for r in args.ranks.split(",")]
@@ -174,6 +203,52 @@ def run(args) -> int:
             results[f"projection_{m}_rows"] = timing
             print(f"projection {4 * hidden}x{hidden}, {m:3} rows: packed {timing['packed_us']} "
                   f"us | F.linear {timing['linear_us']} us")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-    return 0
+    results["config"] = {"hidden": hidden, "ranks": ranks, "heads": [n_heads, n_kv],
+                         "threads": torch.get_num_threads(), "repeats": repeats,
+                         "seed": args.seed}
+    results["run"] = dict(info, load_average_end=round(os.getloadavg()[0], 1))
+    return results
+
+
+def _us(value) -> str:
+    return "n/a" if value is None else f"{value:.0f} us"
+
+
+def markdown(reports: list[dict]) -> str:
+    """The docs/benchmarks.md block: one table per saved run (e.g. 1 and 2 threads)."""
+    from lorafleet.bench.doc_block import run_line
+
+    lines = []
+    for report in reports:
+        c = report["config"]
+        lines += [run_line(report["run"]), "",
+                  f"bf16, hidden {c['hidden']}, adapter ranks drawn from {c['ranks']}, "
+                  f"{c['threads']} thread(s), median of {c['repeats']} calls.", "",
+                  "| operator | shape | C kernel | torch fallback (`sgmv_torch`: copy + dense "
+                  "or grouped) | base matmul, for scale |", "|---|---|---|---|---|"]
+        for case in ("decode", "prefill"):
+            t = report.get(f"lora_{case}")
+            if t is None:
+                continue
+            lines.append(
+                f"| batched LoRA, {case} | {t['rows']} rows, {t['adapters']} adapters, sum of "
+                f"ranks {t['sum_rank']}, {c['hidden']} -> {c['hidden']} | "
+                f"{_us(t.get('sgmv_kernel_us'))} | {_us(t['torch_fallback_us'])} (first step "
+                f"of a batch {_us(t['torch_fallback_first_us'])}): dense masked "
+                f"{_us(t['torch_dense_us'])} + copy out of the pool {_us(t['gather_us'])} "
+                f"(grouped: {_us(t['torch_grouped_us'])}) | {_us(t['base_matmul_us'])} |")
+        attention = report.get("decode_attention")
+        if attention:
+            lines.append(f"| decode attention | {attention['batch']} sequences, context <= "
+                         f"{attention['context']}, {c['heads'][0]} / {c['heads'][1]} heads | "
+                         f"{_us(attention.get('kernel_us'))} | gather + matmuls "
+                         f"{_us(attention['torch_us'])} | |")
+        projections = [v for k, v in report.items() if k.startswith("projection_")]
+        if projections:
+            rows = " / ".join(str(p["rows"]) for p in projections)
+            packed = " / ".join(f"{p['packed_us']:.0f}" for p in projections)
+            plain = " / ".join(f"{p['linear_us']:.0f}" for p in projections)
+            lines.append(f"| projection {4 * c['hidden']}x{c['hidden']} | {rows} rows | packed "
+                         f"{packed} us | `F.linear` {plain} us | |")
+        lines.append("")
+    return "\n".join(lines).rstrip("\n")

@@ -2,7 +2,8 @@
 same dtype, same process, measured alternately so both see the same machine load.
 
     lorafleet bench model [--hidden 768 --layers 6 --dtype bf16 --prompt 128 --new 64]
-                          [--model DIR] [--repeats 5] [--json out.json]
+                          [--model DIR] [--repeats 5] [--json out.json] [--update-doc DOC]
+    lorafleet bench model --from-json docs/results/model.json --update-doc docs/benchmarks.md
 
 Prefill: tokens/s of one forward over batch x prompt tokens (full logits on both sides).
 Generation: new tokens/s of greedy decoding from a prompt (our `generate` with its contiguous KV
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -38,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu: this process's CPU time, which other processes on a shared "
                              "machine do not inflate (use with --threads 1)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="measure nothing: render the table of this saved JSON")
+    parser.add_argument("--update-doc", type=Path, default=None,
+                        help="rewrite the `bench model` block of this doc (docs/benchmarks.md)")
 
 
 def make_random_llama(path: Path, hidden: int, layers: int, heads: int, kv_heads: int,
@@ -69,7 +75,9 @@ def measure(model_dir: Path, args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = parse_dtype(args.dtype)
-    ours = load_model(model_dir, dtype=dtype)
+    from lorafleet.bench import progress_for
+
+    ours = load_model(model_dir, dtype=dtype, progress=progress_for(args, "loading"))
     theirs = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     vocab = ours.config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -111,29 +119,65 @@ def measure(model_dir: Path, args) -> dict:
     return {"config": {"dtype": args.dtype, "batch": args.batch, "prompt": args.prompt,
                        "new": args.new, "repeats": args.repeats, "parameters": params,
                        "threads": torch.get_num_threads(), "clock": args.clock, "model": str(args.model or "random"),
-                       "hidden": ours.config.hidden_size, "layers": ours.config.num_hidden_layers},
+                       "hidden": ours.config.hidden_size, "layers": ours.config.num_hidden_layers,
+                       "heads": ours.config.num_attention_heads,
+                       "kv_heads": ours.config.num_key_value_heads, "vocab": vocab},
             "greedy_tokens_equal": f"{matching}/{len(theirs_tokens)}",
             "results": results}
 
 
 def run(args) -> int:
-    if args.model is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            make_random_llama(Path(tmp), args.hidden, args.layers, args.heads, args.kv_heads,
-                              args.vocab)
-            report = measure(Path(tmp), args)
+    from lorafleet.bench.doc_block import command_line, run_info, write_block
+
+    if args.from_json is not None:
+        report = json.loads(args.from_json.read_text())
     else:
-        report = measure(args.model, args)
-    c = report["config"]
-    print(f"model: {c['model']} Llama hidden={c['hidden']} layers={c['layers']} "
-          f"({c['parameters'] / 1e6:.1f}M params), {c['dtype']}, {c['threads']} threads, "
-          f"{c['clock']} clock, best of {c['repeats']} (tok/s)")
-    print(f"{'':10} {'ours tok/s':>12} {'transformers tok/s':>20} {'ratio':>7} "
-          f"{'median ratio':>13}")
-    for name, r in report["results"].items():
-        print(f"{name:10} {r['ours_tok_s']:12.1f} {r['transformers_tok_s']:20.1f} "
-              f"{r['ratio']:7.2f} {r['median_ratio']:13.2f}")
-    print(f"greedy tokens equal: {report['greedy_tokens_equal']} (bf16 rounding may differ)")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+        info = run_info(command_line("model"))
+        if args.model is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                make_random_llama(Path(tmp), args.hidden, args.layers, args.heads, args.kv_heads,
+                                  args.vocab)
+                report = measure(Path(tmp), args)
+        else:
+            report = measure(args.model, args)
+        report["run"] = dict(info, load_average_end=round(os.getloadavg()[0], 1))
+    print(markdown(report))
+    if args.json and args.from_json is None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.update_doc:
+        write_block(args.update_doc, "model", markdown(report))
     return 0
+
+
+def markdown(report: dict) -> str:
+    """The docs/benchmarks.md block of one run's JSON: what ran, the table, the decode step."""
+    from lorafleet.bench.doc_block import run_line
+
+    c, results = report["config"], report["results"]
+    clock = ("this process's CPU time, which other jobs on the machine do not inflate"
+             if c["clock"] == "cpu" else "wall-clock time")
+    lines = [run_line(report["run"]), "",
+             f"{'Random' if c['model'] == 'random' else c['model']} Llama (hidden {c['hidden']}, "
+             f"{c['layers']} layers, {c['heads']} heads / {c['kv_heads']} KV heads, vocab "
+             f"{c['vocab']}, {c['parameters'] / 1e6:.1f}M parameters), {c['dtype']}, "
+             f"{c['threads']} thread(s); prefill: batch {c['batch']} x {c['prompt']} tokens; "
+             f"generate: {c['new']} new tokens, greedy, EOS ignored; best and median of "
+             f"{c['repeats']} alternated calls, timed by {clock}. Greedy tokens equal "
+             f"transformers': {report['greedy_tokens_equal']}.", "",
+             "| | lorafleet tok/s | transformers tok/s | ratio (best) | ratio (median) |",
+             "|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['ours_tok_s']:.{_digits(r['ours_tok_s'])}f} | "
+                     f"{r['transformers_tok_s']:.{_digits(r['transformers_tok_s'])}f} | "
+                     f"{r['ratio']:.2f} | {r['median_ratio']:.2f} |")
+    if "generate" in results:
+        g = results["generate"]
+        lines += ["", f"Generation time per new token, the prompt's prefill included (best): {1e3 / g['ours_tok_s']:.1f} ms lorafleet vs "
+                  f"{1e3 / g['transformers_tok_s']:.1f} ms transformers."]
+    return "\n".join(lines)
+
+
+def _digits(value: float) -> int:
+    """Decimals for a tokens/s figure: three significant digits at least, no false precision."""
+    return 0 if value >= 1000 else 1

@@ -2,7 +2,8 @@
 in one run, measured round-robin so every contender sees the same machine load.
 
     lorafleet bench quant [--shapes 4096x4096,11008x4096] [--tokens 1,16] [--repeats 5]
-                          [--threads 1] [--json out.json]
+                          [--threads 1] [--json out.json] [--update-doc docs/benchmarks.md]
+    lorafleet bench quant --from-json docs/results/quant.json --update-doc docs/benchmarks.md
 
 For each weight [out, in] (random N(0, 0.02), bf16, block 64, double quantization on both sides):
 - quantize: bf16 weight -> NF4 (ours `quantize_nf4` / bnb `quantize_4bit(compress_statistics)`)
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import time
 from pathlib import Path
@@ -35,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
     parser.add_argument("--json", "--out", dest="json", type=Path, default=None,
                         help="write the results here")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="measure nothing: render the table of this saved JSON")
+    parser.add_argument("--update-doc", type=Path, default=None,
+                        help="rewrite the `bench quant` block of this doc (docs/benchmarks.md)")
 
 
 def _time_round_robin(contenders: dict, repeats: int) -> dict[str, dict[str, float]]:
@@ -139,35 +145,113 @@ def _rows(result: dict) -> list[tuple[str, str, float, str]]:
 
 
 def run(args) -> int:
+    from lorafleet.bench.doc_block import write_block
+
+    if args.from_json is not None:
+        results = json.loads(args.from_json.read_text())
+    else:
+        results = measure(args)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+            print(f"\nwrote {args.json}")
+    print(markdown(results))
+    if args.update_doc:
+        write_block(args.update_doc, "quant", markdown(results))
+    return 0
+
+
+def measure(args) -> dict:
     import torch
 
+    from lorafleet.bench.doc_block import command_line, run_info
+    from lorafleet.quant.kernel import kernel_available
+
+    info = run_info(command_line("quant"))
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = [tuple(int(n) for n in s.lower().split("x")) for s in args.shapes.split(",")]
     tokens = [int(t) for t in args.tokens.split(",")]
-    from lorafleet.quant.kernel import kernel_available
-
     results = {"threads": torch.get_num_threads(), "repeats": args.repeats, "block_size": 64,
-               "double_quant": True, "nf4_kernel": kernel_available(), "shapes": []}
+               "double_quant": True, "nf4_kernel": kernel_available(), "tokens": tokens,
+               "shapes": []}
     for out_features, in_features in shapes:
         result = measure_shape(out_features, in_features, tokens, args.repeats)
         results["shapes"].append(result)
         print(f"\nW [{out_features} x {in_features}] bf16, NF4 block 64 + double quant; "
               f"{results['threads']} threads; best of {args.repeats}; fused NF4 kernel "
               f"{'built' if results['nf4_kernel'] else 'unavailable (torch path)'}")
-        size = result["bytes_per_param"]
-        print(f"stored bytes/param: ours {size['ours']:.4f} ({8 * size['ours']:.3f} bits), "
-              f"bnb {size['bnb']:.4f}, bf16 {size['bf16']:.1f}")
         print(f"{'op':<14}{'impl':<13}{'ms':>10}{'other/ours':>12}")
         for op, name, ms, ratio in _rows(result):
             print(f"{op:<14}{name:<13}{ms:>10.2f}{ratio:>12}")
-        for t in tokens:
-            errors = result[f"linear_{t}"]["rel_error_vs_bf16"]
-            print(f"linear_{t} relative error vs bf16 weights: " +
-                  ", ".join(f"{k} {v:.4f}" for k, v in errors.items()))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
-        print(f"\nwrote {args.json}")
-    return 0
+    results["run"] = dict(info, load_average_end=round(os.getloadavg()[0], 1))
+    return results
+
+
+# table columns: (JSON contender, header)
+COLUMNS = (("ours", "lorafleet"), ("ours_torch", "torch path"),
+           ("bnb_dequant", "bnb dequant + matmul"), ("bnb", "bnb"),
+           ("bnb_fused", "bnb fused CPU kernel"), ("bf16", "bf16 nn.Linear"))
+
+
+def _ms(value: float) -> str:
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def markdown(results: dict) -> str:
+    """The docs/benchmarks.md block of one run's JSON: best-of ms per operation, one cell per
+    contender holding every shape's time (shapes separated by /)."""
+    from lorafleet.bench.doc_block import run_line
+
+    shapes = results["shapes"]
+    names = " / ".join("x".join(str(n) for n in s["shape"]) for s in shapes)
+    ops = ["quantize", "dequantize"] + [k for k in shapes[0] if k.startswith("linear_")]
+    # bnb's quantize/dequantize go in the "bnb dequant + matmul" column: it is bnb's own path
+    column_of = {"bnb": "bnb_dequant"}
+    used = [(key, head) for key, head in COLUMNS if key != "bnb"]
+    lines = [run_line(results["run"]), "",
+             f"Weights [out x in] = {names}, bf16 N(0, 0.02); NF4 block {results['block_size']}"
+             f"{', double quantization' if results['double_quant'] else ''} on both sides; "
+             f"{results['threads']} torch thread(s); milliseconds, best of {results['repeats']} "
+             f"round-robin rounds (medians in the JSON); fused NF4 kernel "
+             f"{'built' if results['nf4_kernel'] else 'unavailable, so lorafleet = torch path'}"
+             ". Stored bits/param: " + "; ".join(
+                 f"{'x'.join(map(str, s['shape']))}: lorafleet "
+                 f"{8 * s['bytes_per_param']['ours']:.3f}, bnb {8 * s['bytes_per_param']['bnb']:.3f}"
+                 for s in shapes) + ".", "",
+             f"| {names} | " + " | ".join(head for _, head in used) + " |",
+             "|---" * (len(used) + 1) + "|"]
+    for op in ops:
+        tokens = op.removeprefix("linear_")
+        label = op if tokens == op else f"forward, {tokens} token{'' if tokens == '1' else 's'}"
+        cells = []
+        for key, _ in used:
+            times = []
+            for s in shapes:
+                timings = s[op]
+                found = next((t for name, t in timings.items()
+                              if column_of.get(name, name) == key and isinstance(t, dict)
+                              and "best_ms" in t), None)
+                times.append(None if found is None else found["best_ms"])
+            cells.append("" if all(t is None for t in times) else
+                         " / ".join("-" if t is None else _ms(t) for t in times))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for op in ops:
+        if not op.startswith("linear_"):
+            continue
+        ratios = []
+        for s in shapes:
+            ours = s[op]["ours"]["best_ms"]
+            ratios.append(f"{'x'.join(map(str, s['shape']))}: bf16 "
+                          f"{s[op]['bf16']['best_ms'] / ours:.2f}x, torch path "
+                          f"{s[op]['ours_torch']['best_ms'] / ours:.1f}x, bnb's fused kernel "
+                          f"{s[op]['bnb_fused']['best_ms'] / ours:.2f}x")
+        lines += ["", f"{op.removeprefix('linear_')}-token forward, other's time / "
+                  f"lorafleet's (> 1: lorafleet faster): {'; '.join(ratios)}."]
+    errors = shapes[0].get(f"{ops[-1]}", {}).get("rel_error_vs_bf16")
+    if errors:
+        lines += ["", f"Relative error of the {ops[-1].removeprefix('linear_')}-token forward "
+                  f"against bf16 weights ({names.split(' / ')[0]}): " +
+                  ", ".join(f"{name} {value:.4f}" for name, value in errors.items()) + "."]
+    return "\n".join(lines)

@@ -61,7 +61,10 @@ def add_arguments(parser) -> None:
                         "each contender: top operators by self CPU time")
     parser.add_argument("--only-versus", action="store_true", help="skip the memory configs")
     parser.add_argument("--json", dest="json_out", help="write results to this JSON file")
-    parser.add_argument("--from-json", help="print the markdown table of a saved JSON and exit")
+    parser.add_argument("--from-json", nargs="+", help="measure nothing: print the tables of "
+                        "these saved runs (in order) and exit")
+    parser.add_argument("--update-doc", type=Path, default=None, help="rewrite the `bench "
+                        "train` block of this doc (docs/benchmarks.md) with the tables")
 
 
 # ---- measured in a subprocess -----------------------------------------------------------------
@@ -289,8 +292,15 @@ def _spread(values: list[float]) -> dict:
 
 
 def run(args) -> int:
+    from lorafleet.bench import progress_for
+    from lorafleet.bench.doc_block import write_block
+
     if args.from_json:
-        print(markdown(json.loads(Path(args.from_json).read_text())))
+        text = doc_tables([(path, json.loads(Path(path).read_text()))
+                           for path in args.from_json])
+        print(text)
+        if args.update_doc:
+            write_block(args.update_doc, "train", text)
         return 0
     load_before = os.getloadavg()
     summary = {"command": "lorafleet bench train " + " ".join(sys.argv[3:]),
@@ -299,11 +309,17 @@ def run(args) -> int:
         n_params = make_model(Path(tmp), args)
         model_bytes = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
         common = f"{tmp!r}, {args.batch_size}, {args.seq_len}, {args.r}"
-        results = {} if args.only_versus else {
-            kind: run_worker(f"worker({kind!r}, {common}, {args.steps}, {args.threads})")
-            for kind in CONFIGS}
+        # each run loads and trains in its own process: the bar counts runs
+        kinds, results = [] if args.only_versus else list(CONFIGS), {}
+        bar = progress_for(args, "bench train", "run") or (lambda done, total: None)
+        bar(0, len(kinds) + 1)
+        for kind in kinds:
+            results[kind] = run_worker(f"worker({kind!r}, {common}, {args.steps}, "
+                                       f"{args.threads})")
+            bar(len(results), len(kinds) + 1)
         versus = run_worker(f"versus_worker({common}, {args.repeats}, {args.threads}, "
                             f"{args.profile})")
+        bar(len(kinds) + 1, len(kinds) + 1)
     summary.update({
         "model": {"hidden": args.hidden, "layers": args.layers, "intermediate": args.intermediate,
                   "heads": args.heads, "kv_heads": args.kv_heads or args.heads,
@@ -336,7 +352,15 @@ def run(args) -> int:
     print(markdown(summary))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(summary, indent=2))
+    if args.update_doc:
+        write_block(args.update_doc, "train", doc_tables([(args.json_out or "(not saved)",
+                                                            summary)]))
     return 0
+
+
+def doc_tables(runs: list[tuple[str, dict]]) -> str:
+    """The docs/benchmarks.md block: each saved run's tables under the file they come from."""
+    return "\n\n".join(f"From {path}:\n\n{markdown(summary)}" for path, summary in runs)
 
 
 def markdown(s: dict) -> str:
