@@ -17,8 +17,9 @@ prefix and prompt both use "virtual tokens": the model is called with P placehol
 front of the input, and wrapped modules overwrite what those positions produce: the input
 embedding (prompt) or the key and value projections of every layer (prefix). Real tokens then
 attend to learned keys/values at positions 0..P-1, exactly like a P-token past_key_values in
-PEFT's prefix tuning, and the trick works on any model whose projections are modules (ours and
-transformers' alike). The placeholders' own outputs are dropped.
+PEFT's prefix tuning (with rotary models the learned keys are rotated to positions 0..P-1, an
+invertible reparameterization of PEFT's unrotated past), and the trick works on any model whose
+projections are modules (ours and transformers' alike). The placeholders' own outputs are dropped.
 
 Artifacts: lora/qlora save a PEFT folder (adapter_config.json + adapter_model.safetensors); the
 others save `trainable.safetensors` (the trained tensors by parameter name). Every artifact has a
