@@ -145,7 +145,10 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, context: int) -> float
     return math.exp(total / count)
 
 
-def run_study(base: Path, n_tokens: int, sdist: Path | None = None, seed: int = 0) -> dict:
+def run_study(base: Path, n_tokens: int, sdist: Path | None = None, seed: int = 0,
+              progress=None) -> dict:
+    """`progress(done, total)`: called per configuration scored (fp32, then each data type with
+    and without double quantization)."""
     from transformers import AutoModelForCausalLM
 
     start = time.time()
@@ -157,6 +160,9 @@ def run_study(base: Path, n_tokens: int, sdist: Path | None = None, seed: int = 
     gaussian = [torch.randn(1024, 1024, generator=torch.Generator().manual_seed(seed))]
     rows = [{"dtype": "fp32", "double_quant": False, "bits_per_param": 32.0,
              "perplexity": perplexity(model, ids, context)}]
+    total = 1 + 2 * len(codebooks())
+    if progress is not None:
+        progress(1, total)
     for dtype, codebook in codebooks().items():
         for double_quant in (False, True):
             for name, w in weights.items():
@@ -168,6 +174,8 @@ def run_study(base: Path, n_tokens: int, sdist: Path | None = None, seed: int = 
                 "model_weights": reconstruction(list(originals.values()), codebook, double_quant),
                 "perplexity": perplexity(model, ids, context)})
             log.info("%s", rows[-1])
+            if progress is not None:
+                progress(len(rows), total)
     for name, w in weights.items():
         w.data.copy_(originals[name])
     return {"block_size": BLOCK_SIZE, "tokens": int(ids.numel()), "context": context,
@@ -270,11 +278,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lorafleet import EMBEDDED_BASE
+    from lorafleet.bench import progress_for
 
     if args.from_json is not None:
         result = json.loads(args.from_json.read_text())
     else:
-        result = run_study(args.base or EMBEDDED_BASE, args.tokens, args.sdist)
+        result = run_study(args.base or EMBEDDED_BASE, args.tokens, args.sdist,
+                           progress=progress_for(args, "bench dtypes", "config"))
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))

@@ -281,6 +281,7 @@ def write_paper_section(path: Path, lines: list[str]) -> None:
 # ---------------------------------------------------------------- the study
 
 def run_study(args) -> dict:
+    from lorafleet.bench import progress_for
     from lorafleet.demo.pipeline import default_base_model
     from lorafleet.demo.tasks import make_split
     from lorafleet.errors import ConfigError
@@ -310,10 +311,15 @@ def run_study(args) -> dict:
            "pad_id": tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0}
     runs = []
     t0 = time.perf_counter()
+    # each run loads the base, injects one init and trains: the bar counts runs
+    total = len(cfg["seed_list"]) * len(labels)
+    bar = progress_for(args, "bench inits", "run") or (lambda done, total: None)
+    bar(0, total)
     for seed in cfg["seed_list"]:
         for label in labels:
             r = run_one(label, seed, train_set, test_set, cfg)
             runs.append(r)
+            bar(len(runs), total)
             print(f"{label:28s} seed {seed}: loss {r['train_loss'][0]:.3f} -> "
                   f"{r['train_loss'][-1]:.3f}, held-out {r['eval_loss_start']:.3f} -> "
                   f"{r['eval_loss_end']:.3f}, {r['train_s']:.0f} s", flush=True)

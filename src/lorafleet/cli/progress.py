@@ -3,6 +3,7 @@
 stderr, so stdout stays the command's output (JSON, tables) and can be piped."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import TextIO
 
@@ -25,7 +26,7 @@ class ProgressBar:
         self.bar = None
 
     def __call__(self, done: int, total: int) -> None:
-        if not self.enabled:
+        if not self.enabled or total <= 0:      # nothing to count: no bar flashing by
             return
         if self.bar is None:
             from tqdm import tqdm  # lazily: a silent run never imports it
@@ -41,6 +42,35 @@ class ProgressBar:
 def progress_bar(args, description: str, unit: str = "tensor") -> ProgressBar:
     """The bar for a command whose arguments may carry `--no-progress`."""
     return ProgressBar(description, unit, enabled=not getattr(args, "no_progress", False))
+
+
+def progress_factory(args):
+    """`make(description, unit)` -> a bar callback (or a silent one under `--no-progress`), for
+    code below the CLI that starts several loads or runs of its own (the benchmarks, which get it
+    as `args.progress`: lorafleet.bench.progress_for)."""
+    return lambda description, unit="tensor": progress_bar(args, description, unit)
+
+
+def quiet_library_bars(args) -> None:
+    """Where ours draw nothing (--no-progress, or stderr not a terminal), silence the bars that
+    transformers and huggingface_hub draw on their own (a benchmark's oracle loading, saving a
+    random checkpoint): the environment variable for those not yet imported and for child
+    processes, transformers' switch when it already is."""
+    if not getattr(args, "no_progress", False) and sys.stderr.isatty():
+        return
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
+def count_through(bar, items):
+    """Yield `items` (a collection), calling `bar(done, total)` before the first and after each
+    one (the adapters `serve` registers at start-up)."""
+    items = list(items)
+    bar(0, len(items))
+    for done, item in enumerate(items, 1):
+        yield item
+        bar(done, len(items))
 
 
 def load_base(args, dtype):

@@ -11,7 +11,8 @@ import socket
 import sys
 from pathlib import Path
 
-from lorafleet.cli.progress import add_progress_argument, load_base
+from lorafleet.cli.progress import (add_progress_argument, count_through, load_base,
+                                    progress_bar)
 from lorafleet.errors import ConfigError
 from lorafleet.models.dtype import add_dtype_argument, resolve_dtype
 from lorafleet.serve.memory import DEFAULT_MEMORY_FRACTION, format_bytes
@@ -275,8 +276,11 @@ def build(args):
     if args.adapter_dir:
         # Every folder of the dir can be named by a request (resolved on demand); an explicit
         # --adapter of the same name, registered after, wins.
-        engine.register_store(args.adapter_dir, lazy=True)
-    for name, folder in adapters.items():
+        engine.register_store(args.adapter_dir, lazy=True,
+                              progress=progress_bar(args, "adapter dir", "adapter"))
+    # --adapter / --lora-modules folders are read whole (every tensor checked) at start-up
+    for name, folder in count_through(progress_bar(args, "adapters", "adapter"),
+                                      adapters.items()):
         engine.register_adapter(name, str(folder))
     max_model_len = args.max_model_len or engine.max_model_len
     config = ServerConfig(

@@ -27,16 +27,20 @@ class AdapterStores:
         self.layout, self.cache, self.lock = layout, cache, lock
         self.stores: list[AdapterStore] = []      # attached, in attachment order
 
-    def attach(self, store: AdapterStore | str | Path, lazy: bool = True) -> list[str]:
+    def attach(self, store: AdapterStore | str | Path, lazy: bool = True,
+               progress=None) -> list[str]:
         """Attach a store (or a folder of PEFT folders) and register its adapters (lazily:
         config and header only) unless a name is registered already. A folder that is not a
-        valid adapter is skipped with a warning. Returns the store's registered names."""
+        valid adapter is skipped with a warning. Returns the store's registered names.
+        `progress(done, total)`: called before the first folder and after each one."""
         store = store if isinstance(store, AdapterStore) else AdapterStore(store)
         with self.lock:
             if all(Path(s.root).resolve() != Path(store.root).resolve() for s in self.stores):
                 self.stores.append(store)
-        names = []
-        for name in store.names():
+        names, found = [], store.names()
+        for done, name in enumerate(found):
+            if progress is not None:
+                progress(done, len(found))
             if name in self.cache:        # already registered (an earlier call, --adapter)
                 names.append(name)
                 continue
@@ -49,6 +53,8 @@ class AdapterStores:
             with self.lock:
                 self.cache.register(spec)
             names.append(name)
+        if progress is not None:
+            progress(len(found), len(found))
         return names
 
     def resolve(self, name: str) -> bool:
