@@ -326,6 +326,8 @@ def _line(r: dict) -> str:
 
 
 def run(args) -> int:
+    from lorafleet.bench import progress_for
+
     if args.report:
         return report(args)
     counts, popularities = _ints(args.adapters), [p for p in args.popularity.split(",") if p]
@@ -334,7 +336,8 @@ def run(args) -> int:
                "commit": _commit(), "notes": list(args.note),
                "workload": {k: v for k, v in vars(args).items()
                             if k not in ("json", "plot_dir", "report", "update_doc", "work_dir",
-                                         "note", "func", "in_process") and not callable(v)},
+                                         "note", "func", "in_process", "no_progress")
+                            and not callable(v)},
                "runs": []}
     w = results["workload"]
     for k in ("input_len", "output_len", "ranks", "heavy_input_len", "heavy_output_len",
@@ -365,7 +368,11 @@ def run(args) -> int:
         code = None if args.in_process else snapshot_package(Path(scratch))
         base_rps = None
         results["skipped"] = []
-        for spec in plan(args, counts, popularities):
+        specs = plan(args, counts, popularities)
+        # every run is a fresh process (model load, adapters, trace): the bar counts runs
+        bar = progress_for(args, "bench serve", "run") or (lambda done, total: None)
+        for done, spec in enumerate(specs):
+            bar(done, len(specs))
             over = args.time_budget and time.perf_counter() - started > 60 * args.time_budget
             if over or (spec.get("rate_fraction") and not base_rps):
                 results["skipped"].append(dict(
@@ -388,6 +395,7 @@ def run(args) -> int:
             results["total_s"] = time.perf_counter() - started
             if args.json:     # after every run: a run cut short keeps what it measured
                 _write(results, args.json)
+        bar(len(specs), len(specs))
     end = measure_roofline()
     results["machine"].update(matmul_flops_end=end["matmul_flops"],
                               bandwidth_bytes_per_s_end=end["bandwidth_bytes_per_s"],
