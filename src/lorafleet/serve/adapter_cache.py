@@ -26,6 +26,7 @@ from lorafleet.lora.peft_format import check_tensors, parse_adapter
 
 from .adapter_loader import AdapterLoader, HostCache
 from .adapter_registry import AdapterSpec, BaseLayout, ModuleSlice, adapter_pages, build_spec
+from .page_copy import PageCopier
 from .pool import ADAPTER, PagePool
 
 __all__ = ["AdapterCache", "HostAdapter", "ModuleSlice", "build_host_adapter"]
@@ -65,11 +66,14 @@ def build_host_adapter(name: str, config: dict | LoraConfig, tensors: dict[str, 
 class AdapterCache:
     """Registered adapters (specs), the host tier, and the resident ones (pool pages, LRU).
 
-    `write_pages(page_ids, pages [n, H])` copies into the runner's pool tensor."""
+    `write_pages(page_ids, pages [n, H])` copies into the runner's pool tensor; `copier`
+    (page_copy.py) issues it: at once on CPU, on a side stream ordered by events on CUDA."""
 
     def __init__(self, pool: PagePool, write_pages: Callable[[list[int], torch.Tensor], None],
-                 loader: AdapterLoader | None = None, host_cache: HostCache | None = None):
+                 loader: AdapterLoader | None = None, host_cache: HostCache | None = None,
+                 copier: PageCopier | None = None):
         self.pool, self.write_pages = pool, write_pages
+        self.copier = copier or PageCopier()
         self.loader = loader or AdapterLoader(torch.float32)
         self.host_cache = host_cache or HostCache(None, None, LOAD_AHEAD)
         self.specs: dict[str, AdapterSpec] = {}
@@ -104,7 +108,7 @@ class AdapterCache:
         adapter.version = self._versions
         self.specs[adapter.name] = adapter
         if pages is not None:
-            self.in_memory[adapter.name] = pages
+            self.in_memory[adapter.name] = self.copier.stage(pages)   # pinned once on CUDA
 
     def unregister(self, name: str) -> None:
         if self.refcount.get(name, 0):
@@ -157,6 +161,7 @@ class AdapterCache:
         """Take the loader's finished reads (engine thread). Returns (name, error) for each
         adapter whose file could not be loaded: the engine fails its queued requests."""
         self.wanted.clear()
+        self.copier.collect()
         failures = []
         for result in self.loader.completed():
             if self.loading.get(result.name) == result.version:
@@ -189,6 +194,7 @@ class AdapterCache:
             self.misses += 1
         self.resident.move_to_end(name)
         self.refcount[name] = self.refcount.get(name, 0) + 1
+        self.copier.before_use(name)      # the coming step's reads wait for the copy (CUDA)
         return True
 
     def unpin(self, name: str) -> None:
@@ -234,7 +240,7 @@ class AdapterCache:
                 return False
             self.reclaim(shortage)
         page_ids = self.pool.alloc(pages.shape[0], ADAPTER)
-        self.write_pages(page_ids, pages)
+        self.copier.copy(name, page_ids, pages, self.write_pages)
         if name not in self.in_memory:
             self.host_cache.entered_pool(name, from_cache)
         self.resident[name] = page_ids
@@ -245,6 +251,7 @@ class AdapterCache:
     def _evict(self, name: str) -> int:
         page_ids = self.resident.pop(name)
         self.load_id.pop(name, None)
+        self.copier.freed(name)
         self.pool.free(page_ids)
         self.evictions += 1
         return len(page_ids)

@@ -48,11 +48,14 @@ class AdapterLoader:
     what has finished. `read(spec, folder, dtype) -> pages` is `file_pages`; tests replace it to
     make reads slow or fail."""
 
-    def __init__(self, dtype: torch.dtype, threaded: bool = True):
+    def __init__(self, dtype: torch.dtype, threaded: bool = True,
+                 stage: Callable[[torch.Tensor], torch.Tensor] | None = None):
         """threaded=False reads in the caller's thread at `submit` (deterministic scheduling for
-        tests and debugging; every load then stalls the step that asks for it)."""
+        tests and debugging; every load then stalls the step that asks for it). stage: applied
+        to the pages read, on this thread (page_copy.py: pins them for a CUDA pool)."""
         self.dtype, self.threaded = dtype, threaded
         self.read: Callable[[AdapterSpec, Path, torch.dtype], torch.Tensor] = file_pages
+        self.stage = stage or (lambda pages: pages)
         self._jobs: deque[AdapterSpec | None] = deque()
         self._done: deque[LoadResult] = deque()
         self._cond = threading.Condition()
@@ -106,7 +109,7 @@ class AdapterLoader:
         try:
             # A store's folder is confined again: its files may have changed since.
             path = spec.path if spec.root is None else confine(spec.path, spec.root)
-            pages = self.read(spec, path, self.dtype)
+            pages = self.stage(self.read(spec, path, self.dtype))
         except (LoraFleetError, OSError, ValueError, RuntimeError) as exc:
             # A bad file fails that adapter's requests only (the engine reads the error).
             error = f"adapter {spec.name!r} could not be loaded from {spec.path}: {exc}"
