@@ -42,14 +42,24 @@ def write_block(path: Path, name: str, body: str) -> None:
     replace_block(path, *markers(name), block(name, body))
 
 
-def command_line(name: str, argv: list[str] | None = None) -> str:
-    """`lorafleet bench NAME` with this process's arguments, less --update-doc (where the table
-    went does not change what was measured)."""
-    args = list(sys.argv[3:] if argv is None else argv)
-    if "--update-doc" in args:
-        i = args.index("--update-doc")
-        del args[i:i + 2]
-    return " ".join([f"lorafleet bench {name}", *args])
+# namespace entries that are not measurement settings (the CLI's own, and output paths)
+_NOT_SETTINGS = {"func", "progress", "no_progress", "verbose", "command", "benchmark",
+                 "update_doc", "from_json"}
+
+
+def command_line(name: str, args=None) -> str:
+    """`lorafleet bench NAME` with the arguments this run was given, less --update-doc (where
+    the table went does not change what was measured). Called in-process rather than from the
+    command line (tests, scripts), the parsed settings `args` stand in for the arguments."""
+    if sys.argv[1:3] == ["bench", name]:
+        argv = sys.argv[3:]
+        if "--update-doc" in argv:
+            i = argv.index("--update-doc")
+            argv = argv[:i] + argv[i + 2:]
+        return " ".join([f"lorafleet bench {name}", *argv])
+    settings = {k: v for k, v in sorted(vars(args or {}).items()) if k not in _NOT_SETTINGS}
+    return (f"lorafleet bench {name} (called in-process: "
+            + ", ".join(f"{k}={v}" for k, v in settings.items()) + ")")
 
 
 def run_info(command: str) -> dict:

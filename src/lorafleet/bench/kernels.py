@@ -118,7 +118,7 @@ def measure(args) -> dict:
 
     from lorafleet.bench.doc_block import command_line, run_info
 
-    info = run_info(command_line("kernels"))
+    info = run_info(command_line("kernels", args))
     torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
     ranks = [int(r) for r in args.ranks.split(",")]

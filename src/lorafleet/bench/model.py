@@ -118,7 +118,8 @@ def measure(model_dir: Path, args) -> dict:
     params = sum(p.numel() for p in ours.parameters())
     return {"config": {"dtype": args.dtype, "batch": args.batch, "prompt": args.prompt,
                        "new": args.new, "repeats": args.repeats, "parameters": params,
-                       "threads": torch.get_num_threads(), "clock": args.clock, "model": str(args.model or "random"),
+                       "threads": torch.get_num_threads(), "clock": args.clock,
+                       "model": str(args.model or "random"),
                        "hidden": ours.config.hidden_size, "layers": ours.config.num_hidden_layers,
                        "heads": ours.config.num_attention_heads,
                        "kv_heads": ours.config.num_key_value_heads, "vocab": vocab},
@@ -132,7 +133,7 @@ def run(args) -> int:
     if args.from_json is not None:
         report = json.loads(args.from_json.read_text())
     else:
-        info = run_info(command_line("model"))
+        info = run_info(command_line("model", args))
         if args.model is None:
             with tempfile.TemporaryDirectory() as tmp:
                 make_random_llama(Path(tmp), args.hidden, args.layers, args.heads, args.kv_heads,
@@ -173,7 +174,8 @@ def markdown(report: dict) -> str:
                      f"{r['ratio']:.2f} | {r['median_ratio']:.2f} |")
     if "generate" in results:
         g = results["generate"]
-        lines += ["", f"Generation time per new token, the prompt's prefill included (best): {1e3 / g['ours_tok_s']:.1f} ms lorafleet vs "
+        lines += ["", f"Generation time per new token, the prompt's prefill included (best): "
+                  f"{1e3 / g['ours_tok_s']:.1f} ms lorafleet vs "
                   f"{1e3 / g['transformers_tok_s']:.1f} ms transformers."]
     return "\n".join(lines)
 

@@ -167,7 +167,7 @@ def measure(args) -> dict:
     from lorafleet.bench.doc_block import command_line, run_info
     from lorafleet.quant.kernel import kernel_available
 
-    info = run_info(command_line("quant"))
+    info = run_info(command_line("quant", args))
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -218,7 +218,8 @@ def markdown(results: dict) -> str:
              f"{'built' if results['nf4_kernel'] else 'unavailable, so lorafleet = torch path'}"
              ". Stored bits/param: " + "; ".join(
                  f"{'x'.join(map(str, s['shape']))}: lorafleet "
-                 f"{8 * s['bytes_per_param']['ours']:.3f}, bnb {8 * s['bytes_per_param']['bnb']:.3f}"
+                 f"{8 * s['bytes_per_param']['ours']:.3f}, bnb "
+                 f"{8 * s['bytes_per_param']['bnb']:.3f}"
                  for s in shapes) + ".", "",
              f"| {names} | " + " | ".join(head for _, head in used) + " |",
              "|---" * (len(used) + 1) + "|"]

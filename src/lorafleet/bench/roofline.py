@@ -94,7 +94,7 @@ def run(args) -> int:
     if args.from_json is not None:
         report = json.loads(args.from_json.read_text())
     else:
-        info = run_info(command_line("roofline"))
+        info = run_info(command_line("roofline", args))
         if args.threads:
             torch.set_num_threads(args.threads)
         report = measure(args.n, args.repeats)
