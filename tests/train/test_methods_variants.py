@@ -66,6 +66,10 @@ def test_prefix_projection_is_the_base_with_those_prefixes_as_kv_cache():
         blocks = [m.learned() for _, m in ours.named_modules()
                   if isinstance(m, ProjectedTokenOutput)]      # k0, v0, k1, v1, ...
         assert len(blocks) == 2 * cfg.num_hidden_layers
+        # the blocks tile the MLP's output: Linear -> tanh -> Linear on the P embeddings
+        encoder = ours.prefix_encoder
+        torch.testing.assert_close(torch.cat(blocks, -1),
+                                   encoder.transform(encoder.embedding.weight))
         positions = torch.arange(P)[None]
         cos, sin = base.model.rotary_emb(blocks[0][None], positions)
         cache = DynamicCache()
@@ -233,3 +237,23 @@ def test_trainer_runs_the_variants_from_flat_keys(tmp_path, train_llama_dir, toy
         reloaded = load_trained(load_model(train_llama_dir), result.artifact)(ids)
     torch.testing.assert_close(reloaded, getattr(expected, "logits", expected),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_projection_on_gpt2_fused_attention_matches_peft():
+    """GPT-2's c_attn holds q|k|v: the MLP feeds only its k and v columns, 2 * n_embd per layer."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from hf_fixtures import _config
+
+    def gpt2():
+        torch.manual_seed(0)
+        config, cls = _config("gpt2", 300)
+        return cls(config).eval()
+    ours = projected(gpt2())
+    peft_model = get_peft_model(gpt2(), PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=True,
+        encoder_hidden_size=ENC))
+    assert trainable_count(ours) == peft_model.get_nb_trainable_parameters()[0]
+    ids = torch.randint(3, 300, (2, 7))
+    with torch.no_grad():
+        assert ours(ids).shape == (2, 7, 300)
