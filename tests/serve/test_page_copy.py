@@ -69,6 +69,7 @@ class FakeCuda:
         self.events: list[FakeEvent] = []
         self.pending: list[tuple[FakeEvent, torch.Tensor, torch.Tensor]] = []  # rows, values
         self.steps = 0
+        self.current = "compute"       # the stream work is issued on
         self.compute = FakeStream(self, "compute")
         self.copy_streams: list[FakeStream] = []
         self._before: torch.Tensor | None = None
@@ -84,11 +85,15 @@ class FakeCuda:
             assert stream.name == "copy"
             self.log.append(("enter", stream.name))
             self._before = self.pool_pages.clone()
+            self.current = stream.name
             yield
+            self.current = "compute"
             self.log.append(("exit", stream.name))
 
         return StreamOps(new_stream=new_stream, new_event=lambda: FakeEvent(self),
-                         current_stream=lambda device: self.compute, use_stream=use_stream,
+                         current_stream=lambda device: (
+                             self.copy_streams[-1] if self.current == "copy" else self.compute),
+                         use_stream=use_stream,
                          pin=lambda t: t)
 
     def capture(self, event: FakeEvent) -> None:
@@ -126,9 +131,13 @@ def _spec(name: str, num_pages: int) -> AdapterSpec:
 def _cache(num_pages=8):
     pages = torch.zeros(num_pages, HIDDEN)
     world = FakeCuda(pages)
-    copier = CudaPageCopier(pages, world.ops())
-    cache = AdapterCache(PagePool(num_pages), lambda ids, p: pytest.fail("bypasses the copier"),
-                         copier=copier)
+    copier = CudaPageCopier("cuda", world.ops())
+
+    def write_pages(page_ids, host_pages):
+        assert world.current == "copy", "the write runs on the copy stream"
+        pages.index_copy_(0, torch.tensor(page_ids), host_pages)
+
+    cache = AdapterCache(PagePool(num_pages), write_pages, copier=copier)
     return cache, copier, world, pages
 
 
@@ -217,12 +226,11 @@ def test_staging_memory_lives_until_its_copy_event_completes():
 
 
 def test_make_page_copier_is_synchronous_on_cpu():
-    pool = torch.zeros(4, 2)
-    copier = make_page_copier(pool)
+    copier = make_page_copier(torch.device("cpu"))
     assert type(copier) is PageCopier
-    written = []
-    copier.copy("a", [1, 3], torch.ones(2, 2), lambda ids, p: written.append((ids, p.clone())))
-    assert written[0][0] == [1, 3] and copier.pending == 0 and copier.stage(pool) is pool
+    host, written = torch.ones(2, 2), []
+    copier.copy("a", [1, 3], host, lambda ids, p: written.append((ids, p)))
+    assert written == [([1, 3], host)] and copier.pending == 0 and copier.stage(host) is host
 
 
 # ---- the engine with the lazy fake copy stream, under eviction pressure ----------------------
@@ -249,10 +257,9 @@ def _run(base_dir, store, workload, fake: bool):
     worlds = []
     real = engine_module.make_page_copier
 
-    def fake_copier(pool_pages):
-        world = FakeCuda(pool_pages)
-        worlds.append(world)
-        return CudaPageCopier(pool_pages, world.ops())
+    def fake_copier(device):
+        worlds.append(FakeCuda(None))
+        return CudaPageCopier("cuda", worlds[-1].ops())
 
     engine_module.make_page_copier = fake_copier if fake else real
     try:
@@ -264,6 +271,14 @@ def _run(base_dir, store, workload, fake: bool):
     engine.register_store(store)
     if fake:
         world = worlds[0]
+        world.pool_pages = engine.runner.pages
+        write = engine.cache.write_pages             # the runner's, as on a GPU
+
+        def write_on_copy_stream(page_ids, pages):
+            assert world.current == "copy"
+            write(page_ids, pages)
+
+        engine.cache.write_pages = write_on_copy_stream
         execute = engine.runner.execute
 
         def traced_execute(inputs):

@@ -119,7 +119,7 @@ class Engine:
         self.adapter_layout = BaseLayout(targets, self.runner.pages.shape[1],
                                          config.max_lora_rank, frozenset({OUTPUT_HEAD}),
                                          base_name=getattr(model, "name_or_path", None))
-        copier = make_page_copier(self.runner.pages)   # CUDA: a side stream (page_copy.py)
+        copier = make_page_copier(self.runner.device)   # CUDA: a side stream (page_copy.py)
         self.cache = AdapterCache(
             self.pool, self.runner.write_pages,
             AdapterLoader(self.runner.dtype, config.async_adapter_loading, copier.stage),

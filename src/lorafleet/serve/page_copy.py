@@ -17,9 +17,13 @@ stream runs the step; two events order it, and the host never waits on either:
   evicted, its pages taken by the KV cache). Later steps are ordered after it by stream order.
 - **Host memory.** A copy from pageable memory is not asynchronous (CUDA stages it and the host
   waits), so host page copies are pinned once, where they are made (`stage`: the loader thread,
-  or registration of in-memory adapters). The staging tensor and the index are kept referenced
-  until the copy's event has completed (`collect`, every step): the host tier may drop its copy
-  the moment the copy is issued.
+  or registration of in-memory adapters). The staging tensor is kept referenced until the
+  copy's event has completed (`collect`, every step): the host tier may drop its copy the moment
+  the copy is issued. (The writer's small pinned index comes from PyTorch's pinned-memory cache,
+  which itself holds a block back until the copies that read it have run.)
+
+The write itself is the cache's writer (the runner's `write_pages`, or tensor parallelism's,
+which also sends each worker its shard), issued with the copy stream current.
 
 `PageCopier` is the CPU version (a plain synchronous write, no streams, nothing pending);
 `CudaPageCopier` has the same interface. Its stream and event operations go through
@@ -76,19 +80,13 @@ class StreamOps:
 
 
 class CudaPageCopier(PageCopier):
-    """Copies on a side stream, ordered by events (module docstring).
+    """Copies on a side stream of `device`, ordered by events (module docstring)."""
 
-    It writes into `pool_pages` [num_pages, H] itself rather than through `write`: the runner's
-    writer builds its index with a blocking host-to-device copy, which would make the engine
-    thread wait for the copy stream. (Tensor parallelism, which replaces the writer, runs on CPU
-    only: parallel.py.)"""
-
-    def __init__(self, pool_pages: torch.Tensor, ops: StreamOps | None = None):
-        self.pool_pages, self.ops = pool_pages, ops or StreamOps()
-        self.device = pool_pages.device
+    def __init__(self, device: torch.device | str, ops: StreamOps | None = None):
+        self.device, self.ops = torch.device(device), ops or StreamOps()
         self.stream = self.ops.new_stream(self.device)
         self.unwaited: dict[str, Any] = {}     # key -> copy event no compute work waits on yet
-        self.in_flight: list[tuple[Any, tuple[torch.Tensor, ...]]] = []   # (event, kept alive)
+        self.in_flight: list[tuple[Any, torch.Tensor]] = []   # (copy event, host pages it reads)
 
     def stage(self, pages: torch.Tensor) -> torch.Tensor:
         return self.ops.pin(pages)
@@ -99,17 +97,14 @@ class CudaPageCopier(PageCopier):
         reads_done.record(self.ops.current_stream(self.device))
         self.stream.wait_event(reads_done)
         pages = self.ops.pin(pages)            # already pinned when staged (no copy then)
-        index = self.ops.pin(torch.tensor(page_ids, dtype=torch.long))
         with self.ops.use_stream(self.stream):
-            # Both device temporaries are allocated on the copy stream (the caching allocator
-            # reuses their blocks only for later work on that stream, so freeing them is safe).
-            self.pool_pages.index_copy_(
-                0, index.to(self.device, non_blocking=True),
-                pages.to(device=self.device, dtype=self.pool_pages.dtype, non_blocking=True))
+            # The writer's device temporaries are allocated on the copy stream: the caching
+            # allocator reuses their blocks only for later work on it, so freeing them is safe.
+            write(page_ids, pages)
             copied = self.ops.new_event()
             copied.record(self.stream)
         self.unwaited[key] = copied             # (b): waited on by the first step reading it
-        self.in_flight.append((copied, (pages, index)))
+        self.in_flight.append((copied, pages))
 
     def before_use(self, key: str) -> None:
         copied = self.unwaited.pop(key, None)
@@ -131,8 +126,8 @@ class CudaPageCopier(PageCopier):
         return len(self.in_flight)
 
 
-def make_page_copier(pool_pages: torch.Tensor) -> PageCopier:
+def make_page_copier(device: torch.device | str) -> PageCopier:
     """The copier for the pool's device: on a side stream for CUDA, synchronous otherwise."""
-    if pool_pages.device.type == "cuda":
-        return CudaPageCopier(pool_pages)
+    if torch.device(device).type == "cuda":
+        return CudaPageCopier(device)
     return PageCopier()

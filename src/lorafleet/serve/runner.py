@@ -95,11 +95,13 @@ class ModelRunner:
         return self.pages.shape[1] * self.pages.element_size()
 
     def write_pages(self, page_ids: list[int], pages: torch.Tensor) -> None:
-        """Copy host pages into the pool (adapter loads)."""
-        index = torch.tensor(page_ids, device=self.device)
+        """Copy host pages into the pool (adapter loads), on the current stream: on CUDA the
+        copier's side stream (page_copy.py). From pinned memory neither copy makes the host
+        wait (a CUDA index built from a list would: a blocking copy)."""
+        index = torch.tensor(page_ids, dtype=torch.long, pin_memory=self.device.type == "cuda")
         # index_copy_ rather than `pages[index] = ...` (a slow generic index_put on CPU).
-        self.pages.index_copy_(0, index, pages.to(device=self.device, dtype=self.dtype,
-                                                  non_blocking=True))
+        self.pages.index_copy_(0, index.to(self.device, non_blocking=True),
+                               pages.to(device=self.device, dtype=self.dtype, non_blocking=True))
 
     def attach(self, cache: AdapterCache, builder: LoraBatchBuilder | None = None) -> None:
         """builder: a LoraBatchBuilder of another layout (tensor parallelism's shards)."""
