@@ -96,6 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def job_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The parser of the job `args` chose, down to a sub-job (`bench NAME`, `adapters ACTION`):
+    the one whose flags an unknown flag is compared with."""
+    current = parser.jobs.get(getattr(args, "command", None), parser)
+    while True:
+        subs = [a for a in current._actions if isinstance(a, argparse._SubParsersAction)]
+        chosen = subs[0].choices.get(getattr(args, subs[0].dest, None) or "") if subs else None
+        if chosen is None:
+            return current
+        current = chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     from lorafleet.cli.config_file import apply_config_file
 
@@ -107,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     args, unknown = parser.parse_known_args(argv)
     if unknown:     # the job's own parser says it: its usage, its flags as suggestions
-        parser.jobs.get(getattr(args, "command", None), parser).error(
-            f"unrecognized arguments: {' '.join(unknown)}")
+        job_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(message)s")
     if not getattr(args, "func", None):
