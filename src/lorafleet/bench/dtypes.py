@@ -255,14 +255,8 @@ def paper_section(result: dict) -> str:
 
 def write_paper(path: Path, result: dict) -> None:
     """Replace the generated section in `path`, or append it at the end."""
-    text = path.read_text()
-    section = paper_section(result)
-    if PAPER_BEGIN in text and PAPER_END in text:
-        head, rest = text.split(PAPER_BEGIN, 1)
-        text = head + section + rest.split(PAPER_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    from lorafleet.bench.doc_block import replace_block
+    replace_block(path, PAPER_BEGIN, PAPER_END, paper_section(result))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
