@@ -4,6 +4,8 @@ serve many adapters today.
     lorafleet bench serve [--adapters 10,100,1000,5000] [--requests 1000] [--rate 100]
                           [--json docs/results/serve-DATE.json] [--plot-dir docs/img]
     lorafleet bench serve --report docs/results/serve-*.json [--update-doc docs/benchmarks.md]
+    lorafleet bench serve --tensor-parallel-size 2 [--json docs/results/serve-tp.json]
+        (the tensor-parallel benchmark, serve_tp.py: N ranks against one process)
 
 Over ~400 lines because it is the sweep's one plan: which runs, in which order, with which
 budget; the run worker, baselines, trace and report already live in their own files.
@@ -107,6 +109,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the whole benchmark's, not each run's)")
     parser.add_argument("--json", "--out", dest="json", type=Path, default=None)
     parser.add_argument("--plot-dir", type=Path, default=None, help="PNG plots go here")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="N > 1: run the tensor-parallel benchmark instead (serve_tp.py: "
+                             "sizes 1 and N, communication per step, A100 estimate)")
 
 
 def measure_roofline() -> dict:
@@ -330,6 +335,9 @@ def run(args) -> int:
 
     if args.report:
         return report(args)
+    if args.tensor_parallel_size > 1:
+        from . import serve_tp
+        return serve_tp.run(serve_tp.from_serve_args(args))
     counts, popularities = _ints(args.adapters), [p for p in args.popularity.split(",") if p]
     started = time.perf_counter()
     results = {"started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -1,19 +1,23 @@
 """Tensor-parallel serving against one process, same machine, same workload (issue 15).
 
-    python -m lorafleet.bench.serve_tp [--hidden 1024 --layers 4 --heads 16 --kv-heads 4]
-        [--adapters 16 --requests 32 --output 32 --repeats 2] [--json docs/results/serve-tp.json]
+    lorafleet bench serve --tensor-parallel-size 2 [--repeats 2] [--json docs/results/serve-tp.json]
+    lorafleet bench serve_tp [--sizes 1 2] [--vocab-modes replicated lm_head sharded]
+        [--hidden 1024 --layers 4 --heads 16 --kv-heads 4 --vocab 32000]
+        [--adapters 16 --requests 32 --output 32 --repeats 2] [--json ...]
 
 A random Llama (bf16 checkpoint) and random PEFT adapters of mixed ranks (bench/workloads.py)
 are built in a temporary folder; every request is submitted at once and the engine stepped to
-the end, for --tensor-parallel-size 1 and 2 alternately (--repeats times each, fresh engine
-each run). Torch threads: cores / size per rank, so both sizes use the same cores. Reported
-per size: generated tokens/s, mean prefill and decode step time, and per step the all-reduces
-(count, bytes, seconds on rank 0) and the control bytes piped to each worker.
+the end, for one process and for each tensor-parallel size and way of holding the embedding
+and lm_head (EngineConfig.tensor_parallel_vocab) alternately (--repeats times each, fresh engine
+each run). Torch threads: cores / size per rank, so every size uses the same cores. Reported per
+run: generated tokens/s, mean prefill and decode step time, and per step the collectives
+(all-reduces and logit gathers: count, bytes, seconds on rank 0) and the control bytes piped to
+each worker.
 
-From the measured volume per token (2 all-reduces of hidden_size numbers per layer: nothing
-else, the LoRA partition adds no collective) `a100_estimate` gives a paper estimate of a decode
-step at 2/4/8 ranks for Llama-7B on A100-80GB with NVLink (S-LoRA's tensor-parallel setting);
-its constants are stated in the JSON.
+From the measured collectives per token (all-reduces of hidden_size numbers per layer: 2, the
+LoRA partition adds none; with the vocabulary split, the logits gather and the embedding's
+all-reduce) `a100_estimate` gives a paper estimate of a decode step at 2/4/8 ranks for Llama-7B
+on A100-80GB with NVLink (S-LoRA's tensor-parallel setting); its constants are in the JSON.
 """
 from __future__ import annotations
 
@@ -30,7 +34,9 @@ from pathlib import Path
 A100 = {"hbm_bytes_per_s": 2.0e12, "bf16_flops_per_s": 312e12,
         "allreduce_bus_bytes_per_s": 230e9,   # nccl-tests all_reduce busbw, DGX A100, large msgs
         "allreduce_latency_s": 15e-6}         # small-message NCCL all-reduce on NVLink
-LLAMA_7B = {"hidden": 4096, "layers": 32, "params": 6.74e9, "intermediate": 11008}
+LLAMA_7B = {"hidden": 4096, "layers": 32, "params": 6.74e9, "intermediate": 11008,
+            "vocab": 32000}
+VOCAB_MODES = ("replicated", "lm_head", "sharded")     # serve/shard.py
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", type=int, nargs=2, default=[8, 64], metavar=("MIN", "MAX"))
     parser.add_argument("--output", type=int, default=32)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--vocab-modes", nargs="+", default=list(VOCAB_MODES),
+                        choices=VOCAB_MODES, help="embedding / lm_head held replicated or split "
+                        "by vocabulary, for every size above 1 (EngineConfig."
+                        "tensor_parallel_vocab)")
     parser.add_argument("--single-threads", type=int, nargs="+", default=None,
                         help="torch threads of the size-1 runs (default: all cores, and 1: on "
                              "a shared machine one thread per process suffers least from "
@@ -59,13 +69,15 @@ def workload(args, names: list[str]) -> list[tuple[str, list[int], str | None]]:
              rng.choice(names + [None])) for i in range(args.requests)]
 
 
-def run_once(model_dir: Path, store: Path, size: int, threads: int, args, requests) -> dict:
+def run_once(model_dir: Path, store: Path, size: int, threads: int, args, requests,
+             vocab: str = "replicated") -> dict:
     import torch
 
     from lorafleet.serve.engine import Engine, EngineConfig, SamplingParams
 
     torch.set_num_threads(threads)
-    engine = Engine(model_dir, config=EngineConfig(tensor_parallel_size=size, dtype=args.dtype))
+    engine = Engine(model_dir, config=EngineConfig(tensor_parallel_size=size, dtype=args.dtype,
+                                                   tensor_parallel_vocab=vocab))
     try:
         engine.register_store(store)
         params = SamplingParams(max_tokens=args.output, ignore_eos=True)
@@ -92,37 +104,67 @@ def run_once(model_dir: Path, store: Path, size: int, threads: int, args, reques
                   "tokens_run": sum(s.num_tokens for s in steps),
                   "torch_threads_per_rank": torch.get_num_threads()}
         if size > 1:
-            delta = {k: after[k] - before[k] for k in
-                     ("allreduce_calls", "allreduce_tensor_bytes", "allreduce_seconds",
-                      "tp_steps", "tp_control_bytes")}
-            n = delta["tp_steps"]
-            result.update({
-                "allreduce_per_step": delta["allreduce_calls"] / n,
-                "allreduce_bytes_per_step": delta["allreduce_tensor_bytes"] / n,
-                "allreduce_bytes_per_token": delta["allreduce_tensor_bytes"] / result["tokens_run"],
-                "allreduce_ms_per_step": 1e3 * delta["allreduce_seconds"] / n,
-                "allreduce_share_of_time": delta["allreduce_seconds"] / seconds,
-                "control_bytes_per_step": delta["tp_control_bytes"] / n})
+            result.update(communication(before, after, size, result["tokens_run"], seconds))
+            result["vocab"] = vocab
         return result
     finally:
         engine.close()
 
 
+def communication(before: dict, after: dict, size: int, tokens: int, seconds: float) -> dict:
+    """Per step (and per token) from two engine.stats(): collectives (tensor bytes: the
+    all-reduced / gathered tensor; wire bytes: what each rank sends in a ring all-reduce,
+    2 (N-1)/N of it, and what the other ranks send rank 0 in a gather, (N-1)/N of it), their
+    seconds on rank 0, and the pickled control messages piped to each worker."""
+    delta = {k: after[k] - before[k] for k in
+             ("allreduce_calls", "allreduce_tensor_bytes", "allreduce_seconds", "gather_calls",
+              "gather_tensor_bytes", "gather_seconds", "tp_steps", "tp_control_bytes")}
+    n = delta["tp_steps"]
+    wire = (2 * (size - 1) / size * delta["allreduce_tensor_bytes"]
+            + (size - 1) / size * delta["gather_tensor_bytes"])
+    comm_s = delta["allreduce_seconds"] + delta["gather_seconds"]
+    return {
+        "allreduce_per_step": delta["allreduce_calls"] / n,
+        "allreduce_bytes_per_step": delta["allreduce_tensor_bytes"] / n,
+        "allreduce_bytes_per_token": delta["allreduce_tensor_bytes"] / tokens,
+        "allreduce_ms_per_step": 1e3 * delta["allreduce_seconds"] / n,
+        "gather_per_step": delta["gather_calls"] / n,
+        "gather_bytes_per_step": delta["gather_tensor_bytes"] / n,
+        "gather_ms_per_step": 1e3 * delta["gather_seconds"] / n,
+        "comm_wire_bytes_per_step": wire / n,
+        "comm_ms_per_step": 1e3 * comm_s / n,
+        "allreduce_share_of_time": delta["allreduce_seconds"] / seconds,
+        "comm_share_of_time": comm_s / seconds,
+        "control_bytes_per_step": delta["tp_control_bytes"] / n}
+
+
 def a100_estimate(batch_tokens: int, ranks: list[int], model: dict = LLAMA_7B,
-                  hw: dict = A100, dtype_bytes: int = 2) -> list[dict]:
-    """Decode step time at each rank count: weights read once per step (split N ways) or the
-    matmul FLOPs, whichever is larger, plus 2 all-reduces per layer of batch x hidden numbers
-    (ring: each rank moves 2 (N-1)/N of it) at the stated bus bandwidth and latency."""
+                  hw: dict = A100, dtype_bytes: int = 2, vocab: str = "replicated",
+                  allreduces_per_layer: float = 2.0) -> list[dict]:
+    """Decode step time at each rank count: weights read once per step (the body split N ways;
+    lm_head split too unless replicated, when rank 0 reads it whole) or the matmul FLOPs,
+    whichever is larger, plus `allreduces_per_layer` all-reduces per layer of batch x hidden
+    numbers (ring: each rank moves 2 (N-1)/N of it; 2, as measured) and, vocabulary split, the
+    embedding's all-reduce and one gather of batch x vocab logits into rank 0 ((N-1)/N of it
+    through its links), at the stated bus bandwidth and latency."""
+    head = model["vocab"] * model["hidden"]
     out = []
     for n in ranks:
-        compute = max(model["params"] * dtype_bytes / n / hw["hbm_bytes_per_s"],
-                      2 * model["params"] * batch_tokens / n / hw["bf16_flops_per_s"])
+        split = vocab != "replicated" and n > 1
+        per_rank = (model["params"] - head) / n + (head / n if split else head)
+        compute = max(per_rank * dtype_bytes / hw["hbm_bytes_per_s"],
+                      2 * per_rank * batch_tokens / hw["bf16_flops_per_s"])
         message = batch_tokens * model["hidden"] * dtype_bytes
-        calls = 2 * model["layers"] if n > 1 else 0
+        calls = (round(allreduces_per_layer * model["layers"]) + (vocab == "sharded")
+                 if n > 1 else 0)
         comm = calls * (hw["allreduce_latency_s"]
                         + 2 * (n - 1) / n * message / hw["allreduce_bus_bytes_per_s"])
-        out.append({"ranks": n, "compute_ms": 1e3 * compute, "allreduce_ms": 1e3 * comm,
-                    "step_ms": 1e3 * (compute + comm), "allreduce_calls": calls,
+        logits = batch_tokens * model["vocab"] * dtype_bytes
+        gather = (hw["allreduce_latency_s"] + (n - 1) / n * logits
+                  / hw["allreduce_bus_bytes_per_s"]) if split else 0.0
+        out.append({"ranks": n, "vocab": vocab, "compute_ms": 1e3 * compute,
+                    "allreduce_ms": 1e3 * comm, "gather_ms": 1e3 * gather,
+                    "step_ms": 1e3 * (compute + comm + gather), "allreduce_calls": calls,
                     "allreduce_message_bytes": message})
     base = out[0]["step_ms"]
     for row in out:
@@ -136,8 +178,36 @@ def main(argv=None) -> int:
     return run(parser.parse_args(argv))
 
 
+def from_serve_args(args) -> argparse.Namespace:
+    """`lorafleet bench serve --tensor-parallel-size N ...`: this benchmark at sizes 1 and N on
+    `bench serve`'s model (its --hidden, --layers, --heads, --kv-heads, --vocab) with its
+    --repeats, --json and --threads (the one-process runs); --requests and --adapters where
+    changed from bench serve's defaults (there they size a Poisson trace and a store of
+    thousands), else this benchmark's (32 requests at once, 16 adapters)."""
+    from . import serve
+
+    def parse(add, argv):
+        parser = argparse.ArgumentParser()
+        add(parser)
+        return parser.parse_args(argv)
+
+    serve_defaults = vars(parse(serve.add_arguments, []))
+    tp = parse(add_arguments, [])
+    for key in ("hidden", "layers", "heads", "kv_heads", "vocab", "repeats", "json"):
+        setattr(tp, key, getattr(args, key))
+    if args.requests != serve_defaults["requests"]:
+        tp.requests = args.requests
+    if args.adapters != serve_defaults["adapters"]:     # "10,100": the largest
+        tp.adapters = max(int(n) for n in args.adapters.split(",") if n)
+    if args.threads is not None:
+        tp.single_threads = [args.threads]
+    tp.sizes = [1, args.tensor_parallel_size]
+    return tp
+
+
 def run(args) -> int:
-    """`lorafleet bench serve_tp ...` and `python -m lorafleet.bench.serve_tp ...`."""
+    """`lorafleet bench serve_tp ...`, `lorafleet bench serve --tensor-parallel-size N` (through
+    from_serve_args) and `python -m lorafleet.bench.serve_tp ...`."""
     from lorafleet.bench.workloads import make_random_llama, write_adapter_store
     from lorafleet.models.config import ModelConfig
 
@@ -150,18 +220,32 @@ def run(args) -> int:
         names = sorted(p.name for p in store.iterdir())
         requests = workload(args, names)
         cores = os.cpu_count() or 1
-        variants = [(1, t) for t in (args.single_threads or sorted({cores, 1}, reverse=True))]
-        variants += [(n, max(1, cores // n)) for n in args.sizes if n > 1]
+        variants = [(1, t, "replicated")
+                    for t in (args.single_threads or sorted({cores, 1}, reverse=True))]
+        variants += [(n, max(1, cores // n), vocab) for n in args.sizes if n > 1
+                     for vocab in args.vocab_modes]
         runs = []
         for repeat in range(args.repeats):
-            for size, threads in variants:
-                result = run_once(model_dir, store, size, threads, args, requests)
+            for size, threads, vocab in variants:
+                result = run_once(model_dir, store, size, threads, args, requests, vocab)
                 result["repeat"] = repeat
                 runs.append(result)
                 print(json.dumps(result), flush=True)
-    best = {f"{size}x{threads}": max(
-        (r for r in runs if (r["size"], r["torch_threads_per_rank"]) == (size, threads)),
-        key=lambda r: r["generated_tokens_per_s"]) for size, threads in variants}
+
+    def key(size, threads, vocab):
+        return f"{size}x{threads}" + (f" {vocab}" if size > 1 else "")
+
+    best = {key(*v): max((r for r in runs if key(r["size"], r["torch_threads_per_rank"],
+                                                r.get("vocab", "replicated")) == key(*v)),
+                         key=lambda r: r["generated_tokens_per_s"]) for v in variants}
+    estimates = {}
+    for vocab in args.vocab_modes:
+        measured = [r for r in best.values() if r.get("vocab") == vocab]
+        per_layer = ((measured[0]["allreduce_per_step"] - (vocab == "sharded")) / args.layers
+                     if measured else 2.0)
+        estimates[vocab] = {f"decode_batch_{b}": a100_estimate(b, [1, 2, 4, 8], vocab=vocab,
+                                                               allreduces_per_layer=per_layer)
+                            for b in (32, 256)}
     report = {
         "benchmark": "serve_tp", "command": " ".join(__import__("sys").argv),
         "machine": {"cpu_count": os.cpu_count(), "loadavg": os.getloadavg()},
@@ -170,24 +254,40 @@ def run(args) -> int:
                   "intermediate": config.intermediate_size},
         "workload": {"requests": args.requests, "prompt": args.prompt, "output": args.output,
                      "adapters": args.adapters},
-        "runs": runs, "best (size x threads per rank)": best,
-        "a100_estimate": {"model": LLAMA_7B, "hardware": A100,
-                          "decode_batch_32": a100_estimate(32, [1, 2, 4, 8]),
-                          "decode_batch_256": a100_estimate(256, [1, 2, 4, 8])}}
-    for key, r in best.items():
-        line = (f"size x threads {key}: {r['generated_tokens_per_s']:.1f} tok/s, decode step "
+        "runs": runs, "best (size x threads per rank, vocab)": best,
+        "medians": medians(runs, key),
+        "a100_estimate": {"model": LLAMA_7B, "hardware": A100, **estimates}}
+    for name, r in best.items():
+        line = (f"{name}: {r['generated_tokens_per_s']:.1f} tok/s, decode step "
                 f"{r['decode_step_ms']:.1f} ms")
         if r["size"] > 1:
-            line += (f", {r['allreduce_per_step']:.0f} all-reduces/step "
-                     f"({r['allreduce_bytes_per_token']:.0f} B/token, "
-                     f"{r['allreduce_ms_per_step']:.2f} ms/step, "
-                     f"{100 * r['allreduce_share_of_time']:.0f}% of the time), control "
+            line += (f", {r['allreduce_per_step']:.0f} all-reduces + "
+                     f"{r['gather_per_step']:.2f} gathers/step "
+                     f"({r['comm_wire_bytes_per_step'] / 1e3:.1f} KB on the wire/step, "
+                     f"{r['comm_ms_per_step']:.2f} ms/step, "
+                     f"{100 * r['comm_share_of_time']:.0f}% of the time), control "
                      f"{r['control_bytes_per_step']:.0f} B/step")
         print(line)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0
+
+
+def medians(runs: list[dict], key) -> dict:
+    """Per variant: the median tokens/s and decode step over the repeats (the shared machine's
+    load moves single runs; the best and the median together show the spread)."""
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(key(r["size"], r["torch_threads_per_rank"],
+                              r.get("vocab", "replicated")), []).append(r)
+    return {name: {"generated_tokens_per_s": statistics.median(r["generated_tokens_per_s"]
+                                                               for r in rs),
+                   "decode_step_ms": statistics.median(r["decode_step_ms"] for r in rs),
+                   **({"comm_ms_per_step": statistics.median(r["comm_ms_per_step"] for r in rs)}
+                      if rs[0]["size"] > 1 else {}),
+                   "runs": len(rs)}
+            for name, rs in groups.items()}
 
 
 if __name__ == "__main__":

@@ -112,8 +112,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tensor-parallel-size", "-tp", type=int,
                    default=_default("tensor_parallel_size"),
                    help="split the model over N processes on this machine (Megatron-style, "
-                        "adapters split to match; gloo on CPU): Llama family only "
-                        "(default %(default)s)")
+                        "adapters split to match; gloo on CPU, NCCL on CUDA with rank r on "
+                        "cuda:r): Llama family only (default %(default)s)")
+    p.add_argument("--tensor-parallel-vocab", choices=("replicated", "lm_head", "sharded"),
+                   default=_default("tensor_parallel_vocab"),
+                   help="with --tensor-parallel-size: embedding and lm_head replicated, or split "
+                        "by vocabulary rows (lm_head only, or both); docs/engine.md measures "
+                        "them (default %(default)s)")
     p.add_argument("--max-num-seqs", type=int, default=_default("max_num_seqs"),
                    help="running batch size cap (default %(default)s)")
     p.add_argument("--max-num-batched-tokens", type=int,
@@ -272,6 +277,7 @@ def build(args):
         max_lora_rank=args.max_lora_rank, max_adapters_per_step=args.max_loras,
         max_model_len=args.max_model_len, dtype=dtype, device=args.device,
         tensor_parallel_size=args.tensor_parallel_size,
+        tensor_parallel_vocab=args.tensor_parallel_vocab,
         quantize=args.quantize if args.tensor_parallel_size > 1 else None))
     if args.adapter_dir:
         # Every folder of the dir can be named by a request (resolved on demand); an explicit

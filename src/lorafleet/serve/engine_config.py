@@ -49,10 +49,12 @@ class EngineConfig:
     # Tensor parallelism (parallel.py, shard.py): the model split over this many processes on
     # this machine (gloo on CPU; NCCL on CUDA, rank r on cuda:r), this one rank 0; a collective
     # waits at most the timeout. vocab: embedding and lm_head "replicated", or split by
-    # vocabulary: "lm_head" only, or "sharded" (both); shard.py, docs/engine.md measure them.
+    # vocabulary: "lm_head" only, or "sharded" (both) (shard.py). "lm_head": the fastest of
+    # the three measured (docs/results/serve-tp-vocab.json, docs/engine.md); "sharded" saves
+    # (N-1)/N of the embedding's memory per rank for one more all-reduce per step.
     tensor_parallel_size: int = 1
     tensor_parallel_timeout_s: float = 60.0
-    tensor_parallel_vocab: str = "replicated"
+    tensor_parallel_vocab: str = "lm_head"
     # "nf4": load a checkpoint folder with its linears in NF4 (QLoRA); under tensor
     # parallelism each rank quantizes its own shard. None: as the checkpoint/model is.
     quantize: str | None = None

@@ -15,9 +15,10 @@ cache and of the adapters (shard.py) and run each step as rank 0 sends it:
 
 Control goes through a pipe per worker rather than a collective so an idle server waits
 without a collective timing out, and metadata never has to be a (CUDA, for NCCL) tensor; only
-the forward's collectives use torch.distributed, with `timeout_s`. A worker that dies or fails: its error (from its error queue, or its exit code) is
-raised as EngineError by the step that meets it (an all-reduce that fails, or the liveness
-check before each step), and every later step raises it at once: never a hang.
+the forward's collectives use torch.distributed, with `timeout_s`. A worker that dies or
+fails: its error (from its error queue, or its exit code) is raised as EngineError by the step
+that meets it (a collective that fails, or the liveness check before each step), and every
+later step raises it at once: never a hang.
 
 Page ids mean the same on every rank: each rank's pool has the same number of pages of the same
 size (the hidden size), KV pages hold a rank's local KV heads, adapters keep the unsharded page
