@@ -33,7 +33,10 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         if message.startswith("unrecognized arguments:"):
-            message += suggestions(self, message.split(":", 1)[1].split())
+            unknown = message.split(":", 1)[1].split()
+            message = ("unrecognized arguments: "
+                       + " ".join(redacted(unknown, option_strings(self)))
+                       + suggestions(self, unknown))
         elif "invalid choice: '" in message:      # a mistyped job name or choice value
             given = message.split("invalid choice: '", 1)[1].split("'", 1)[0]
             known = message.rsplit("(choose from ", 1)[-1].rstrip(")").replace("'", "")
@@ -41,6 +44,44 @@ class Parser(argparse.ArgumentParser):
             if close:
                 message += f"; did you mean {close[0]!r}?"
         super().error(message)
+
+
+SECRET_WORDS = ("key", "token", "secret", "password")
+
+
+def redacted(unknown: list[str], known: list[str]) -> list[str]:
+    """The unknown arguments with the value of a secret-looking flag masked (`--api-kee sk-...`:
+    a word like key or token in it, or in the known flag it is closest to): an error message
+    ends up in logs and terminal scrollback."""
+    def looks_secret(flag: str) -> bool:
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        return any(w in name.lower() for name in [flag] + close for w in SECRET_WORDS)
+
+    out, hide_next = [], False
+    for arg in unknown:
+        flag, eq, value = arg.partition("=")
+        secret = arg.startswith("-") and looks_secret(flag)
+        if (hide_next and not arg.startswith("-")) or arg.startswith("sk-"):   # OpenAI-style
+            out.append("***")
+        elif secret and eq:
+            out.append(f"{flag}=***")
+        else:
+            out.append(arg)
+        hide_next = secret and not eq
+    return out
+
+
+def vllm_spellings(argv: list[str]) -> list[str]:
+    """`--max_loras 4` as `--max-loras 4`: vLLM's parser takes either spelling of a flag (our
+    flags have no underscores). Arguments after a bare `--` are left alone."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--":
+            break
+        flag, eq, value = arg.partition("=")
+        if flag.startswith("--") and "_" in flag:
+            out[i] = flag.replace("_", "-") + eq + value
+    return out
 
 
 def option_strings(parser: argparse.ArgumentParser) -> list[str]:
@@ -111,7 +152,7 @@ def job_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser
 def main(argv: list[str] | None = None) -> int:
     from lorafleet.cli.config_file import apply_config_file
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = vllm_spellings(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
         apply_config_file(parser, argv)
