@@ -4,6 +4,7 @@
     lorafleet bench serve_tp [--sizes 1 2] [--vocab-modes replicated lm_head sharded]
         [--hidden 1024 --layers 4 --heads 16 --kv-heads 4 --vocab 32000]
         [--adapters 16 --requests 32 --output 32 --repeats 2] [--json ...]
+    lorafleet bench serve_tp --from-json docs/results/serve-tp*.json --update-doc docs/benchmarks.md
 
 A random Llama (bf16 checkpoint) and random PEFT adapters of mixed ranks (bench/workloads.py)
 are built in a temporary folder; every request is submitted at once and the engine stepped to
@@ -26,6 +27,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -61,6 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--from-json", type=Path, nargs="+", default=None,
+                        help="only render the table from these result files")
+    parser.add_argument("--update-doc", type=Path, default=None,
+                        help="write the table into this markdown's `bench serve_tp` block")
 
 
 def workload(args, names: list[str]) -> list[tuple[str, list[int], str | None]]:
@@ -202,15 +208,23 @@ def from_serve_args(args) -> argparse.Namespace:
     if args.threads is not None:
         tp.single_threads = [args.threads]
     tp.sizes = [1, args.tensor_parallel_size]
+    tp.update_doc = args.update_doc
     return tp
 
 
 def run(args) -> int:
     """`lorafleet bench serve_tp ...`, `lorafleet bench serve --tensor-parallel-size N` (through
     from_serve_args) and `python -m lorafleet.bench.serve_tp ...`."""
+    from lorafleet.bench.doc_block import write_block
     from lorafleet.bench.workloads import make_random_llama, write_adapter_store
     from lorafleet.models.config import ModelConfig
 
+    if args.from_json:
+        reports = [json.loads(path.read_text()) for path in args.from_json]
+        print(markdown(reports))
+        if args.update_doc:
+            write_block(args.update_doc, "serve_tp", markdown(reports))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, store = Path(tmp) / "model", Path(tmp) / "adapters"
         make_random_llama(model_dir, args.hidden, args.layers, args.heads, args.kv_heads,
@@ -247,7 +261,7 @@ def run(args) -> int:
                                                                allreduces_per_layer=per_layer)
                             for b in (32, 256)}
     report = {
-        "benchmark": "serve_tp", "command": " ".join(__import__("sys").argv),
+        "benchmark": "serve_tp", "command": command(sys.argv),
         "machine": {"cpu_count": os.cpu_count(), "loadavg": os.getloadavg()},
         "model": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads,
                   "kv_heads": args.kv_heads, "vocab": args.vocab,
@@ -271,7 +285,63 @@ def run(args) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1) + "\n")
+    if args.update_doc:
+        write_block(args.update_doc, "serve_tp", markdown([report]))
     return 0
+
+
+def command(argv: list[str]) -> str:
+    """The command as a user types it: `lorafleet ...` for the CLI's entry points."""
+    program = Path(argv[0]).name
+    head = "lorafleet" if program in ("lorafleet", "__main__.py", "cli.py") else argv[0]
+    return " ".join([head, *argv[1:]])
+
+
+def markdown(reports: list[dict]) -> str:
+    """Per result file: its command and load, one row per variant (median tokens/s with the
+    best run in brackets, median decode step, the best run's collectives and volumes, median
+    collective time); then the A100 estimate of the first file, per vocabulary mode."""
+    lines = []
+    for report in reports:
+        load = report["machine"]["loadavg"][0]
+        runs = len(report["runs"])
+        lines += [f"`{command(report['command'].split())}` ({runs} runs, "
+                  f"{report['machine']['cpu_count']} cores, load average {load:.1f} at the end):",
+                  "",
+                  "| run | generated tok/s, median (best) | decode step, median | collectives "
+                  "per step | all-reduce bytes per token | logits gathered per step | "
+                  "collective time per step, median |",
+                  "|---|---|---|---|---|---|---|"]
+        best = report["best (size x threads per rank, vocab)"]
+        for name, med in report["medians"].items():
+            top = best[name]
+            if top["size"] == 1:
+                label = (f"1 process, {top['torch_threads_per_rank']} thread"
+                         f"{'s' if top['torch_threads_per_rank'] > 1 else ''}")
+                comm = ["-", "-", "-", "-"]
+            else:
+                label = f"{top['size']} ranks, vocab {top['vocab']}"
+                gathers = top["gather_per_step"]
+                comm = [f"{top['allreduce_per_step']:.0f} all-reduces"
+                        + (f" + {gathers:.0f} gather" if gathers else ""),
+                        f"{top['allreduce_bytes_per_token']:,.0f}",
+                        f"{top['gather_bytes_per_step'] / 1e6:.2f} MB" if gathers else "-",
+                        f"{med['comm_ms_per_step']:.0f} ms"]
+            lines.append(f"| {label} | {med['generated_tokens_per_s']:.0f} "
+                         f"({top['generated_tokens_per_s']:.0f}) | "
+                         f"{med['decode_step_ms']:.0f} ms | " + " | ".join(comm) + " |")
+        lines.append("")
+    estimate = reports[0]["a100_estimate"]
+    modes = [m for m in VOCAB_MODES if m in estimate]
+    lines += ["Paper estimate (`a100_estimate`: Llama-7B, bf16, A100-80GB, NVLink; decode step "
+              "and speed-up over 1 GPU):", "",
+              "| vocab | batch | 1 GPU | 2 GPUs | 4 GPUs | 8 GPUs |", "|---|---|---|---|---|---|"]
+    for mode in modes:
+        for batch, rows in estimate[mode].items():
+            cells = [f"{r['step_ms']:.2f} ms" + (f" ({r['speedup_vs_1']:.2f}x)"
+                                                 if r["ranks"] > 1 else "") for r in rows]
+            lines.append(f"| {mode} | {batch.rsplit('_', 1)[1]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def medians(runs: list[dict], key) -> dict:
