@@ -247,11 +247,160 @@ def test_tensor_parallel_nccl_killed_worker_is_an_error(tmp_path):
 
 
 def test_tensor_parallel_more_ranks_than_gpus_refused(tmp_path):
-    """More ranks than visible GPUs: a ConfigError naming the count, before anything loads."""
+    """More ranks than visible GPUs (a power of two that divides the model's 16 heads): a
+    ConfigError naming the count, before anything loads."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hf_fixtures import make_checkpoint
+
     from lorafleet.errors import ConfigError
     from lorafleet.serve import Engine, EngineConfig
 
-    ranks = torch.cuda.device_count() + 1
-    with pytest.raises(ConfigError, match=f"{torch.cuda.device_count()} visible"):
-        Engine(tmp_path / "missing", config=EngineConfig(tensor_parallel_size=ranks,
-                                                          device="cuda"))
+    count = torch.cuda.device_count()
+    make_checkpoint(tmp_path / "base", "llama", num_attention_heads=16, num_key_value_heads=16)
+    with pytest.raises(ConfigError, match=f"{count} visible"):
+        Engine(tmp_path / "base", config=EngineConfig(tensor_parallel_size=1 << count.bit_length(),
+                                                      device="cuda"))
+
+
+# ---- adapter pages copied on a side stream (serve/page_copy.py) -----------------------------
+# torch.cuda._sleep holds a stream busy for a number of GPU cycles (~0.1-0.5 s at 1-2 GHz), so
+# an ordering the copier forgot shows up as the wrong values, not as a race that rarely loses.
+SLEEP_CYCLES = 500_000_000
+
+
+def _copy_setup(num_pages=16, hidden=8):
+    from types import SimpleNamespace
+
+    from lorafleet.serve.page_copy import CudaPageCopier, make_page_copier
+    from lorafleet.serve.runner import ModelRunner
+
+    pool = torch.zeros(num_pages, hidden, device="cuda")
+    copier = make_page_copier(pool.device)
+    assert isinstance(copier, CudaPageCopier)
+    runner = SimpleNamespace(pages=pool, device=pool.device, dtype=pool.dtype)
+
+    def write(page_ids, pages):      # the runner's own writer, on a pool of our own
+        ModelRunner.write_pages(runner, page_ids, pages)
+
+    return pool, copier, write
+
+
+def test_page_copy_waits_for_compute_reading_the_pages():
+    import time
+
+    pool, copier, write = _copy_setup()
+    page_ids = [3, 7, 1]
+    pool[page_ids] = 1.0
+    torch.cuda.synchronize()
+    torch.cuda._sleep(SLEEP_CYCLES)                  # a long step on the compute stream ...
+    seen = pool[page_ids].clone()                    # ... that reads the pages at its end
+    new = copier.stage(torch.full((3, pool.shape[1]), 2.0))
+    assert new.is_pinned()
+    started = time.perf_counter()
+    copier.copy("a", page_ids, new, write)           # the pages were freed and reused
+    issued = time.perf_counter() - started
+    assert copier.pending == 1
+    torch.cuda.synchronize()
+    assert (seen == 1.0).all(), "the copy overwrote pages a running step still read"
+    assert (pool[page_ids] == 2.0).all()
+    assert issued < 0.05, f"issuing the copy blocked the host for {issued:.3f} s"
+    copier.collect()
+    assert copier.pending == 0
+
+
+def test_first_step_waits_for_the_copy_and_staging_lives_until_it_ran():
+    import gc
+    import weakref
+
+    pool, copier, write = _copy_setup()
+    page_ids = [2, 5]
+    with torch.cuda.stream(copier.stream):
+        torch.cuda._sleep(SLEEP_CYCLES)              # the copy stream is busy for a while
+    staged = copier.stage(torch.full((2, pool.shape[1]), 3.0))
+    ref = weakref.ref(staged)
+    copier.copy("a", page_ids, staged, write)
+    del staged
+    gc.collect()
+    copier.collect()
+    assert ref() is not None and copier.pending == 1    # the copy has not run: kept alive
+    copier.before_use("a")                           # the step that reads the adapter
+    got = pool[page_ids].clone()
+    torch.cuda.synchronize()
+    assert (got == 3.0).all(), "a step read the adapter's pages before their copy"
+    copier.collect()
+    gc.collect()
+    assert ref() is None and copier.pending == 0
+
+
+def test_evicted_copy_lands_before_the_pages_are_reused():
+    pool, copier, write = _copy_setup()
+    page_ids = [4, 9]
+    with torch.cuda.stream(copier.stream):
+        torch.cuda._sleep(SLEEP_CYCLES)
+    copier.copy("a", page_ids, copier.stage(torch.full((2, pool.shape[1]), 5.0)), write)
+    copier.freed("a")                                # evicted, never used
+    pool[page_ids] = -1.0                            # the KV cache takes the pages
+    torch.cuda.synchronize()
+    assert (pool[page_ids] == -1.0).all(), "the copy landed on pages already reused"
+
+
+def test_engine_cuda_lazy_adapters_under_eviction_equal_cpu_and_peft(tmp_path):
+    """Adapters registered lazily from a store, a pool that holds about two of them beside the
+    KV: loads and evictions every few steps, copies on the side stream. Every request's greedy
+    tokens equal the CPU engine's and transformers + PEFT's with its adapter alone."""
+    import random
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hf_fixtures import make_checkpoint
+
+    from lorafleet.serve import Engine, EngineConfig, SamplingParams
+    from lorafleet.serve.page_copy import CudaPageCopier
+
+    from .serve.conftest import make_peft_adapter, merged_oracle, oracle_greedy
+
+    base = make_checkpoint(tmp_path / "base", "llama", seed=1)
+    store = tmp_path / "store"
+    targets = [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"],
+               ["gate_proj", "up_proj", "down_proj"]]
+    for i in range(10):
+        make_peft_adapter(base, store / f"s{i}", [2, 4, 8][i % 3], targets[i % 3], seed=300 + i)
+    rng = random.Random(11)
+    workload = [(f"r{i}", [rng.randrange(4, 380) for _ in range(rng.randint(2, 9))],
+                 None if i % 7 == 6 else f"s{rng.randrange(10)}") for i in range(30)]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    results, stats = {}, {}
+    for device in ("cpu", "cuda"):
+        engine = Engine(tmp_path / "base", config=EngineConfig(
+            num_pages=300, block_tokens=4, max_num_seqs=4, dtype="float32", device=device,
+            max_adapters_per_step=2))
+        engine.register_store(store)
+        for request_id, prompt, name in workload:
+            engine.add_request(request_id, prompt, name, params)
+        tokens = {}
+        while engine.has_work():
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+                assert out.error is None, out.error
+            engine.pool.check()
+        results[device], stats[device] = tokens, engine.stats()
+        assert engine.pool.used_by["kv"] == 0
+        if device == "cuda":
+            assert isinstance(engine.cache.copier, CudaPageCopier)
+            torch.cuda.synchronize()
+            engine.cache.copier.collect()
+            assert engine.cache.copier.pending == 0
+    touched = {name for _, _, name in workload if name is not None}
+    # On CPU this run makes 12 loads and 8 evictions; loader timing may move a few.
+    assert stats["cuda"]["adapter_loads"] >= len(touched) and stats["cuda"]["cache_evictions"] >= 3
+    assert results["cuda"] == results["cpu"]
+    oracles = {}
+    for request_id, prompt, name in workload:
+        if name is not None and name not in oracles:
+            oracles[name] = merged_oracle(base, store / name)
+        model = base if name is None else oracles[name]
+        assert results["cuda"][request_id] == oracle_greedy(model, prompt, 6), (request_id, name)
