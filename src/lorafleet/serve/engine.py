@@ -74,9 +74,9 @@ class Engine:
         for BatchedLoraLinear shells, which behave as before when called without LoRA)."""
         self.config = config = config or EngineConfig()
         source, self.parallel = model, None
-        if config.tensor_parallel_size > 1:     # GPUs or cores for every rank: before loading
-            from .collectives import check_devices
-            check_devices(config.tensor_parallel_size, config.device)
+        if config.tensor_parallel_size > 1:     # sizes, GPUs or cores: before loading
+            from .parallel import check_start
+            check_start(model, config.tensor_parallel_size, config.device)
         if isinstance(model, (str, Path)):
             available = available_memory(config.device)       # before the weights take theirs
             if tokenizer is None and (Path(model) / "tokenizer.json").is_file():

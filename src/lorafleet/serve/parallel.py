@@ -56,6 +56,16 @@ log = logging.getLogger(__name__)
 POLL_S = 0.5                  # how often an idle worker checks that the engine still lives
 
 
+def check_start(model, world: int, device: str) -> None:
+    """Every ConfigError known before loading, in this order: the model's shape (from a
+    checkpoint folder's config.json, or a loaded model's config), then the GPUs or cores."""
+    from lorafleet.models.config import ModelConfig
+
+    config = ModelConfig.from_hf(model) if isinstance(model, (str, Path)) else model.config
+    check_tensor_parallel(config, world)
+    check_devices(world, device)
+
+
 class ShardedLoraBatchBuilder(LoraBatchBuilder):
     """LoraBatchBuilder over a rank's pool: kernels see the local features, pages per row as
     in the unsharded adapter layout."""
