@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+from lorafleet.cli.progress import add_progress_argument, progress_bar
+
 
 def add_parser(subparsers) -> None:
     from lorafleet.models.dtype import add_dtype_argument
@@ -32,24 +34,30 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
     add_dtype_argument(p)
     p.add_argument("--json", action="store_true", help="one JSON object per adapter")
+    add_progress_argument(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from tqdm import tqdm
-
+    from lorafleet.lora.peft_format import adapter_folder
     from lorafleet.models.dtype import resolve_dtype
     from lorafleet.train.data import DataConfig
     from lorafleet.train.evaluate import evaluate_adapters
 
     data = DataConfig(args.data, max_len=args.max_len, format=args.format, columns=args.columns)
     dtype = resolve_dtype(args.dtype, args.model, args.device)
-    bar = tqdm(total=len(args.adapters), unit="adapter", disable=args.json)
-    results = evaluate_adapters(args.model, data, args.adapters, batch_size=args.batch_size,
+    # a training run or checkpoint folder stands for its adapter/ (as TRL's checkpoint-N/ is one)
+    adapters = [a if a == "base" else str(adapter_folder(a)) for a in args.adapters]
+    bar, done = progress_bar(args, "evaluating", "adapter"), [0]
+    bar(0, len(adapters))
+
+    def evaluated(result) -> None:
+        done[0] += 1
+        bar(done[0], len(adapters))
+
+    results = evaluate_adapters(args.model, data, adapters, batch_size=args.batch_size,
                                 dtype=dtype, device=args.device, generate=args.generate,
-                                max_new_tokens=args.max_new_tokens,
-                                progress=lambda r: bar.update(1))
-    bar.close()
+                                max_new_tokens=args.max_new_tokens, progress=evaluated)
     if args.json:
         for r in results:
             print(json.dumps(r.to_json()))

@@ -238,6 +238,7 @@ def build(args):
     from lorafleet.adapters.store import check_name
     from lorafleet.api.server import ServerConfig, create_app
     from lorafleet.api.state import read_generation_defaults
+    from lorafleet.lora.peft_format import adapter_folder
     from lorafleet.models import load_tokenizer
     from lorafleet.models.config import ModelConfig
     from lorafleet.serve import Engine, EngineConfig
@@ -284,10 +285,11 @@ def build(args):
         # --adapter of the same name, registered after, wins.
         engine.register_store(args.adapter_dir, lazy=True,
                               progress=progress_bar(args, "adapter dir", "adapter"))
-    # --adapter / --lora-modules folders are read whole (every tensor checked) at start-up
+    # --adapter / --lora-modules folders are read whole (every tensor checked) at start-up; a
+    # training run or checkpoint folder stands for its adapter/
     for name, folder in count_through(progress_bar(args, "adapters", "adapter"),
                                       adapters.items()):
-        engine.register_adapter(name, str(folder))
+        engine.register_adapter(name, str(adapter_folder(folder)))
     max_model_len = args.max_model_len or engine.max_model_len
     config = ServerConfig(
         model_name=served_name,

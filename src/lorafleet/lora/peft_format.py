@@ -112,9 +112,23 @@ def read_config(path: str | Path) -> tuple[dict[str, Any], LoraConfig]:
                            f"{CONFIG_NAME} and {WEIGHTS_NAME})")
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
-        raise AdapterError(f"{path}: missing {CONFIG_NAME}")
+        inner = path / "adapter"
+        hint = (f" (a training run or checkpoint folder? its PEFT folder is {inner})"
+                if (inner / CONFIG_NAME).is_file() else "")
+        raise AdapterError(f"{path}: missing {CONFIG_NAME}{hint}")
     raw = read_json(config_file, AdapterError)
     return raw, LoraConfig.from_dict(raw, source=str(config_file))
+
+
+def adapter_folder(path: str | Path) -> Path:
+    """`path`, or the PEFT folder inside it when `path` is a `lorafleet train` output or one of
+    its checkpoints (`OUT/`, `OUT/checkpoints/step-N/`: the adapter is their `adapter/`), so a
+    checkpoint folder can be named as TRL users name theirs (`checkpoint-N/`)."""
+    path = Path(path)
+    inner = path / "adapter"
+    if not (path / CONFIG_NAME).is_file() and (inner / CONFIG_NAME).is_file():
+        return inner
+    return path
 
 
 def weights_file(path: str | Path) -> Path:
