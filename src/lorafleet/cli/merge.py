@@ -8,6 +8,7 @@ safetensors files (no model code), config and tokenizer files copied.
 from __future__ import annotations
 
 from lorafleet.cli.progress import add_progress_argument, progress_bar
+from lorafleet.models.dtype import add_dtype_argument
 
 
 def add_parser(subparsers) -> None:
@@ -18,8 +19,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
                         help="one weight per --adapter (default: 1 each); may be negative")
     parser.add_argument("--out", required=True, metavar="OUT_DIR", help="new checkpoint folder")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                        help="dtype of the written weights (default: the base checkpoint's)")
+    add_dtype_argument(parser, help_suffix="; here the written weights' dtype, auto keeping "
+                       "the base checkpoint's")
     add_progress_argument(parser)
     parser.set_defaults(func=run)
 

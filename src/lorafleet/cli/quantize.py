@@ -6,6 +6,7 @@ far its logits move. The same loader backs `--quantize nf4` on generate, train a
 from __future__ import annotations
 
 from lorafleet.cli.progress import add_progress_argument, progress_bar
+from lorafleet.models.dtype import add_dtype_argument
 
 
 def add_parser(subparsers) -> None:
@@ -15,7 +16,8 @@ def add_parser(subparsers) -> None:
                     "(QLoRA), print the memory it stores and, with --check, the relative logit "
                     "error against the full-precision model on a random prompt.")
     p.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
-    p.add_argument("--dtype", default="bf16", help="dtype of the non-quantized parts (bf16)")
+    add_dtype_argument(p, default="bfloat16",
+                       help_suffix="; here the dtype of the parts kept unquantized")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--no-double-quant", action="store_true",
                    help="keep fp32 block scales (4.5 bits/param instead of ~4.127)")

@@ -82,6 +82,8 @@ def add_field_argument(group, f) -> None:
         if f.default is not None:
             help_text += f" (default {f.default})"
     value_type = int if kind.startswith("int") else float if kind.startswith("float") else str
+    if f.name == "dtype":
+        value_type = str.lower     # as every job's --dtype (models/dtype.add_dtype_argument)
     group.add_argument(*flags, dest=f.name, type=value_type, help=help_text, **kw)
 
 
