@@ -104,3 +104,22 @@ def test_bench_progress_is_the_clis():
     args = argparse.Namespace(progress=lambda description, unit: seen.append((description, unit))
                               or "bar")
     assert progress_for(args, "bench serve", "run") == "bar" and seen == [("bench serve", "run")]
+
+
+@pytest.mark.parametrize("terminal, flags, drawn", [(True, [], True), (True, ["--no-progress"],
+                                                                         False),
+                                                    (False, [], False)])
+def test_train_draws_loading_and_step_bars_on_a_terminal_only(tmp_path, llama_dir, monkeypatch,
+                                                              capsys, terminal, flags, drawn):
+    import json
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"q{i} ", "completion": f"a{i}"})
+                              for i in range(4)))
+    stream = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    assert main(["train", "--model", str(llama_dir), "--data", str(data), "--out",
+                 str(tmp_path / "run"), "--steps", "2", *flags]) == 0
+    assert "done: 2 steps" in capsys.readouterr().out
+    drawn_text = stream.getvalue()
+    assert ("loading:" in drawn_text and "?tensor/s" in drawn_text) == drawn   # the base
+    assert ("/2 [" in drawn_text and "step" in drawn_text) == drawn             # the steps

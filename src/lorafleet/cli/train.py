@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from dataclasses import MISSING, fields
 
+from lorafleet.cli.progress import progress_bar
 from lorafleet.train import MethodConfig, TrainConfig, train
 from lorafleet.train.config import ALIASES, TRL_FLAGS, normalize_keys
 
@@ -109,14 +111,17 @@ def run_train(args) -> int:
             tqdm.write(f"step {event['step']}: eval loss {event['eval_loss']:.4f}, "
                        f"perplexity {event['perplexity']:.2f}")
             return
-        if bar is None:
-            bar = tqdm(total=event["total_steps"], initial=event["step"] - 1, unit="step")
+        if bar is None:     # on a terminal only, as every bar (cli/progress.py)
+            bar = tqdm(total=event["total_steps"], initial=event["step"] - 1, unit="step",
+                       disable=not sys.stderr.isatty())
         bar.update(1)
         bar.set_postfix(loss=f"{event['loss']:.4f}", lr=f"{event['lr']:.2e}",
                         tok_s=f"{event['tokens_per_s']:.0f}")
 
     try:
-        result = train(cfg, callback=show)
+        loading = progress_bar(args, "loading")
+        result = train(cfg, callback=show, progress=lambda done, total: loading(done, total)
+                       if distributed.is_main() else None)
         main_process = distributed.is_main()
     finally:
         if bar is not None:

@@ -27,9 +27,10 @@ logger = logging.getLogger(__name__)
 HALF_BASE_METHODS = ("lora", "qlora")
 
 
-def load_base(cfg: TrainConfig, device: torch.device) -> nn.Module:
+def load_base(cfg: TrainConfig, device: torch.device, progress=None) -> nn.Module:
     """The base model for `cfg.method` on `device`, in the precision the module docstring
-    gives; ConfigError naming --dtype for a dtype the method or device cannot train over."""
+    gives; ConfigError naming --dtype for a dtype the method or device cannot train over.
+    `progress(done, total)`: called per checkpoint tensor read (models.loader)."""
     from lorafleet.models import load_model
     method = cfg.method.method
     requested = parse_dtype(cfg.dtype, "dtype")
@@ -38,7 +39,7 @@ def load_base(cfg: TrainConfig, device: torch.device) -> nn.Module:
             raise ConfigError(f"--dtype {cfg.dtype}: only lora and qlora train over a 16-bit "
                               f"base; --method {method} trains in float32 (use --bf16 for "
                               "bf16 autocast)")
-        return load_model(cfg.model, dtype=torch.float32, device=device)
+        return load_model(cfg.model, dtype=torch.float32, device=device, progress=progress)
     # qlora: auto computes in bf16 wherever the device does (QLoRA's compute dtype), whatever
     # the checkpoint declares; lora: the checkpoint's dtype (reduced precision is a choice).
     dtype = resolve_dtype(requested, cfg.model, device, prefer_half=method == "qlora",
@@ -54,8 +55,9 @@ def load_base(cfg: TrainConfig, device: torch.device) -> nn.Module:
                        "emulated and slower than float32", cfg.dtype)
     if method == "qlora":
         from lorafleet.quant import load_quantized_model
-        return load_quantized_model(cfg.model, dtype=dtype, device=device, skip=OUTPUT_HEADS)
-    return load_model(cfg.model, dtype=dtype, device=device)
+        return load_quantized_model(cfg.model, dtype=dtype, device=device, skip=OUTPUT_HEADS,
+                                    progress=progress)
+    return load_model(cfg.model, dtype=dtype, device=device, progress=progress)
 
 
 def trainable_in_float32(model: nn.Module) -> None:

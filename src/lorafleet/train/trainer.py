@@ -220,13 +220,15 @@ def resume(out: Path, cfg: TrainConfig, mode: str, trained: nn.Module, optimizer
 
 
 def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
-          callback: Callable[[dict], bool | None] | None = None) -> TrainResult:
+          callback: Callable[[dict], bool | None] | None = None,
+          progress: Callable[[int, int], None] | None = None) -> TrainResult:
     """Train `cfg.method` on `cfg.data` and save the artifact to `cfg.out/adapter`.
 
     `model`/`tokenizer` default to the base in cfg.model (see `load_base`) and its tokenizer;
     pass a transformers model and tokenizer to train one of those. `callback(event)` receives a
     dict per step ({"type": "step", "step", "total_steps", "loss", "lr", "tokens_per_s", ...})
     and per evaluation; returning True asks the run to stop (checkpoint saved, resumable).
+    `progress(done, total)`: called per checkpoint tensor while the base loads.
     Under torchrun every process calls this; rank 0 writes logs and the artifact.
     """
     mode = dist.resolve_mode(cfg.parallel)
@@ -242,7 +244,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
         set_chat_template(tokenizer, cfg.chat_template)
     train_set, val_set, stats = load_dataset(cfg.data_config(), tokenizer)
     if model is None:
-        model = load_base(cfg, device)
+        model = load_base(cfg, device, progress)
     method_state: dict = {}
     trained = apply_method(model, cfg.method, method_state).to(device)
     trainable_in_float32(trained)
