@@ -26,7 +26,16 @@ def test_every_extra_named_by_the_cli_installs_that_package():
         names = [re.split(r"[\[<>=;! ]", d)[0].lower() for d in extras[extra]]
         assert package in names, (package, extra)
     # `make test` installs what the tests need: the test extra pulls the others in
-    assert "lorafleet[bench,plots,cuda,data]" in extras["test"]
+    (own,) = [d for d in extras["test"] if d.startswith("lorafleet[")]
+    pulled = set(own.removeprefix("lorafleet[").rstrip("]").split(","))
+    assert pulled == {"bench", "plots", "cuda", "data", "track"}   # track: --report-to tests
+    # every package an extra names is pinned for `make` (constraints.txt)
+    pinned = {line.split("==")[0].lower().replace("_", "-")
+              for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line}
+    for extra in pulled:
+        for dep in extras[extra]:
+            name = re.split(r"[\[<>=;! ]", dep)[0].lower().replace("_", "-")
+            assert name in pinned, (extra, name)
 
 
 def test_missing_optional_package_names_the_extra(monkeypatch, capsys):
