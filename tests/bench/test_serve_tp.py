@@ -19,14 +19,14 @@ def _serve_args(argv):
 
 
 def test_serve_flags_carry_over():
-    tp = serve_tp.from_serve_args(_serve_args(
+    tp = serve.tensor_parallel_args(_serve_args(
         ["--tensor-parallel-size", "4", "--hidden", "256", "--vocab", "32000", "--repeats", "3",
          "--threads", "1", "--requests", "8", "--adapters", "10,100"]))
     assert tp.sizes == [1, 4]
     assert (tp.hidden, tp.vocab, tp.repeats, tp.requests, tp.adapters) == (256, 32000, 3, 8, 100)
     assert tp.single_threads == [1]
     assert tp.vocab_modes == list(serve_tp.VOCAB_MODES)
-    default = serve_tp.from_serve_args(_serve_args(["--tensor-parallel-size", "2"]))
+    default = serve.tensor_parallel_args(_serve_args(["--tensor-parallel-size", "2"]))
     assert default.requests == 32 and default.adapters == 16      # not the trace's 1000 / 5000
 
 

@@ -330,6 +330,34 @@ def _line(r: dict) -> str:
             f"{r['seconds']:.0f} s")
 
 
+def tensor_parallel_args(args) -> argparse.Namespace:
+    """`lorafleet bench serve --tensor-parallel-size N ...`: this benchmark at sizes 1 and N on
+    `bench serve`'s model (its --hidden, --layers, --heads, --kv-heads, --vocab) with its
+    --repeats, --json and --threads (the one-process runs); --requests and --adapters where
+    changed from bench serve's defaults (there they size a Poisson trace and a store of
+    thousands), else this benchmark's (32 requests at once, 16 adapters)."""
+    from . import serve_tp
+
+    def parse(add, argv):
+        parser = argparse.ArgumentParser()
+        add(parser)
+        return parser.parse_args(argv)
+
+    serve_defaults = vars(parse(add_arguments, []))
+    tp = parse(serve_tp.add_arguments, [])
+    for key in ("hidden", "layers", "heads", "kv_heads", "vocab", "repeats", "json"):
+        setattr(tp, key, getattr(args, key))
+    if args.requests != serve_defaults["requests"]:
+        tp.requests = args.requests
+    if args.adapters != serve_defaults["adapters"]:     # "10,100": the largest
+        tp.adapters = max(int(n) for n in args.adapters.split(",") if n)
+    if args.threads is not None:
+        tp.single_threads = [args.threads]
+    tp.sizes = [1, args.tensor_parallel_size]
+    tp.update_doc = args.update_doc
+    return tp
+
+
 def run(args) -> int:
     from lorafleet.bench import progress_for
 
@@ -337,7 +365,7 @@ def run(args) -> int:
         return report(args)
     if args.tensor_parallel_size > 1:
         from . import serve_tp
-        return serve_tp.run(serve_tp.from_serve_args(args))
+        return serve_tp.run(tensor_parallel_args(args))
     counts, popularities = _ints(args.adapters), [p for p in args.popularity.split(",") if p]
     started = time.perf_counter()
     results = {"started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -184,37 +184,9 @@ def main(argv=None) -> int:
     return run(parser.parse_args(argv))
 
 
-def from_serve_args(args) -> argparse.Namespace:
-    """`lorafleet bench serve --tensor-parallel-size N ...`: this benchmark at sizes 1 and N on
-    `bench serve`'s model (its --hidden, --layers, --heads, --kv-heads, --vocab) with its
-    --repeats, --json and --threads (the one-process runs); --requests and --adapters where
-    changed from bench serve's defaults (there they size a Poisson trace and a store of
-    thousands), else this benchmark's (32 requests at once, 16 adapters)."""
-    from . import serve
-
-    def parse(add, argv):
-        parser = argparse.ArgumentParser()
-        add(parser)
-        return parser.parse_args(argv)
-
-    serve_defaults = vars(parse(serve.add_arguments, []))
-    tp = parse(add_arguments, [])
-    for key in ("hidden", "layers", "heads", "kv_heads", "vocab", "repeats", "json"):
-        setattr(tp, key, getattr(args, key))
-    if args.requests != serve_defaults["requests"]:
-        tp.requests = args.requests
-    if args.adapters != serve_defaults["adapters"]:     # "10,100": the largest
-        tp.adapters = max(int(n) for n in args.adapters.split(",") if n)
-    if args.threads is not None:
-        tp.single_threads = [args.threads]
-    tp.sizes = [1, args.tensor_parallel_size]
-    tp.update_doc = args.update_doc
-    return tp
-
-
 def run(args) -> int:
     """`lorafleet bench serve_tp ...`, `lorafleet bench serve --tensor-parallel-size N` (through
-    from_serve_args) and `python -m lorafleet.bench.serve_tp ...`."""
+    bench.serve.tensor_parallel_args) and `python -m lorafleet.bench.serve_tp ...`."""
     from lorafleet.bench.doc_block import write_block
     from lorafleet.bench.workloads import make_random_llama, write_adapter_store
     from lorafleet.models.config import ModelConfig
