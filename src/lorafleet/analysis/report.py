@@ -7,8 +7,10 @@ from pathlib import Path
 
 import torch
 
-from lorafleet.analysis.subspace import (amplification_factor, delta_weight, projection_norm,
-                                         singular_values, subspace_similarity_grid)
+from lorafleet.analysis.subspace import (amplification_factor, delta_weight,
+                                         own_projection_norm, projection_norm,
+                                         random_projection_norm, singular_values,
+                                         subspace_similarity_grid)
 from lorafleet.errors import AdapterError
 
 
@@ -54,6 +56,10 @@ class ModuleAnalysis:
     amplification: float | None = None          # needs the base weights
     weight_projection_norm: float | None = None  # ||U^T W V^T||_F
     random_projection_norm: float | None = None  # the same for a random matrix of W's norm
+    # the paper's Table 7 rows: W onto its own top-r directions, W onto random directions
+    own_projection_norm: float | None = None
+    random_directions_norm: float | None = None
+    weight_norm: float | None = None
 
 
 @dataclass
@@ -80,6 +86,9 @@ def analyze_adapter(factors: dict[str, LoraFactors],
             rand = torch.randn(w.shape, generator=gen, dtype=torch.float64)
             rand *= torch.linalg.matrix_norm(w) / torch.linalg.matrix_norm(rand)
             entry.random_projection_norm = projection_norm(rand, dw, f.rank)
+            entry.own_projection_norm = own_projection_norm(w, f.rank)
+            entry.random_directions_norm = random_projection_norm(w, f.rank, gen)
+            entry.weight_norm = float(torch.linalg.matrix_norm(w))
         results.append(entry)
     return results
 

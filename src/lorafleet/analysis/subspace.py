@@ -8,6 +8,8 @@
   directions of `dW`, `||dW||_F / ||U^T W V^T||_F`: how much `dW` amplifies directions that
   were not emphasised in `W`.
 - Singular values of `dW = scaling * B A`.
+- Table 7's rows: W projected onto dW's top-r directions, onto its own (the "W" row) and onto
+  random ones.
 """
 from __future__ import annotations
 
@@ -78,6 +80,29 @@ def projection_norm(weight: torch.Tensor, delta_w: torch.Tensor, r: int) -> floa
         raise ShapeError(f"W {tuple(weight.shape)} and dW {tuple(delta_w.shape)} differ in shape")
     u, vh = top_singular_directions(delta_w, r)
     return float(torch.linalg.matrix_norm(u.T @ weight.double() @ vh.T))
+
+
+def projection_norm_on(weight: torch.Tensor, u: torch.Tensor, vh: torch.Tensor) -> float:
+    """||U^T W V^T||_F for given directions U [out, r], V^T [r, in]."""
+    if u.shape[0] != weight.shape[0] or vh.shape[1] != weight.shape[1]:
+        raise ShapeError(f"U {tuple(u.shape)} and V^T {tuple(vh.shape)} do not fit W "
+                         f"{tuple(weight.shape)}")
+    return float(torch.linalg.matrix_norm(u.double().T @ weight.double() @ vh.double().T))
+
+
+def own_projection_norm(weight: torch.Tensor, r: int) -> float:
+    """The paper's Table 7 "W" row: ||U^T W V^T||_F with U, V W's own top-r singular
+    directions, which equals the root sum of W's r largest squared singular values."""
+    u, vh = top_singular_directions(weight, r)
+    return projection_norm_on(weight, u, vh)
+
+
+def random_projection_norm(weight: torch.Tensor, r: int, generator: torch.Generator) -> float:
+    """The paper's Table 7 "Random" row: W projected onto the top-r singular directions of a
+    Gaussian random matrix of W's shape (r random orthonormal directions on each side)."""
+    rand = torch.randn(weight.shape, generator=generator, dtype=torch.float64)
+    u, vh = top_singular_directions(rand, r)
+    return projection_norm_on(weight, u, vh)
 
 
 def amplification_factor(weight: torch.Tensor, delta_w: torch.Tensor, r: int) -> float:
