@@ -360,7 +360,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "other core to the machine's other jobs)")
     parser.add_argument("--cell-tokens", type=int, default=8192, help="tokens per model per "
                         "cell; sets the rounds, within --min-repeats and --max-repeats")
-    parser.add_argument("--min-repeats", type=int, default=4)
+    parser.add_argument("--min-repeats", type=int, default=6)
     parser.add_argument("--max-repeats", type=int, default=100, help="(the paper: 100 trials)")
     parser.add_argument("--roofline-n", type=int, default=2048, help="matmul size of the "
                         "roofline (n x n @ n x n, fp32 and bf16)")

@@ -79,7 +79,8 @@ def latency_table(lat: dict) -> str:
             pct = 100 * (values[i] / PAPER_TABLE1["base"][i] - 1)
             row.append(f"{values[i]:.1f}" + ("" if name == "base" else f" ({pct:+.1f}%)"))
         who = {"base": "Fine-Tune/LoRA", "adapter_l": "Adapter^L", "adapter_h": "Adapter^H"}[name]
-        lines.append(f"| paper, GPT-2 M on a GPU: {who} | " + " | ".join(row) + " |")
+        lines.append(f"| paper (GPT-2 M, 24 layers, RTX8000 GPU): {who} | "
+                     + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -258,7 +259,7 @@ def plot(result: dict, path: Path) -> Path | None:
                                                 else "wall-clock)"))
     right.axhline(0, color="black", lw=0.8)
     right.set_ylabel("% over base (median ratio; bars: quartiles)")
-    right.legend(fontsize=7)
+    # one legend (left) for both panels: the colors are the same
     fig.suptitle(f"One forward, {m['layers']} GPT-2-medium-shaped layers (hidden {m['hidden']}, "
                  f"FFN {m['intermediate']}), {m['dtype']}, {m['threads']} thread(s), CPU",
                  fontsize=10)
