@@ -83,3 +83,30 @@ def test_bad_shapes_name_the_shapes():
         sub.subspace_similarity(torch.randn(2, 5), torch.randn(2, 5), 3, 1)
     with pytest.raises(ShapeError, match="differ in shape"):
         sub.amplification_factor(torch.randn(3, 3), torch.randn(3, 4), 1)
+
+
+def test_table7_w_row_is_ws_own_top_r_energy_and_no_directions_do_better():
+    """The "W" row: ||U^T W V^T|| with W's own top-r directions = sqrt(sum of the r largest
+    sigma^2), the largest any r orthonormal directions can give (Ky Fan)."""
+    from lorafleet.analysis.subspace import own_projection_norm, projection_norm_on
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 24, generator=gen, dtype=torch.float64)
+    sigma = torch.linalg.svdvals(w)
+    assert own_projection_norm(w, 5) == pytest.approx(float(sigma[:5].pow(2).sum().sqrt()))
+    for _ in range(20):
+        u = torch.linalg.qr(torch.randn(40, 5, generator=gen, dtype=torch.float64))[0]
+        v = torch.linalg.qr(torch.randn(24, 5, generator=gen, dtype=torch.float64))[0]
+        assert projection_norm_on(w, u, v.T) <= own_projection_norm(w, 5) + 1e-12
+
+
+def test_table7_random_row_matches_its_expectation():
+    """Random r-dim directions on each side: E ||U^T W V^T||^2 = ||W||^2 r^2 / (out * in)."""
+    from lorafleet.analysis.subspace import random_projection_norm
+
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(30, 20, generator=gen, dtype=torch.float64)
+    r = 4
+    mean_sq = sum(random_projection_norm(w, r, gen) ** 2 for _ in range(400)) / 400
+    expected = float(torch.linalg.matrix_norm(w)) ** 2 * r * r / (30 * 20)
+    assert mean_sq == pytest.approx(expected, rel=0.1)
