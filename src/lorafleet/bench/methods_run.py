@@ -92,11 +92,13 @@ def greedy_batch(model, tokenizer, prompts: list[str], max_tokens: int) -> list[
             out = model(buffer[:, :T], ForwardBatch(positions=positions, attention=cache))
             logits = out[rows, lengths - 1]
         for step in range(max_tokens):
-            if not kv:
-                end = int(lengths.max()) + step
-                out = model(buffer[:, :end])
+            if not kv:   # re-run only the rows still going (the cost grows with the rows)
+                live = torch.tensor([k for k in range(B) if not done[k]])
+                end = int(lengths[live].max()) + step
+                out = model(buffer[live, :end])
                 out = out.logits if hasattr(out, "logits") else out
-                logits = out[rows, lengths + step - 1]
+                logits = torch.zeros(B, out.shape[-1], dtype=out.dtype)
+                logits[live] = out[torch.arange(len(live)), lengths[live] + step - 1]
             token = logits.float().argmax(-1)
             for k, t in enumerate(token.tolist()):
                 if done[k]:

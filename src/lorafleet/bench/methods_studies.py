@@ -32,7 +32,7 @@ SEC7_RANKS = (4, 8, 64)
 # the whole command fits a 2-core CPU shared with other jobs.
 BASELINE_SWEEPS = [
     ("full fine-tuning", [(f"lr {lr:g}", {"method": "full", "lr": lr})
-                          for lr in (3e-4, 1e-3, 3e-3)]),
+                          for lr in (3e-4, 1e-3, 3e-3, 1e-2)]),
     ("prefix tuning (MLP reparam.)", [
         (f"{n} tokens, lr 0.01", {"method": "prefix", "prefix_projection": True,
                                   "virtual_tokens": n, "lr": 1e-2}) for n in (5, 10, 20)]),
