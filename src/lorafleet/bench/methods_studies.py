@@ -35,7 +35,7 @@ BASELINE_SWEEPS = [
                           for lr in (3e-4, 1e-3, 3e-3, 1e-2)]),
     ("prefix tuning (MLP reparam.)", [
         (f"{n} tokens, lr 0.01", {"method": "prefix", "prefix_projection": True,
-                                  "virtual_tokens": n, "lr": 1e-2}) for n in (5, 10, 20)]),
+                                  "virtual_tokens": n, "lr": 1e-2}) for n in (5, 10, 20, 40)]),
     ("prompt tuning (vocab init)", [
         (f"{n} tokens, lr 0.03", {"method": "prompt", "virtual_tokens": n, "lr": 3e-2})
         for n in (8, 16, 32)]),
