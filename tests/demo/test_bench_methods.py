@@ -65,6 +65,17 @@ def test_greedy_batch_equals_one_prompt_at_a_time(llama_dir):
         expected = [greedy_complete(model, tok, p, 7) for p in prompts]
         assert greedy_batch(model, tok, prompts, 7) == expected
         assert any(expected)
+        # rows that stop early (here: the first row's third token made the EOS) leave the
+        # batch while the others go on
+        stop = tok.encode(expected[0])[2]
+
+        class EarlyStop:
+            eos_token_id = stop
+            encode, decode = tok.encode, tok.decode
+
+        short = [greedy_complete(model, EarlyStop, p, 7) for p in prompts]
+        assert greedy_batch(model, EarlyStop, prompts, 7) == short
+        assert len(short[0]) < len(expected[0]) and short != expected
 
 
 def _fake_results(plan, rng):
