@@ -20,7 +20,8 @@ BENCHMARKS = {
                "the torch paths they replace",
     "pretraining": "the embedded base's pretraining curve, from its committed log "
                    "(docs/paper.md)",
-    "methods": "the LoRA paper's table at small scale (writes docs/paper.md)",
+    "methods": "the LoRA paper's studies at small scale: methods, ranks, matrices, sec. 7 "
+               "(3 seeds, 95% intervals; writes docs/paper.md)",
     "inits": "LoRA initializations (pissa, olora, loftq) vs the default: convergence",
     "dtypes": "QLoRA's data types: NF4 vs FP4 vs Int4 error and perplexity (docs/paper.md)",
     "efficiency": "LoRA paper Table 1: forward latency of merged/unmerged LoRA and adapter "
