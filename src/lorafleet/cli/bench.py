@@ -21,7 +21,7 @@ BENCHMARKS = {
     "pretraining": "the embedded base's pretraining curve, from its committed log "
                    "(docs/paper.md)",
     "methods": "the LoRA paper's studies at small scale: methods, ranks, matrices, sec. 7 "
-               "(3 seeds, 95% intervals; writes docs/paper.md)",
+               "(3 seeds, t intervals; writes docs/paper.md)",
     "inits": "LoRA initializations (pissa, olora, loftq) vs the default: convergence",
     "dtypes": "QLoRA's data types: NF4 vs FP4 vs Int4 error and perplexity (docs/paper.md)",
     "efficiency": "LoRA paper Table 1: forward latency of merged/unmerged LoRA and adapter "
