@@ -94,6 +94,23 @@ def small_fleet(tmp_path_factory):
     return _build(tmp_path_factory, "llama", LLAMA_TARGETS, num_adapters=4)
 
 
+def random_store(fleet, root, names: list[str], seed: int):
+    """A PEFT folder under `root` per name: the fleet's adapter configs in turn (for the small
+    fleet: ranks 1-8, four target sets, rsLoRA, rank_pattern), each with random weights of its
+    own (generator seeded seed + i)."""
+    from lorafleet.lora.peft_format import load_peft, write_adapter
+
+    _, _, adapters = fleet
+    templates = [load_peft(adapters[name]) for name in sorted(adapters)]
+    for i, name in enumerate(names):
+        template = templates[i % len(templates)]
+        gen = torch.Generator().manual_seed(seed + i)
+        write_adapter(root / name, template.config,
+                      {k: torch.randn(t.shape, generator=gen) * 0.3
+                       for k, t in template.tensors.items()})
+    return root
+
+
 # ---- the pool returns to all-free after every test (issue 6) --------------------------------
 # Every PagePool and Engine made during the session is tracked (module-scoped engines too, which
 # are built before a test's own fixtures run); after each test the ones it made (held strongly

@@ -21,7 +21,7 @@ from lorafleet.lora.peft_format import load_peft, write_adapter
 from lorafleet.serve.adapter_cache import LOAD_AHEAD
 from lorafleet.serve.engine import Engine, EngineConfig, SamplingParams
 
-from .conftest import merged_oracle, oracle_greedy
+from .conftest import merged_oracle, oracle_greedy, random_store
 
 NUM_ADAPTERS = 220
 MAX_TOKENS = 4
@@ -35,16 +35,8 @@ MAX_CPU_LORAS = 3
 def store(small_fleet, tmp_path_factory):
     """A store of NUM_ADAPTERS PEFT folders: the small fleet's configs (ranks 1-8, four target
     sets, rsLoRA, rank_pattern) with random weights of their own each."""
-    _, _, adapters = small_fleet
-    templates = [load_peft(adapters[name]) for name in sorted(adapters)]
-    root = tmp_path_factory.mktemp("scale") / "store"
-    for i in range(NUM_ADAPTERS):
-        template = templates[i % len(templates)]
-        gen = torch.Generator().manual_seed(1000 + i)
-        write_adapter(root / f"ad{i:03d}", template.config,
-                      {k: torch.randn(t.shape, generator=gen) * 0.3
-                       for k, t in template.tensors.items()})
-    return root
+    return random_store(small_fleet, tmp_path_factory.mktemp("scale") / "store",
+                        [f"ad{i:03d}" for i in range(NUM_ADAPTERS)], seed=1000)
 
 
 def _engine(base_dir, **config) -> Engine:

@@ -20,13 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorafleet.lora.peft_format import load_peft, write_adapter
 from lorafleet.serve import engine as engine_module
 from lorafleet.serve.adapter_cache import AdapterCache
 from lorafleet.serve.adapter_registry import AdapterSpec, BaseLayout
 from lorafleet.serve.engine import Engine, EngineConfig, SamplingParams
 from lorafleet.serve.page_copy import CudaPageCopier, PageCopier, StreamOps, make_page_copier
 from lorafleet.serve.pool import ADAPTER, KV, PagePool
+
+from .conftest import random_store
 
 
 class FakeEvent:
@@ -241,16 +242,8 @@ POOL_PAGES = 380          # small fleet adapters take 8-272 pages: a few fit bes
 
 @pytest.fixture(scope="module")
 def store(small_fleet, tmp_path_factory):
-    _, _, adapters = small_fleet
-    templates = [load_peft(adapters[name]) for name in sorted(adapters)]
-    root = tmp_path_factory.mktemp("page_copy") / "store"
-    for i in range(NUM_ADAPTERS):
-        template = templates[i % len(templates)]
-        gen = torch.Generator().manual_seed(500 + i)
-        write_adapter(root / f"c{i:02d}", template.config,
-                      {k: torch.randn(t.shape, generator=gen) * 0.3
-                       for k, t in template.tensors.items()})
-    return root
+    return random_store(small_fleet, tmp_path_factory.mktemp("page_copy") / "store",
+                        [f"c{i:02d}" for i in range(NUM_ADAPTERS)], seed=500)
 
 
 def _run(base_dir, store, workload, fake: bool):

@@ -25,17 +25,12 @@ class BottleneckAdapter(nn.Module):
         return y + self.up(nn.functional.gelu(self.down(y)))
 
 
-class LinAdapter(nn.Module):
+class LinAdapter(BottleneckAdapter):
     """y = base(x); y + up(relu(down(LayerNorm(y)))) (Lin et al. 2020). up starts at zero."""
 
     def __init__(self, base: nn.Module, hidden: int, bottleneck: int, **factory):
-        super().__init__()
-        self.base_layer = base
+        super().__init__(base, hidden, bottleneck, **factory)
         self.norm = nn.LayerNorm(hidden, **factory)
-        self.down = nn.Linear(hidden, bottleneck, **factory)
-        self.up = nn.Linear(bottleneck, hidden, **factory)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
 
     def forward(self, x, *args):
         y = self.base_layer(x, *args)
