@@ -31,6 +31,9 @@ MAX_REDRAWS = 32
 
 # number sub-states that are a complete number (the next non-number char ends it)
 _NUMBER_END = {"zero", "int", "frac", "exp"}
+# closing(): the next character toward the end of the object, for each mode that has a fixed one
+_CLOSE_CHAR = {"start": "{", "string": '"', "esc": "n", "key_or_close": "}",
+               "value_or_close": "]", "key": '"', "colon": ":", "value": "0"}
 
 
 def _after_value(stack: str):
@@ -144,30 +147,15 @@ def closing(state) -> str:
         mode, stack, aux = state
         if mode == "done":
             break
-        if mode == "start":
-            ch = "{"
-        elif mode == "string":
-            ch = '"'
-        elif mode == "esc":
-            ch = "n"
-        elif mode[0] == "u" and mode[1:].isdigit():
-            ch = "0"
-        elif mode == "literal":
-            ch = aux[0]
-        elif mode.startswith("num_"):
-            ch = "0" if mode[4:] not in _NUMBER_END else ("}" if stack[-1] == "{" else "]")
-        elif mode == "key_or_close":
-            ch = "}"
-        elif mode == "value_or_close":
-            ch = "]"
-        elif mode == "key":
-            ch = '"'
-        elif mode == "colon":
-            ch = ":"
-        elif mode == "value":
-            ch = "0"
-        else:  # after a value inside a container
-            ch = "}" if stack[-1] == "{" else "]"
+        ch = _CLOSE_CHAR.get(mode)
+        if ch is None:
+            if mode == "literal":
+                ch = aux[0]
+            elif (mode[0] == "u" and mode[1:].isdigit()) or (
+                    mode.startswith("num_") and mode[4:] not in _NUMBER_END):
+                ch = "0"      # a digit finishes an escape or a number
+            else:  # after a value (or a complete number) inside a container
+                ch = "}" if stack[-1] == "{" else "]"
         out.append(ch)
         state = step(state, ch)
     return "".join(out)
