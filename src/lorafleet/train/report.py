@@ -13,8 +13,6 @@ from pathlib import Path
 
 from lorafleet.errors import ConfigError
 
-EXTRA = {"tensorboard": "tensorboard", "wandb": "wandb"}   # what `pip install` needs
-
 
 class RunLog:
     def __init__(self, out: Path, enabled: bool, report_to: str = "none",
@@ -23,26 +21,23 @@ class RunLog:
         self.tb = self.wandb = None
         if not enabled or report_to == "none":
             return
-        if report_to == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:
-                self.close()
-                raise ConfigError("--report-to tensorboard needs the tensorboard package (pip "
-                                  "install 'lorafleet[track]' or tensorboard)") from exc
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        elif report_to == "wandb":
-            try:
-                import wandb
-            except ImportError as exc:
-                self.close()
-                raise ConfigError("--report-to wandb needs the wandb package (pip install "
-                                  "'lorafleet[track]' or wandb)") from exc
-            os.environ.setdefault("WANDB_MODE", "offline")
-            self.wandb = wandb.init(dir=str(out), config=config, name=out.name)
-        else:
+        if report_to not in ("tensorboard", "wandb"):
             raise ConfigError(f"report_to must be none, tensorboard or wandb (found "
                               f"{report_to!r})")
+        try:
+            if report_to == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+            else:
+                import wandb
+        except ImportError as exc:
+            self.close()
+            raise ConfigError(f"--report-to {report_to} needs the {report_to} package (pip "
+                              f"install 'lorafleet[track]' or {report_to})") from exc
+        if report_to == "tensorboard":
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        else:
+            os.environ.setdefault("WANDB_MODE", "offline")
+            self.wandb = wandb.init(dir=str(out), config=config, name=out.name)
 
     def write(self, record: dict) -> None:
         if self.file:
