@@ -266,7 +266,6 @@ def build(args):
         positions = ModelConfig.from_hf(args.model).max_position_embeddings
     else:
         model = load_base(args, dtype)
-    if args.tensor_parallel_size <= 1:
         positions = model.config.max_position_embeddings
     if args.max_model_len is not None and args.max_model_len > positions:
         raise ConfigError(f"--max-model-len {args.max_model_len} exceeds the model's "
