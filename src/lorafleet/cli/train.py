@@ -11,7 +11,7 @@ import sys
 
 from dataclasses import MISSING, fields
 
-from lorafleet.cli.progress import progress_bar
+from lorafleet.cli.progress import add_progress_argument, progress_bar
 from lorafleet.train import MethodConfig, TrainConfig, train
 from lorafleet.train.config import ALIASES, TRL_FLAGS, normalize_keys
 
@@ -60,7 +60,7 @@ def add_parser(subparsers) -> None:
     p.normalize_config = normalize_keys   # cli/config_file.py: TRL names, nested method, lists
     groups["run"].add_argument("--fsdp", dest="parallel", action="store_const", const="fsdp",
                                help="same as --parallel fsdp")
-    groups["run"].add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_argument(groups["run"])
     p.set_defaults(func=run_train)
 
 
