@@ -28,15 +28,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default",
     out: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and adapter_name in module.r:
-            if isinstance(module, LoraLinear):
-                out[f"{PREFIX}{name}.lora_A.weight"] = module.lora_A[adapter_name].weight
-                out[f"{PREFIX}{name}.lora_B.weight"] = module.lora_B[adapter_name].weight
-                if module.is_dora(adapter_name):
-                    out[f"{PREFIX}{name}.lora_magnitude_vector"] = \
-                        module.lora_magnitude_vector[adapter_name]
-            elif isinstance(module, LoraEmbedding):
-                out[f"{PREFIX}{name}.lora_embedding_A"] = module.lora_embedding_A[adapter_name]
-                out[f"{PREFIX}{name}.lora_embedding_B"] = module.lora_embedding_B[adapter_name]
+            for key, tensor in _lora_tensors(name, module, adapter_name).items():
+                out[PREFIX + key] = tensor
             base_bias = getattr(module.base_layer, "bias", None)
             if bias == "lora_only" and isinstance(base_bias, torch.Tensor):
                 out[f"{PREFIX}{name}.base_layer.bias"] = base_bias
@@ -62,15 +55,8 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor],
     params = dict(model.named_parameters())
     expected: dict[str, torch.Tensor] = {}  # what must be in the file: every A and B
     for name, module in modules.items():
-        if isinstance(module, LoraLinear) and adapter_name in module.r:
-            expected[f"{name}.lora_A.weight"] = module.lora_A[adapter_name].weight
-            expected[f"{name}.lora_B.weight"] = module.lora_B[adapter_name].weight
-            if module.is_dora(adapter_name):
-                expected[f"{name}.lora_magnitude_vector"] = \
-                    module.lora_magnitude_vector[adapter_name]
-        elif isinstance(module, LoraEmbedding) and adapter_name in module.r:
-            expected[f"{name}.lora_embedding_A"] = module.lora_embedding_A[adapter_name]
-            expected[f"{name}.lora_embedding_B"] = module.lora_embedding_B[adapter_name]
+        if isinstance(module, LoraLayer) and adapter_name in module.r:
+            expected.update(_lora_tensors(name, module, adapter_name))
     saved_wrappers = {n: m for n, m in modules.items()
                       if isinstance(m, ModulesToSave) and adapter_name in m.modules_to_save}
 
@@ -106,6 +92,21 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor],
     if missing:
         raise AdapterError(f"adapter file lacks {len(missing)} tensors the config targets, "
                            f"e.g. {[PREFIX + m for m in missing[:4]]}")
+
+
+def _lora_tensors(name: str, module: LoraLayer, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Adapter `adapter_name`'s own tensors in LoRA module `name`, by PEFT key less PREFIX: the
+    one place both directions (save and load) name them."""
+    if isinstance(module, LoraLinear):
+        out = {f"{name}.lora_A.weight": module.lora_A[adapter_name].weight,
+               f"{name}.lora_B.weight": module.lora_B[adapter_name].weight}
+        if module.is_dora(adapter_name):
+            out[f"{name}.lora_magnitude_vector"] = module.lora_magnitude_vector[adapter_name]
+        return out
+    if isinstance(module, LoraEmbedding):
+        return {f"{name}.lora_embedding_A": module.lora_embedding_A[adapter_name],
+                f"{name}.lora_embedding_B": module.lora_embedding_B[adapter_name]}
+    return {}
 
 
 def _is_adapter_extra(name: str, wrapper: str | None) -> bool:
