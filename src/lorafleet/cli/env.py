@@ -6,16 +6,17 @@ import importlib.metadata
 import logging
 import platform
 
+from lorafleet.cli import EXTRAS
+
 # (label, module, loader): each loader builds (or loads the cached) kernel, None when it cannot.
 KERNELS = (
     ("SGMV LoRA kernel (serve, CPU)", "lorafleet.serve.sgmv_cpu", "_load"),
     ("paged decode attention (serve, CPU)", "lorafleet.serve.attention_cpu", "_load"),
     ("NF4 matmul kernel (qlora/quantized serve, CPU)", "lorafleet.quant.kernel", "_load"),
 )
-OPTIONAL = (("transformers", "test"), ("peft", "test"), ("bitsandbytes", "cuda"),
-            ("triton", "cuda"), ("matplotlib", "plots"), ("pyarrow", "data"),
-            ("datasets", "data"), ("pyyaml", "(config files)"), ("tensorboard", "track"),
-            ("wandb", "track"), ("openai", "bench"))
+# Optional packages -> the extra that installs them: the ones a job may need (cli.EXTRAS, the
+# one copy of that map, pyproject.toml's extras), plus pyyaml (no extra) and openai (tests').
+OPTIONAL = tuple({**EXTRAS, "pyyaml": "(config files)", "openai": "test"}.items())
 
 
 def add_parser(subparsers) -> None:
