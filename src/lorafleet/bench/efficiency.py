@@ -292,18 +292,12 @@ def training_reference(path: Path) -> dict | None:
 def measure_roofline(threads: int, n: int = 2048) -> dict:
     """bench train's matmul rates and bench serve's copy bandwidth (wall-clock, best of a few),
     and the matmul rates in this thread's CPU time, the latency study's clock."""
-    from lorafleet.bench.serve import measure_roofline as copy_and_matmul
+    from lorafleet.bench.roofline import COPY_BYTES, copy_seconds, matmul_seconds
     from lorafleet.bench.train import roofline
     out = roofline(threads, n)
-    out["copy_bandwidth_gb_s"] = copy_and_matmul()["bandwidth_bytes_per_s"] / 1e9
+    out["copy_bandwidth_gb_s"] = 2 * COPY_BYTES / min(copy_seconds(COPY_BYTES, 5)) / 1e9
     for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b
-        best = float("inf")
-        for _ in range(3):
-            start = time.thread_time()
-            a @ b
-            best = min(best, time.thread_time() - start)
+        best = min(matmul_seconds(n, dtype, 3, clock=time.thread_time))
         out[f"{str(dtype).removeprefix('torch.')}_gflops_cpu_time"] = 2 * n ** 3 / best / 1e9
     return out
 

@@ -33,14 +33,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rewrite the `bench roofline` block of this doc")
 
 
-def _seconds(fn, repeats: int) -> list[float]:
+def seconds(fn, repeats: int, clock=time.perf_counter) -> list[float]:
+    """`repeats` timings of `fn` on `clock` after one untimed call."""
     fn()  # warm-up: allocation, first-touch of pages, oneDNN primitive creation
     samples = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        samples.append(time.perf_counter() - start)
+        samples.append(clock() - start)
     return samples
+
+
+def matmul_seconds(n: int, dtype, repeats: int, clock=time.perf_counter) -> list[float]:
+    """Timings of an n x n @ n x n product (2 n^3 FLOPs) in `dtype`: every bench's matmul
+    ceiling (train, serve and efficiency read theirs from here)."""
+    import torch
+
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return seconds(lambda: a @ b, repeats, clock)
+
+
+def copy_seconds(nbytes: int, repeats: int, src=None) -> list[float]:
+    """Timings of copying an fp32 tensor of `nbytes` (or `src`): 2 * nbytes moved per copy."""
+    import torch
+
+    src = torch.ones(nbytes // 4, dtype=torch.float32) if src is None else src
+    dst = torch.empty_like(src)
+    return seconds(lambda: dst.copy_(src), repeats)
 
 
 def measure(n: int, repeats: int) -> dict:
@@ -48,14 +67,12 @@ def measure(n: int, repeats: int) -> dict:
 
     out = {"n": n, "repeats": repeats, "threads": torch.get_num_threads(), "matmul": {}}
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        t = _seconds(lambda: a @ b, repeats)
+        t = matmul_seconds(n, dtype, repeats)
         out["matmul"][name] = {"best_gflops": 2 * n ** 3 / min(t) / 1e9,
                                "mean_gflops": 2 * n ** 3 / statistics.mean(t) / 1e9}
     src = torch.ones(COPY_BYTES // 4, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    copy = _seconds(lambda: dst.copy_(src), repeats)
-    total = _seconds(lambda: src.sum(), repeats)
+    copy = copy_seconds(COPY_BYTES, repeats, src)
+    total = seconds(lambda: src.sum(), repeats)
     out["bandwidth"] = {"bytes": COPY_BYTES,
                         "copy_gb_s": 2 * COPY_BYTES / min(copy) / 1e9,
                         "sum_gb_s": COPY_BYTES / min(total) / 1e9}

@@ -119,23 +119,10 @@ def measure_roofline() -> dict:
     write bytes, best of 5): the machine's two ceilings (DESIGN.md sec. 4)."""
     import torch
 
-    src = torch.ones(64 * 2**20, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    copies = []
-    for _ in range(5):
-        start = time.perf_counter()
-        dst.copy_(src)
-        copies.append(time.perf_counter() - start)
-    a = torch.randn(2048, 2048).to(torch.bfloat16)
-    a @ a
-    matmuls = []
-    for _ in range(5):
-        start = time.perf_counter()
-        a @ a
-        matmuls.append(time.perf_counter() - start)
-    return {"bandwidth_bytes_per_s": 2 * src.nbytes / min(copies),
-            "matmul_flops": 2 * 2048**3 / min(matmuls)}
+    from .roofline import COPY_BYTES, copy_seconds, matmul_seconds
+
+    return {"bandwidth_bytes_per_s": 2 * COPY_BYTES / min(copy_seconds(COPY_BYTES, 5)),
+            "matmul_flops": 2 * 2048**3 / min(matmul_seconds(2048, torch.bfloat16, 5))}
 
 
 def _loadavg() -> str:

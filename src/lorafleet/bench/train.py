@@ -236,17 +236,13 @@ def versus_worker(model_dir: str, batch_size: int, seq_len: int, r: int, repeats
 def roofline(threads: int, n: int = 2048, repeats: int = 3) -> dict:
     """Best-of matmul GFLOP/s of an n x n x n product in fp32 and bf16 on this machine, now."""
     import torch
+
+    from lorafleet.bench.roofline import matmul_seconds
     if threads:
         torch.set_num_threads(threads)
     out = {"n": n, "threads": torch.get_num_threads()}
     for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - start)
+        best = min(matmul_seconds(n, dtype, repeats))
         out[f"{str(dtype).removeprefix('torch.')}_gflops"] = 2 * n ** 3 / best / 1e9
     return out
 
