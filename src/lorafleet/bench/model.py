@@ -46,20 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rewrite the `bench model` block of this doc (docs/benchmarks.md)")
 
 
-def make_random_llama(path: Path, hidden: int, layers: int, heads: int, kv_heads: int,
-                      vocab: int) -> None:
-    """A random-weight Llama (GQA) saved as a Hugging Face folder."""
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-
-
 def seconds(fn, clock=time.perf_counter) -> float:
     start = clock()
     fn()
@@ -135,9 +121,12 @@ def run(args) -> int:
     else:
         info = run_info(command_line("model", args))
         if args.model is None:
+            from lorafleet.bench.workloads import make_random_llama
+
             with tempfile.TemporaryDirectory() as tmp:
+                # saved in fp32, as before: measure() casts to --dtype on both sides
                 make_random_llama(Path(tmp), args.hidden, args.layers, args.heads, args.kv_heads,
-                                  args.vocab)
+                                  args.vocab, dtype="float32")
                 report = measure(Path(tmp), args)
         else:
             report = measure(args.model, args)
