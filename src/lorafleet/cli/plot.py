@@ -24,12 +24,8 @@ def run(args) -> int:
 
 
 def plot_runs(logs: dict[str, list[dict]], out: Path) -> None:
-    try:
-        import matplotlib
-    except ModuleNotFoundError:
-        from lorafleet.errors import ConfigError
-        raise ConfigError("lorafleet plot needs matplotlib: pip install 'lorafleet[plots]'"
-                          ) from None
+    import matplotlib   # missing: main names the extra that installs it (cli.EXTRAS)
+
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
