@@ -104,8 +104,6 @@ class PeftAdapter:
 
 def read_config(path: str | Path) -> tuple[dict[str, Any], LoraConfig]:
     """(raw adapter_config.json dict, LoraConfig) of a PEFT folder."""
-    from lorafleet.lora.config import LoraConfig
-
     path = Path(path)
     if not path.is_dir():
         raise AdapterError(f"{path}: not a folder (expected a PEFT adapter folder with "
@@ -351,9 +349,10 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
     """A summary of a PEFT adapter folder from its config and safetensors header (no tensor
     data read): rank, alpha, targets, parameter count, size on disk."""
     path = Path(path)
-    raw, _ = read_config(path)
-    header = read_header(weights_file(path))
-    adapter = load_peft(path, header_only=True)
+    raw, config = read_config(path)
+    weights = weights_file(path)
+    header = read_header(weights)
+    adapter = parse_adapter(config, header, str(weights), path)   # load_peft's header_only path
     return {
         "path": str(path),
         "peft_type": raw.get("peft_type"),
