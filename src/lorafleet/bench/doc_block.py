@@ -62,16 +62,22 @@ def command_line(name: str, args=None) -> str:
             + ", ".join(f"{k}={v}" for k, v in settings.items()) + ")")
 
 
-def run_info(command: str) -> dict:
-    """Where and when a measurement ran, kept in its JSON so the doc can say so: the command,
-    UTC time, commit, CPU model and count, torch version, load average at the start."""
-    import torch
-
+def cpu_name() -> str:
+    """The CPU model (/proc/cpuinfo's "model name"), else platform.processor()."""
     cpu = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                     if line.startswith("model name")), cpu)
+    return cpu
+
+
+def run_info(command: str) -> dict:
+    """Where and when a measurement ran, kept in its JSON so the doc can say so: the command,
+    UTC time, commit, CPU model and count, torch version, load average at the start."""
+    import torch
+
+    cpu = cpu_name()
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, cwd=Path(__file__).parent).stdout.strip()

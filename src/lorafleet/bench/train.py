@@ -274,13 +274,10 @@ def run_worker(call: str) -> dict:
 
 
 def _machine() -> str:
-    import platform
-
     import torch
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+
+    from lorafleet.bench.doc_block import cpu_name
+    return f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
 
 
 def _spread(values: list[float]) -> dict:
