@@ -84,9 +84,8 @@ class TensorParallel:
         """source: the checkpoint folder the workers load (on CPU also the loaded model,
         unsharded, sent pickled); model: rank 0's loaded copy (on cuda:0 for CUDA), sharded
         here in place. quantize "nf4": every rank quantizes its own shard. vocab: how the
-        embedding and lm_head are split (shard.VOCAB_MODES)."""
-        check_tensor_parallel(model.config, world)
-        check_devices(world, device)
+        embedding and lm_head are split (shard.VOCAB_MODES). The Engine ran `check_start`
+        (sizes, GPUs or cores) before loading."""
         if device != "cpu" and not isinstance(source, (str, Path)):
             raise ConfigError("tensor parallelism on CUDA needs the checkpoint folder, not a "
                               "loaded model: each worker loads its own copy onto its GPU")
@@ -176,12 +175,14 @@ class TensorParallel:
         message = _dumps(("step", inputs))          # pickled once for all workers
         self.stats.steps += 1
         self.stats.control_bytes += len(message)
-        for conn in self.conns:
-            self._send_to(conn, message)
+        self._send(message)
 
     # ---- failures and shutdown --------------------------------------------------------------
 
     def _send(self, message) -> None:
+        """To every worker (message as for `_send_to`)."""
+        if not isinstance(message, bytes):
+            message = _dumps(message)           # pickled once, not once per worker
         for conn in self.conns:
             self._send_to(conn, message)
 
