@@ -222,21 +222,11 @@ def test_prompt_init_draws_real_vocabulary_rows_not_special_tokens(llama_dir):
 def test_trainer_runs_the_variants_from_flat_keys(tmp_path, train_llama_dir, toy_data,
                                                   overrides, lr):
     """The keys the bench methods study passes, through the real trainer and its artifact."""
-    from lorafleet.train import train
-
-    from .conftest import get_tokenizer
+    from .conftest import assert_lowers_loss_and_reloads
     cfg = TrainConfig.from_flat(model=str(train_llama_dir), data=str(toy_data),
                                 out=str(tmp_path / "run"), steps=24, lr=lr, batch_size=4,
                                 warmup=2, **overrides)
-    result = train(cfg, tokenizer=get_tokenizer(train_llama_dir))
-    losses = [e["loss"] for e in result.history if e["type"] == "step"]
-    assert sum(losses[-3:]) / 3 < 0.7 * losses[0], losses
-    ids = torch.randint(2, 300, (2, 12))
-    with torch.no_grad():
-        expected = result.model.eval()(ids)
-        reloaded = load_trained(load_model(train_llama_dir), result.artifact)(ids)
-    torch.testing.assert_close(reloaded, getattr(expected, "logits", expected),
-                               rtol=1e-5, atol=1e-5)
+    assert_lowers_loss_and_reloads(cfg, train_llama_dir)
 
 
 def test_prefix_projection_on_gpt2_fused_attention_matches_peft():
