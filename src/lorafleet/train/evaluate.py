@@ -16,7 +16,7 @@ import torch
 from lorafleet.errors import ConfigError
 from lorafleet.train.data import DataConfig, load_dataset, read_jsonl, DataStats
 from lorafleet.train.sources import converter
-from lorafleet.train.trainer import count_targets, forward_logits, loss_sum, perplexity
+from lorafleet.train.trainer import count_targets, evaluate, perplexity
 
 logger = logging.getLogger(__name__)
 
@@ -54,15 +54,6 @@ def load_for_eval(model_path: str, adapter: str, dtype, device) -> torch.nn.Modu
     raise ConfigError(f"{adapter}: not an adapter folder (no adapter_config.json or "
                       f"{METHOD_FILE}); give a PEFT folder, a run's adapter/ or checkpoint's "
                       f"adapter/, or `base`")
-
-
-@torch.no_grad()
-def loss_of(model, examples, batch_size: int, pad_id: int, device) -> float:
-    total = 0.0
-    for i in range(0, len(examples), batch_size):
-        total += loss_sum(*forward_logits(model, examples[i:i + batch_size], pad_id,
-                                          device)).item()
-    return total / max(1, count_targets(examples))
 
 
 def prompts_and_references(data: DataConfig, tokenizer) -> list[tuple[list[int], str]]:
@@ -120,7 +111,7 @@ def evaluate_adapters(model_path: str, data: DataConfig, adapters: list[str], *,
     results = []
     for adapter in adapters:
         model = load_for_eval(model_path, adapter, dtype, device)
-        loss = loss_of(model, examples, batch_size, pad_id, device)
+        loss = evaluate(model, examples, batch_size, pad_id, device)
         result = EvalResult(adapter, loss, perplexity(loss), count_targets(examples),
                             len(examples))
         if generate:

@@ -119,14 +119,16 @@ def enable_gradient_checkpointing(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, examples, cfg: TrainConfig, pad_id: int, device) -> float:
-    """Mean next-token loss over every label token of `examples`."""
+def evaluate(model: nn.Module, examples, batch_size: int, pad_id: int, device,
+             bf16: bool = False) -> float:
+    """Mean next-token loss over every label token of `examples` (validation during training,
+    and `lorafleet eval`)."""
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
-    for i in range(0, len(examples), cfg.batch_size):
-        chunk = examples[i:i + cfg.batch_size]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             total += loss_sum(*forward_logits(model, chunk, pad_id, device)).item()
         tokens += count_targets(chunk)
     model.train(was_training)
@@ -333,7 +335,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
             log.write(event)
             history.append(event)
             if val_set and cfg.eval_every and step % cfg.eval_every == 0:
-                eval_loss = evaluate(trained, val_set, cfg, pad_id, device)
+                eval_loss = evaluate(trained, val_set, cfg.batch_size, pad_id, device, cfg.bf16)
                 eval_event = {"type": "eval", "step": step, "eval_loss": eval_loss,
                               "perplexity": perplexity(eval_loss)}
                 log.write(eval_event)
@@ -354,7 +356,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
     artifact = None
     if not interrupted:
         if val_set and (not cfg.eval_every or step % cfg.eval_every):
-            eval_loss = evaluate(trained, val_set, cfg, pad_id, device)
+            eval_loss = evaluate(trained, val_set, cfg.batch_size, pad_id, device, cfg.bf16)
             log.write({"type": "eval", "step": step, "eval_loss": eval_loss,
                        "perplexity": perplexity(eval_loss)})
         artifact = out / "adapter"
