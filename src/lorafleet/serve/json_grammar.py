@@ -194,9 +194,9 @@ def constrain_json(seqs, logits: torch.Tensor, tokens: torch.Tensor, vocab: Json
         if not params.json_object:
             continue
         state = getattr(seq, "json_state", None) or START
-        eos = list(params.eos_token_ids if params.eos_token_ids is not None else eos_ids)
         token = int(tokens[row])
         if state[0] == "done":
+            eos = list(params.eos_token_ids if params.eos_token_ids is not None else eos_ids)
             if eos:
                 tokens[row] = eos[0]
             elif chars.get(" ") is not None:
@@ -206,9 +206,12 @@ def constrain_json(seqs, logits: torch.Tensor, tokens: torch.Tensor, vocab: Json
         close = closing(state)
         if left <= len(close) + 1 and close[0] in chars:
             token = chars[close[0]]
-        elif feed(state, texts[token]) is None:
-            token = _valid_choice(seq, logits[row], state, texts)
-        new = feed(state, texts[token]) if token is not None else None
+            new = feed(state, texts[token])
+        else:       # the model's own token, fed once when it is valid (the usual case)
+            new = feed(state, texts[token])
+            if new is None:
+                token = _valid_choice(seq, logits[row], state, texts)
+                new = feed(state, texts[token]) if token is not None else None
         if new is None:      # no valid token at all: close with what the vocabulary has
             token = chars.get(close[0], int(tokens[row]))
             new = feed(state, texts[token]) or state
