@@ -2,6 +2,7 @@
 over an engine, PEFT adapters with random B made by peft itself, and an `openai` client."""
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import sys
@@ -101,21 +102,35 @@ def build_engine(llama_dir, tokenizer, adapters: dict[str, Path]):
 KEYS = {"sk-admin": "*", "sk-alpha": ["alpha"], "sk-none": []}
 
 
+@contextlib.contextmanager
+def serving(llama_dir, tokenizer, adapters: dict[str, Path], keys: dict, keys_dir: Path,
+            adapter_dir: Path, **config):
+    """A started ServerThread over a fresh engine with `adapters` registered, the keys written to
+    keys_dir/keys.json, run-time loading from adapter_dir, and the limits the API tests share
+    (model "base", 128 positions, max_tokens 64, queue 64); `config` adds or overrides
+    ServerConfig fields. The thread carries .engine, .adapter_dir and .app; stopped on exit."""
+    keys_file = keys_dir / "keys.json"
+    keys_file.write_text(json.dumps(keys))
+    async_engine = build_engine(llama_dir, tokenizer, adapters)
+    config = ServerConfig(**{"model_name": "base", "max_model_len": 128, "max_tokens_limit": 64,
+                             "max_queue": 64, "adapter_dir": adapter_dir,
+                             "api_keys": ApiKeys.from_file(keys_file), "vocab_size": 384,
+                             **config})
+    app = create_app(async_engine, tokenizer, config)
+    thread = ServerThread(app).start()
+    thread.engine, thread.adapter_dir, thread.app = async_engine.engine, adapter_dir, app
+    try:
+        yield thread
+    finally:
+        thread.stop()
+
+
 @pytest.fixture(scope="module")
 def server(llama_dir, tokenizer, adapter_root, tmp_path_factory):
     """One server per test module, with keys: sk-admin (all), sk-alpha (alpha only)."""
-    keys_file = tmp_path_factory.mktemp("keys") / "keys.json"
-    keys_file.write_text(json.dumps(KEYS))
-    async_engine = build_engine(llama_dir, tokenizer,
-                                {n: adapter_root / n for n in ADAPTER_NAMES})
-    config = ServerConfig(model_name="base", max_model_len=128, max_tokens_limit=64,
-                          max_queue=64, adapter_dir=adapter_root,
-                          api_keys=ApiKeys.from_file(keys_file), vocab_size=384)
-    app = create_app(async_engine, tokenizer, config)
-    thread = ServerThread(app).start()
-    thread.engine, thread.adapter_dir = async_engine.engine, adapter_root
-    yield thread
-    thread.stop()
+    with serving(llama_dir, tokenizer, {n: adapter_root / n for n in ADAPTER_NAMES}, KEYS,
+                 tmp_path_factory.mktemp("keys"), adapter_root) as thread:
+        yield thread
 
 
 @pytest.fixture

@@ -17,10 +17,7 @@ import openai
 import pytest
 from safetensors.torch import load_file, save_file
 
-from lorafleet.api.auth import ApiKeys
-from lorafleet.api.server import ServerConfig, create_app
-
-from .conftest import ServerThread, build_engine
+from .conftest import serving
 
 KEYS = {"sk-admin": "*", "sk-alpha": ["alpha"], "sk-gamma": ["gamma"]}
 MAX_BODY = 64 * 1024
@@ -51,19 +48,10 @@ def server(llama_dir, tokenizer, adapter_root, tmp_path_factory):
     # a folder over the server's adapter size cap
     shutil.copytree(adapter_root / "alpha", adapter_dir / "big")
     (adapter_dir / "big" / "padding.bin").write_bytes(b"\0" * MAX_ADAPTER)
-    keys_file = root / "keys.json"
-    keys_file.write_text(json.dumps(KEYS))
-    async_engine = build_engine(llama_dir, tokenizer, {"alpha": adapter_dir / "alpha",
-                                                       "beta": adapter_dir / "beta"})
-    config = ServerConfig(model_name="base", max_model_len=128, max_tokens_limit=64,
-                          max_queue=16, adapter_dir=adapter_dir, max_body_bytes=MAX_BODY,
-                          max_adapter_bytes=MAX_ADAPTER,
-                          api_keys=ApiKeys.from_file(keys_file), vocab_size=384)
-    app = create_app(async_engine, tokenizer, config)
-    thread = ServerThread(app).start()
-    thread.engine, thread.adapter_dir, thread.app = async_engine.engine, adapter_dir, app
-    yield thread
-    thread.stop()
+    with serving(llama_dir, tokenizer, {"alpha": adapter_dir / "alpha",
+                                        "beta": adapter_dir / "beta"}, KEYS, root, adapter_dir,
+                 max_queue=16, max_body_bytes=MAX_BODY, max_adapter_bytes=MAX_ADAPTER) as thread:
+        yield thread
 
 
 @pytest.fixture(scope="module")

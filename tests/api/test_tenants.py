@@ -3,7 +3,6 @@ Retry-After), a flooding key that cannot slow another key's requests past a stat
 adapters served on demand from --adapter-dir, with the official `openai` client."""
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import statistics
@@ -14,10 +13,9 @@ import httpx
 import openai
 import pytest
 
-from lorafleet.api.auth import ApiKeys, key_id
-from lorafleet.api.server import ServerConfig, create_app
+from lorafleet.api.auth import key_id
 
-from .conftest import ServerThread, build_engine
+from .conftest import serving
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +36,8 @@ def server(llama_dir, tokenizer, adapter_root, tmp_path_factory):
     adapter_dir.mkdir()
     for name in ("alpha", "beta"):
         shutil.copytree(adapter_root / name, adapter_dir / name)
-    keys_file = root / "keys.json"
-    keys_file.write_text(json.dumps(KEYS))
-    async_engine = build_engine(llama_dir, tokenizer, {})
-    config = ServerConfig(model_name="base", max_model_len=128, max_tokens_limit=64,
-                          max_queue=64, adapter_dir=adapter_dir,
-                          api_keys=ApiKeys.from_file(keys_file), vocab_size=384)
-    app = create_app(async_engine, tokenizer, config)
-    thread = ServerThread(app).start()
-    thread.engine, thread.adapter_dir, thread.app = async_engine.engine, adapter_dir, app
-    yield thread
-    thread.stop()
+    with serving(llama_dir, tokenizer, {}, KEYS, root, adapter_dir) as thread:
+        yield thread
 
 
 def client_for(server, key: str) -> openai.OpenAI:
