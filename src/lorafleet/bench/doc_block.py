@@ -7,6 +7,7 @@ its committed JSON and checks the doc holds exactly that."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -70,6 +71,12 @@ def cpu_name() -> str:
         cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                     if line.startswith("model name")), cpu)
     return cpu
+
+
+def write_json(path: Path, data, indent: int) -> None:
+    """A bench's results as the JSON its doc block is re-rendered from (folders made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=indent) + "\n")
 
 
 def run_info(command: str) -> dict:

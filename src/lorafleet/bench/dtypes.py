@@ -273,14 +273,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lorafleet import EMBEDDED_BASE
     from lorafleet.bench import progress_for
+    from lorafleet.bench.doc_block import write_json
 
     if args.from_json is not None:
         result = json.loads(args.from_json.read_text())
     else:
         result = run_study(args.base or EMBEDDED_BASE, args.tokens, args.sdist,
                            progress=progress_for(args, "bench dtypes", "config"))
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result, indent=2)
     print(table(result))
     print(verdict(result))
     if args.paper is not None:

@@ -372,7 +372,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorafleet.bench.doc_block import replace_block
+    from lorafleet.bench.doc_block import replace_block, write_json
     from lorafleet.bench.efficiency_report import paper_block, plot, tables
 
     if args.from_json is not None:
@@ -381,8 +381,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, "argv", None) is None:  # through the CLI: lorafleet bench efficiency
             args.argv = sys.argv[3:] if sys.argv[1:3] == ["bench", "efficiency"] else []
         result = run_all(args)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.json, result, indent=1)
     figure = plot(result, args.figure) if args.figure else None
     print(tables(result))
     if args.paper is not None:

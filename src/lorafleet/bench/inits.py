@@ -330,6 +330,7 @@ def run_study(args) -> dict:
 
 
 def run(args) -> int:
+    from lorafleet.bench.doc_block import write_json
     from lorafleet.errors import ConfigError
 
     if args.quick:
@@ -363,8 +364,7 @@ def run(args) -> int:
             except ValueError:
                 pass
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(data, indent=1) + "\n")
+        write_json(args.json, data, indent=1)
     if args.paper:
         write_paper_section(args.paper, section_lines([(data, data.get("figure"))]))
     return 0

@@ -89,15 +89,14 @@ def _lora_case(torch, hidden, ranks, rows_per_segment, seed):
 
 
 def run(args) -> int:
-    from lorafleet.bench.doc_block import write_block
+    from lorafleet.bench.doc_block import write_block, write_json
 
     if args.from_json:
         reports = [json.loads(path.read_text()) for path in args.from_json]
     else:
         reports = [measure(args)]
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(reports[0], indent=2) + "\n")
+            write_json(args.json, reports[0], indent=2)
     print(markdown(reports))
     if args.update_doc:
         write_block(args.update_doc, "kernels", markdown(reports))

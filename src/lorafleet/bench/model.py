@@ -114,7 +114,7 @@ def measure(model_dir: Path, args) -> dict:
 
 
 def run(args) -> int:
-    from lorafleet.bench.doc_block import command_line, run_info, write_block
+    from lorafleet.bench.doc_block import command_line, run_info, write_block, write_json
 
     if args.from_json is not None:
         report = json.loads(args.from_json.read_text())
@@ -133,8 +133,7 @@ def run(args) -> int:
         report["run"] = dict(info, load_average_end=round(os.getloadavg()[0], 1))
     print(markdown(report))
     if args.json and args.from_json is None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report, indent=2)
     if args.update_doc:
         write_block(args.update_doc, "model", markdown(report))
     return 0

@@ -145,15 +145,14 @@ def _rows(result: dict) -> list[tuple[str, str, float, str]]:
 
 
 def run(args) -> int:
-    from lorafleet.bench.doc_block import write_block
+    from lorafleet.bench.doc_block import write_block, write_json
 
     if args.from_json is not None:
         results = json.loads(args.from_json.read_text())
     else:
         results = measure(args)
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results, indent=2) + "\n")
+            write_json(args.json, results, indent=2)
             print(f"\nwrote {args.json}")
     print(markdown(results))
     if args.update_doc:

@@ -106,7 +106,7 @@ def markdown(report: dict) -> str:
 def run(args) -> int:
     import torch
 
-    from lorafleet.bench.doc_block import command_line, run_info, write_block
+    from lorafleet.bench.doc_block import command_line, run_info, write_block, write_json
 
     if args.from_json is not None:
         report = json.loads(args.from_json.read_text())
@@ -117,8 +117,7 @@ def run(args) -> int:
         report = measure(args.n, args.repeats)
         report["run"] = dict(info, load_average_end=round(os.getloadavg()[0], 1))
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(report, indent=2) + "\n")
+            write_json(args.json, report, indent=2)
     print(markdown(report))
     if args.update_doc:
         write_block(args.update_doc, "roofline", markdown(report))

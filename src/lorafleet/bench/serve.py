@@ -39,6 +39,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .doc_block import write_json
 from .serve_report import best_runs, markdown, plot, update_doc
 from .workloads import (ALL_LINEAR_SHARE, ATTENTION, RANKS, adapter_name, adapter_spec,
                         link_store, make_random_llama, write_adapter_store)
@@ -437,8 +438,7 @@ def _ok(results: dict) -> dict:
 
 
 def _write(results: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1) + "\n")
+    write_json(path, results, indent=1)
 
 
 def report(args) -> int:

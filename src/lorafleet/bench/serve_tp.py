@@ -187,7 +187,7 @@ def main(argv=None) -> int:
 def run(args) -> int:
     """`lorafleet bench serve_tp ...`, `lorafleet bench serve --tensor-parallel-size N` (through
     bench.serve.tensor_parallel_args) and `python -m lorafleet.bench.serve_tp ...`."""
-    from lorafleet.bench.doc_block import write_block
+    from lorafleet.bench.doc_block import write_block, write_json
     from lorafleet.bench.workloads import make_random_llama, write_adapter_store
     from lorafleet.models.config import ModelConfig
 
@@ -255,8 +255,7 @@ def run(args) -> int:
                      f"{r['control_bytes_per_step']:.0f} B/step")
         print(line)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        write_json(args.json, report, indent=1)
     if args.update_doc:
         write_block(args.update_doc, "serve_tp", markdown([report]))
     return 0
