@@ -23,7 +23,7 @@ from lorafleet.errors import ConfigError
 from lorafleet.lora.config import LoraConfig
 from lorafleet.lora.inject import inject_lora
 from lorafleet.lora.layers import LoraLinear
-from lorafleet.models.modules import OUTPUT_HEAD, is_conv1d
+from lorafleet.models.modules import OUTPUT_HEAD, is_conv1d, name_matches
 
 from .linear4bit import Linear4bit
 from .model import quantize_model
@@ -94,8 +94,8 @@ def loftq_model(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         layer.lora_B[adapter_name].weight.data = B.to(dtype)
         layer.initial_lora[adapter_name] = (A.to(dtype).clone(), B.to(dtype).clone())
     rest = [n for n, m in model.named_modules() if (isinstance(m, nn.Linear) or is_conv1d(m))
-            and ".lora_" not in n and n.split(".")[-1] not in skip and n not in skip]
-    if rest:   # the projections LoRA does not adapt: NF4 as QLoRA has them
+            and ".lora_" not in n and not name_matches(n, skip)]
+    if rest:   # the projections LoRA does not adapt: NF4 as QLoRA has them (quantize_model's rule)
         quantize_model(model, skip=skip, block_size=block_size, double_quant=double_quant)
     model.lora_configs[adapter_name] = dataclasses.replace(config, init_lora_weights="loftq")
     return model
