@@ -96,6 +96,11 @@ def run_info(command: str) -> dict:
             "torch": torch.__version__, "load_average_start": round(os.getloadavg()[0], 1)}
 
 
+def run_ended(info: dict) -> dict:
+    """`info` of run_info with the load average at the measurement's end added."""
+    return dict(info, load_average_end=round(os.getloadavg()[0], 1))
+
+
 def run_line(info: dict) -> str:
     """One sentence naming the run of `run_info`, with the load average at its end if known."""
     load = f"load average {info['load_average_start']}"

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import random
 import statistics
 import time
@@ -115,7 +114,7 @@ def measure(args) -> dict:
     from lorafleet.serve.packed_linear import PackedLinear, can_prepack
     from lorafleet.serve.sgmv_cpu import sgmv_cpu, sgmv_cpu_available
 
-    from lorafleet.bench.doc_block import command_line, run_info
+    from lorafleet.bench.doc_block import command_line, run_ended, run_info
 
     info = run_info(command_line("kernels", args))
     torch.set_num_threads(args.threads)
@@ -205,7 +204,7 @@ def measure(args) -> dict:
     results["config"] = {"hidden": hidden, "ranks": ranks, "heads": [n_heads, n_kv],
                          "threads": torch.get_num_threads(), "repeats": repeats,
                          "seed": args.seed}
-    results["run"] = dict(info, load_average_end=round(os.getloadavg()[0], 1))
+    results["run"] = run_ended(info)
     return results
 
 

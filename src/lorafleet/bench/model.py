@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -114,7 +113,7 @@ def measure(model_dir: Path, args) -> dict:
 
 
 def run(args) -> int:
-    from lorafleet.bench.doc_block import command_line, run_info, write_block, write_json
+    from lorafleet.bench.doc_block import command_line, run_ended, run_info, write_block, write_json
 
     if args.from_json is not None:
         report = json.loads(args.from_json.read_text())
@@ -130,7 +129,7 @@ def run(args) -> int:
                 report = measure(Path(tmp), args)
         else:
             report = measure(args.model, args)
-        report["run"] = dict(info, load_average_end=round(os.getloadavg()[0], 1))
+        report["run"] = run_ended(info)
     print(markdown(report))
     if args.json and args.from_json is None:
         write_json(args.json, report, indent=2)

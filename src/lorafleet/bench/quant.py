@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import time
 from pathlib import Path
@@ -163,7 +162,7 @@ def run(args) -> int:
 def measure(args) -> dict:
     import torch
 
-    from lorafleet.bench.doc_block import command_line, run_info
+    from lorafleet.bench.doc_block import command_line, run_ended, run_info
     from lorafleet.quant.kernel import kernel_available
 
     info = run_info(command_line("quant", args))
@@ -184,7 +183,7 @@ def measure(args) -> dict:
         print(f"{'op':<14}{'impl':<13}{'ms':>10}{'other/ours':>12}")
         for op, name, ms, ratio in _rows(result):
             print(f"{op:<14}{name:<13}{ms:>10.2f}{ratio:>12}")
-    results["run"] = dict(info, load_average_end=round(os.getloadavg()[0], 1))
+    results["run"] = run_ended(info)
     return results
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -106,7 +105,7 @@ def markdown(report: dict) -> str:
 def run(args) -> int:
     import torch
 
-    from lorafleet.bench.doc_block import command_line, run_info, write_block, write_json
+    from lorafleet.bench.doc_block import command_line, run_ended, run_info, write_block, write_json
 
     if args.from_json is not None:
         report = json.loads(args.from_json.read_text())
@@ -115,7 +114,7 @@ def run(args) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         report = measure(args.n, args.repeats)
-        report["run"] = dict(info, load_average_end=round(os.getloadavg()[0], 1))
+        report["run"] = run_ended(info)
         if args.json:
             write_json(args.json, report, indent=2)
     print(markdown(report))
