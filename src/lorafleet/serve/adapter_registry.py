@@ -21,6 +21,7 @@ import torch
 
 from lorafleet.adapters.store import confine
 from lorafleet.errors import AdapterError, ConfigError, ShapeError
+from lorafleet.lora.init import changes_base
 from lorafleet.lora.peft_format import (PREFIX, PeftAdapter, TensorInfo, check_arrays, load_peft,
                                         parse_adapter, read_arrays, read_config, weights_file)
 
@@ -112,8 +113,7 @@ def build_spec(name: str, adapter: PeftAdapter, layout: BaseLayout) -> AdapterSp
     if layout.base_name and adapter.config.base_model_name_or_path:
         warn_other_base(name, adapter.config.base_model_name_or_path, layout.base_name)
     init = adapter.config.init_lora_weights
-    if isinstance(init, str) and init.split("_niter_")[0] in ("pissa", "olora", "loftq"):
-        # trained over a residual base the engine does not hold (lora/init.py)
+    if changes_base(init):     # trained over a residual base the engine does not hold
         raise AdapterError(f"adapter {name!r}: init_lora_weights={init!r}: it was trained over "
                            f"a rewritten base; save it converted to a plain LoRA over the "
                            f"original base (save_adapter(..., convert_to_lora=True), or PEFT's "
