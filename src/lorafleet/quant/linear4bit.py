@@ -218,7 +218,11 @@ class Linear4bit(nn.Module):
         if tuple(weight.shape) != expected:
             raise ConfigError(f"Linear4bit.set_weight: expected weight of shape {list(expected)}, "
                               f"got {list(weight.shape)}")
-        nf4 = quantize_nf4(weight, self.block_size, self.double_quant)
+        self.set_nf4(quantize_nf4(weight, self.block_size, self.double_quant))
+
+    def set_nf4(self, nf4: NF4Tensor) -> None:
+        """Make an already quantized weight [out, in] this layer's storage (a requantized merge,
+        LoftQ's Q)."""
         for name, tensor in nf4.stored_tensors().items():
             self._buffers[name] = tensor
 
@@ -243,8 +247,7 @@ class Linear4bit(nn.Module):
                               f"{[self.out_features, self.in_features]}")
         with torch.no_grad():
             target = dequantize_nf4(self.nf4, torch.float32) + delta.float()
-            for name, tensor in requantize_nf4(self.nf4, target).stored_tensors().items():
-                self._buffers[name] = tensor
+            self.set_nf4(requantize_nf4(self.nf4, target))
             rms = (dequantize_nf4(self.nf4, torch.float32) - target).pow(2).mean().sqrt().item()
         log.warning("merging into a 4-bit NF4 base requantizes the weight: the result is rounded "
                     "to NF4 (RMS error %.3g); export a merged bf16/fp16 checkpoint (lorafleet "

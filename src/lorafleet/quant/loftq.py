@@ -84,8 +84,7 @@ def loftq_model(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         new = Linear4bit(layer.in_features, layer.out_features, bias=bias is not None,
                          block_size=block_size, double_quant=double_quant,
                          device=A.device, dtype=layer.lora_A[adapter_name].weight.dtype)
-        for name, tensor in nf4.stored_tensors().items():
-            new._buffers[name] = tensor
+        new.set_nf4(nf4)
         if bias is not None:
             new.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         layer.base_layer, layer.fan_in_fan_out = new, False   # Linear4bit stores [out, in]
