@@ -25,7 +25,7 @@ from lorafleet.api.protocol import (ChatChoiceLogprobs, ChatCompletionChoice,
                                     ChatStreamChoice, ChatTokenLogprob, CompletionChoice,
                                     CompletionChunk, CompletionLogprobs, CompletionRequest,
                                     CompletionResponse, DeltaMessage)
-from lorafleet.api.state import ApiError, ServerState
+from lorafleet.api.state import GENERATION_DEFAULT_KEYS, ApiError, ServerState
 from lorafleet.errors import LoraFleetError
 from lorafleet.serve import SamplingParams
 
@@ -64,18 +64,13 @@ async def collect_unless_disconnected(request: Request, job: Job) -> None:
 
 # ---- request -> engine inputs ------------------------------------------------------------------
 
-# Sampling fields a model's generation_config.json may set (used where a request leaves them
-# out, as vLLM's --generation-config auto does).
-DEFAULTABLE = ("temperature", "top_p", "top_k", "repetition_penalty", "min_p")
-
-
 def _sampling_params(state: ServerState, body, max_tokens: int, logprobs: bool,
                      top_logprobs: int, n: int, prompt_logprobs: int | None = None
                      ) -> list[SamplingParams]:
     given = body.model_fields_set
     defaults = state.config.generation_defaults
     options = {}
-    for name in DEFAULTABLE:
+    for name in GENERATION_DEFAULT_KEYS:     # a model's generation_config.json sets these
         value = getattr(body, name)
         if (name not in given or value is None) and name in defaults:
             value = defaults[name]
