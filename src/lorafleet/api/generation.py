@@ -236,7 +236,7 @@ async def completions(request: Request):
         raise ApiError(400, "max_tokens=0 scores the prompt only: it needs echo=true and "
                             "stream=false", param="max_tokens", code="invalid_value")
     prompts = body.prompts()
-    prompt_ids = [await asyncio.to_thread(_encode_prompt, state, p) for p in prompts]
+    prompt_ids = await asyncio.to_thread(lambda: [_encode_prompt(state, p) for p in prompts])
     max_tokens = [_check_lengths(state, ids, 1 if score_only else body.max_tokens, "prompt")
                   for ids in prompt_ids]
     want_logprobs = body.logprobs is not None
@@ -251,8 +251,9 @@ async def completions(request: Request):
               prompts=choice_prompts)
     echoes = [""] * len(params)
     if body.echo:
-        texts = [p if isinstance(p, str) else await asyncio.to_thread(state.tokenizer.decode, ids)
-                 for p, ids in zip(prompts, prompt_ids)]
+        texts = await asyncio.to_thread(lambda: [
+            p if isinstance(p, str) else state.tokenizer.decode(ids)
+            for p, ids in zip(prompts, prompt_ids)])
         echoes = [t for t in texts for _ in range(body.n)]
     _log_request(state, job, body)
     job.admit()
