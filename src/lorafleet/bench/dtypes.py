@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from lorafleet.bench.doc_block import markers
 from lorafleet.quant.nf4 import (NF4Tensor, _with_scales, dequantize_blockwise,
                                  quantize_blockwise)
 
@@ -45,7 +46,7 @@ NF4_OFFSET = 1 - (1 / 30 + 1 / 32) / 2
 BNB_FP4 = (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0,
            -3.0)
 BLOCK_SIZE = 64
-PAPER_BEGIN, PAPER_END = "<!-- bench dtypes: begin -->", "<!-- bench dtypes: end -->"
+PAPER_BEGIN, PAPER_END = markers("dtypes")
 
 
 def nf4_from_quantiles(offset: float = NF4_OFFSET) -> torch.Tensor:

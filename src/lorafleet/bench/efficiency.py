@@ -43,11 +43,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorafleet.bench.doc_block import markers
 from lorafleet.bench.efficiency_report import PAPER_CELLS
 
 log = logging.getLogger(__name__)
 
-PAPER_BEGIN, PAPER_END = "<!-- bench efficiency: begin -->", "<!-- bench efficiency: end -->"
+PAPER_BEGIN, PAPER_END = markers("efficiency")
 # GPT-2 medium (Radford et al. 2019): the model of the paper's Table 1.
 GPT2_MEDIUM = {"hidden": 1024, "heads": 16, "intermediate": 4096, "layers": 24, "vocab": 50257,
                "context": 1024}

@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from lorafleet.bench.doc_block import markers
+
 log = logging.getLogger(__name__)
 
 # label -> (base: "float" or "nf4", init_lora_weights); loftq is built by quant.loftq.loftq_model
@@ -40,7 +42,7 @@ INITS = {
     "loftq": ("nf4", "loftq"),
 }
 REFERENCE = {"float": "default", "nf4": "qlora"}
-PAPER_BEGIN, PAPER_END = "<!-- bench inits: begin -->", "<!-- bench inits: end -->"
+PAPER_BEGIN, PAPER_END = markers("inits")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,10 +7,11 @@ from pathlib import Path
 
 from lorafleet.analysis.stats import Interval, mean_ci
 from lorafleet.bench import methods_sec7
+from lorafleet.bench.doc_block import markers
 from lorafleet.bench.methods_studies import (ALPHA, LORA_IN_METHODS, LORA_LR, Plan,
                                              default_plan, lora, make_run, quick_plan, select)
 
-PAPER_BEGIN, PAPER_END = "<!-- bench methods: begin -->", "<!-- bench methods: end -->"
+PAPER_BEGIN, PAPER_END = markers("methods")
 
 
 def plan_of(config: dict) -> Plan:
