@@ -46,7 +46,7 @@ def pissa_init(layer, name: str, method: str) -> None:
     """PiSSA on LoraLinear `layer`, adapter `name` (PEFT's `pissa_init`, same operations)."""
     weight = _float_weight(layer)
     dtype, r, scaling = weight.dtype, layer.r[name], layer.scaling[name]
-    w = weight.float().T if layer.fan_in_fan_out else weight.float()
+    w = layer.base_weight().float()   # [out, in] (Conv1D transposed)
     if method == "pissa":
         V, S, Uh = torch.linalg.svd(w, full_matrices=False)
         Vr, Sr, Uhr = V[:, :r], S[:r] / scaling, Uh[:r]
@@ -63,7 +63,7 @@ def olora_init(layer, name: str) -> None:
     """OLoRA on LoraLinear `layer`, adapter `name` (PEFT's `olora_init`)."""
     weight = _float_weight(layer)
     dtype, r, scaling = weight.dtype, layer.r[name], layer.scaling[name]
-    w = weight.float().T if layer.fan_in_fan_out else weight.float()
+    w = layer.base_weight().float()   # [out, in] (Conv1D transposed)
     Q, R = torch.linalg.qr(w)
     A, B = R[:r].contiguous(), Q[:, :r].contiguous()
     _set(layer, name, A, B, w - scaling * B @ A, dtype)
