@@ -1,6 +1,10 @@
-"""Waiting for a `lorafleet serve` subprocess: its start-up log names the URL just before uvicorn
-accepts, then /health answers 200."""
+"""A `lorafleet serve` subprocess, and waiting for it: its start-up log names the URL just before
+uvicorn accepts, then /health answers 200."""
+import contextlib
+import os
 import re
+import subprocess
+import sys
 import time
 
 import httpx
@@ -25,3 +29,23 @@ def wait_until_serving(proc, log_path, timeout_s: float, poll_s: float = 0.1) ->
         except httpx.TransportError:
             assert time.monotonic() < deadline
             time.sleep(poll_s)
+
+
+@contextlib.contextmanager
+def serve_subprocess(flags: list[str], log_path, timeout_s: float, env: dict | None = None,
+                     poll_s: float = 0.1):
+    """`python -m lorafleet.cli serve FLAGS` (OMP_NUM_THREADS=1, plus `env`) with its output in
+    log_path; yields the process, carrying .url and .log_path, once it serves; killed on exit
+    when still running."""
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "lorafleet.cli", "serve", *flags],
+                                stdout=log_file, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+        try:
+            proc.url = wait_until_serving(proc, log_path, timeout_s, poll_s)
+            proc.log_path = log_path
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(30)

@@ -4,18 +4,15 @@ in-flight stream before a clean exit."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import openai
 import pytest
-from serve_process import wait_until_serving
+from serve_process import serve_subprocess
 from .conftest import ServerThread
 
 from lorafleet.cli import main as cli_main
@@ -30,21 +27,13 @@ def lorafleet_generate(capsys, *args) -> dict:
 @pytest.fixture(scope="module")
 def serve_process(llama_dir, adapter_root, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    log_file = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lorafleet.cli", "serve", "--model", str(llama_dir),
-         "--served-model-name", "tiny", "--adapter", f"alpha={adapter_root / 'alpha'}",
-         "--adapter-dir", str(adapter_root), "--port", "0", "--max-model-len", "256",
-         "--num-pages", "4096", "--dtype", "float32"],   # as the in-process generate oracle
-                                                            # resolves auto (tests/conftest.py)
-        stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    url = wait_until_serving(proc, log_path, 90)
-    proc.url, proc.log_path = url, log_path
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(30)
-    log_file.close()
+    with serve_subprocess(
+            ["--model", str(llama_dir), "--served-model-name", "tiny",
+             "--adapter", f"alpha={adapter_root / 'alpha'}", "--adapter-dir", str(adapter_root),
+             "--port", "0", "--max-model-len", "256", "--num-pages", "4096",
+             "--dtype", "float32"],   # as the in-process generate oracle resolves auto
+            log_path, 90) as proc:    # (tests/conftest.py)
+        yield proc
 
 
 @pytest.mark.slow

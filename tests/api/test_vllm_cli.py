@@ -5,16 +5,13 @@ given where a file is expected is never printed, and a server started the vLLM w
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 
 import httpx
 import openai
 import pytest
-from serve_process import wait_until_serving
+from serve_process import serve_subprocess
 
 from lorafleet.cli import build_parser, main as cli_main
 from lorafleet.cli.config_file import apply_config_file
@@ -122,9 +119,8 @@ def test_serve_started_the_vllm_way_answers_the_openai_client(llama_dir, adapter
                       "port: 1\n")            # the command line's --port 0 overrides it
     log_path = tmp_path / "serve.log"
     template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lorafleet.cli", "serve", "--config", str(config),
+    with serve_subprocess(
+            ["--config", str(config),
              "--port", "0", "--served-model-name", "tiny", "--enable-lora",
              "--lora-modules", f"alpha={adapter_root / 'alpha'}",
              json.dumps({"name": "beta", "path": str(adapter_root / "beta"),
@@ -133,30 +129,25 @@ def test_serve_started_the_vllm_way_answers_the_openai_client(llama_dir, adapter
              "--api-key", "sk-flag", "--dtype", "float32", "--chat-template", template,
              "--uvicorn-log-level", "warning", "--disable-log-requests",
              "--enable-log-requests", "-v"],
-            stdout=log_file, stderr=subprocess.STDOUT,
-            env={**os.environ, "OMP_NUM_THREADS": "1", "VLLM_API_KEY": "sk-env"})
-        try:
-            url = wait_until_serving(proc, log_path, 90)
-            for key in ("sk-flag", "sk-env"):
-                client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0,
-                                       timeout=60)
-                assert {"tiny", "alpha", "beta"} <= {m.id for m in client.models.list().data}
-                out = client.completions.create(model="beta", prompt="hello", max_tokens=3,
-                                                temperature=0)
-                assert out.choices[0].finish_reason in ("stop", "length")
-            chat = client.chat.completions.create(
-                model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
-                temperature=0)
-            assert chat.usage.prompt_tokens == len(
-                httpx.post(url + "/tokenize", json={"prompt": "<<hi>>",
-                                                    "add_special_tokens": False},
-                           headers={"Authorization": "Bearer sk-env"}).json()["tokens"])
-            with pytest.raises(openai.AuthenticationError):
-                openai.OpenAI(base_url=url + "/v1", api_key="sk-wrong",
-                              max_retries=0).models.list()
-            log = log_path.read_text()
-            assert "request cmpl-" in log and "request chatcmpl-" in log, log
-            assert "sk-flag" not in log and "sk-env" not in log
-        finally:
-            proc.kill()
-            proc.wait(30)
+            log_path, 90, env={"VLLM_API_KEY": "sk-env"}) as proc:
+        url = proc.url
+        for key in ("sk-flag", "sk-env"):
+            client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0,
+                                   timeout=60)
+            assert {"tiny", "alpha", "beta"} <= {m.id for m in client.models.list().data}
+            out = client.completions.create(model="beta", prompt="hello", max_tokens=3,
+                                            temperature=0)
+            assert out.choices[0].finish_reason in ("stop", "length")
+        chat = client.chat.completions.create(
+            model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+            temperature=0)
+        assert chat.usage.prompt_tokens == len(
+            httpx.post(url + "/tokenize", json={"prompt": "<<hi>>",
+                                                "add_special_tokens": False},
+                       headers={"Authorization": "Bearer sk-env"}).json()["tokens"])
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="sk-wrong",
+                          max_retries=0).models.list()
+        log = log_path.read_text()
+        assert "request cmpl-" in log and "request chatcmpl-" in log, log
+        assert "sk-flag" not in log and "sk-env" not in log

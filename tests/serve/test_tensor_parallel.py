@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hf_fixtures import make_checkpoint
-from serve_process import wait_until_serving
+from serve_process import serve_subprocess
 from lorafleet.errors import ConfigError, EngineError
 from lorafleet.serve.engine import Engine, EngineConfig, SamplingParams
 from lorafleet.serve.shard import Shard, VocabParallelEmbedding, shard_pages, vocab_shard
@@ -346,8 +346,6 @@ def test_serve_cli_tensor_parallel_with_openai_client(tp_fleet, tmp_path):
     single-process engine's greedy text; a killed worker turns /health unhealthy and requests
     into errors, not a hang."""
     import re
-    import subprocess
-    import sys
 
     import httpx
     import openai
@@ -362,15 +360,12 @@ def test_serve_cli_tensor_parallel_with_openai_client(tp_fleet, tmp_path):
     expected = {(n, p): single.generate([p], [n], params)[0].text
                 for n in [*names, None] for p in prompts}
     log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lorafleet.cli", "serve", "--model", str(base_dir),
-             "--served-model-name", "tiny", "--port", "0", "--num-pages", "2048",
-             "--dtype", "float32", "--tensor-parallel-size", "2",
+    with serve_subprocess(
+            ["--model", str(base_dir), "--served-model-name", "tiny", "--port", "0",
+             "--num-pages", "2048", "--dtype", "float32", "--tensor-parallel-size", "2",
              *[f"--adapter={n}={adapters[n]}" for n in names]],
-            stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        url = wait_until_serving(proc, log_path, 120, poll_s=0.2)
+            log_path, 120, poll_s=0.2) as proc:
+        url = proc.url
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
                                timeout=60)
         for (name, prompt), text in expected.items():
@@ -389,6 +384,3 @@ def test_serve_cli_tensor_parallel_with_openai_client(tp_fleet, tmp_path):
         assert time.monotonic() - started < 30
         health = httpx.get(url + "/health", timeout=5)
         assert health.status_code == 503 and "worker" in health.text, health.text
-    finally:
-        proc.kill()
-        proc.wait(30)
