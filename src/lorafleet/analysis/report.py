@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 
-from lorafleet.analysis.subspace import (amplification_factor, delta_weight,
-                                         own_projection_norm, projection_norm,
+from lorafleet.analysis.subspace import (delta_weight, own_projection_norm, projection_norm_on,
                                          random_projection_norm, singular_values,
-                                         subspace_similarity_grid)
-from lorafleet.errors import AdapterError
+                                         subspace_similarity_grid, top_singular_directions)
+from lorafleet.errors import AdapterError, ShapeError
 
 
 @dataclass
@@ -81,11 +80,18 @@ def analyze_adapter(factors: dict[str, LoraFactors],
                                float(torch.linalg.matrix_norm(dw)))
         if base_weights is not None and name in base_weights:
             w = base_weights[name].double()
-            entry.amplification = amplification_factor(w, dw, f.rank)
-            entry.weight_projection_norm = projection_norm(w, dw, f.rank)
+            if w.shape != dw.shape:
+                raise ShapeError(f"{name}: W {tuple(w.shape)} and dW {tuple(dw.shape)} differ in "
+                                 "shape")
+            # dW's top-r directions, one SVD for the three rows that project onto them
+            # (amplification_factor and projection_norm would each take it again)
+            u, vh = top_singular_directions(dw, f.rank)
+            entry.weight_projection_norm = projection_norm_on(w, u, vh)
+            entry.amplification = (float(torch.linalg.matrix_norm(dw.double()))
+                                   / entry.weight_projection_norm)
             rand = torch.randn(w.shape, generator=gen, dtype=torch.float64)
             rand *= torch.linalg.matrix_norm(w) / torch.linalg.matrix_norm(rand)
-            entry.random_projection_norm = projection_norm(rand, dw, f.rank)
+            entry.random_projection_norm = projection_norm_on(rand, u, vh)
             entry.own_projection_norm = own_projection_norm(w, f.rank)
             entry.random_directions_norm = random_projection_norm(w, f.rank, gen)
             entry.weight_norm = float(torch.linalg.matrix_norm(w))
