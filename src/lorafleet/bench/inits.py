@@ -96,7 +96,7 @@ def run_one(label: str, seed: int, train_set: list, test_set: list, cfg: dict) -
     """Train one (init, seed); returns per-step train losses and held-out losses."""
     import torch
 
-    from lorafleet.train.trainer import count_targets, forward_logits, loss_sum
+    from lorafleet.train.trainer import count_targets, evaluate, forward_logits, loss_sum
 
     random.seed(seed)
     torch.manual_seed(seed)
@@ -106,16 +106,10 @@ def run_one(label: str, seed: int, train_set: list, test_set: list, cfg: dict) -
     device = torch.device("cpu")
     pad_id = cfg["pad_id"]
 
-    @torch.no_grad()
     def held_out() -> float:
-        model.eval()
-        total, tokens = 0.0, 0
-        for i in range(0, len(test_set), 32):
-            chunk = test_set[i:i + 32]
-            total += loss_sum(*forward_logits(model, chunk, pad_id, device)).item()
-            tokens += count_targets(chunk)
-        model.train()
-        return total / max(1, tokens)
+        loss = evaluate(model, test_set, 32, pad_id, device)
+        model.train()  # training mode from the first evaluation on, as the loop wants
+        return loss
 
     # the batch order: one permutation per seed, the same for every init
     order = random.Random(seed).sample(range(len(train_set)), len(train_set))
