@@ -127,12 +127,9 @@ class Collectives:
     def gather(self, tensor: torch.Tensor) -> list[torch.Tensor] | None:
         """Every rank's `tensor` (same shape on all) on rank 0, in rank order; None elsewhere."""
         started = time.perf_counter()
-        if self.rank == 0:
-            parts = [torch.empty_like(tensor) for _ in range(self.world)]
-            self._wait(lambda: self.group.gather([parts], [tensor], self._gather), "gather")
-        else:
-            parts = None
-            self._wait(lambda: self.group.gather([], [tensor], self._gather), "gather")
+        parts = [torch.empty_like(tensor) for _ in range(self.world)] if self.rank == 0 else None
+        self._wait(lambda: self.group.gather([parts] if parts else [], [tensor], self._gather),
+                   "gather")
         if self.stats is not None:
             self.stats.gather_calls += 1
             self.stats.gather_bytes += self.world * tensor.numel() * tensor.element_size()
