@@ -78,8 +78,7 @@ def projection_norm(weight: torch.Tensor, delta_w: torch.Tensor, r: int) -> floa
     """||U^T W V^T||_F: how much of W lies in dW's top-r singular directions (sec. 7.3)."""
     if weight.shape != delta_w.shape:
         raise ShapeError(f"W {tuple(weight.shape)} and dW {tuple(delta_w.shape)} differ in shape")
-    u, vh = top_singular_directions(delta_w, r)
-    return float(torch.linalg.matrix_norm(u.T @ weight.double() @ vh.T))
+    return projection_norm_on(weight, *top_singular_directions(delta_w, r))
 
 
 def projection_norm_on(weight: torch.Tensor, u: torch.Tensor, vh: torch.Tensor) -> float:
