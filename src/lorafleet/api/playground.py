@@ -21,7 +21,7 @@ from fastapi.responses import RedirectResponse, Response
 
 from lorafleet.api.access import authorize
 from lorafleet.api.auth import Grant
-from lorafleet.api.quota import SECONDS_PER_MINUTE, Quotas
+from lorafleet.api.quota import Quotas
 from lorafleet.api.state import ApiError, ServerState
 
 router = APIRouter()
@@ -73,11 +73,8 @@ def key_usage(quotas: Quotas, grant: Grant) -> dict:
              "tokens_per_minute": grant.tokens_per_minute, "tokens_available": None}
     if grant.tokens_per_minute is not None:
         bucket = quotas.buckets.get(grant.key_id)
-        if bucket is None or bucket.level < 0:          # never used: full
-            usage["tokens_available"] = float(grant.tokens_per_minute)
-        else:
-            refill = (quotas.clock() - bucket.updated) * bucket.per_minute / SECONDS_PER_MINUTE
-            usage["tokens_available"] = min(float(bucket.per_minute), bucket.level + refill)
+        usage["tokens_available"] = (float(grant.tokens_per_minute) if bucket is None  # unused
+                                     else bucket.available(quotas.clock()))
     return usage
 
 

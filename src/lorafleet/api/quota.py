@@ -21,12 +21,15 @@ class TokenBucket:
     level: float = -1.0          # tokens available now (starts full)
     updated: float = 0.0
 
-    def refill(self, now: float) -> None:
-        if self.level < 0:
-            self.level, self.updated = float(self.per_minute), now
+    def available(self, now: float) -> float:
+        """The tokens available at `now` (read only: the refill is computed, not applied)."""
+        if self.level < 0:          # never used: full
+            return float(self.per_minute)
         rate = self.per_minute / SECONDS_PER_MINUTE
-        self.level = min(float(self.per_minute), self.level + (now - self.updated) * rate)
-        self.updated = now
+        return min(float(self.per_minute), self.level + (now - self.updated) * rate)
+
+    def refill(self, now: float) -> None:
+        self.level, self.updated = self.available(now), now
 
     def take(self, tokens: int, now: float) -> float | None:
         """Take `tokens` if available: None; else the seconds until they will be."""
