@@ -58,7 +58,7 @@ class Tokenizer:
         self.backend = backend  # tokenizers.Tokenizer
         self.special_tokens = special_tokens  # "bos_token" -> "<s>", ...
         self.chat_template = chat_template
-        self._template = None
+        self._template = None   # (source, compiled): recompiled when chat_template is set anew
         self.bos_token_id = self.token_to_id(special_tokens.get("bos_token"))
         self.eos_token_id = self.token_to_id(special_tokens.get("eos_token"))
         eos = [] if self.eos_token_id is None else [self.eos_token_id]
@@ -88,11 +88,11 @@ class Tokenizer:
         if self.chat_template is None:
             raise ConfigError("this tokenizer has no chat_template (tokenizer_config.json or "
                               "chat_template.jinja)")
-        if self._template is None:
-            self._template = _compile_chat_template(self.chat_template)
+        if self._template is None or self._template[0] != self.chat_template:
+            self._template = (self.chat_template, _compile_chat_template(self.chat_template))
         variables = {**self.special_tokens, **kwargs}
-        text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     **variables)
+        text = self._template[1].render(messages=messages,
+                                        add_generation_prompt=add_generation_prompt, **variables)
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
 

@@ -143,8 +143,6 @@ def set_chat_template(tokenizer, template: str) -> None:
     except OSError:  # a template too long to be a path
         is_file = False
     tokenizer.chat_template = path.read_text() if is_file else template
-    if hasattr(tokenizer, "_template"):  # lorafleet's Tokenizer caches the compiled template
-        tokenizer._template = None
 
 
 # ---- the output folder and logs ---------------------------------------------------------------
