@@ -11,17 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.errors import ConfigError, ModelLoadError
+from lorafleet.models.config import read_json
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 def _read_json(file: Path) -> dict[str, Any]:
-    if not file.is_file():
-        return {}
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{file}: invalid JSON ({exc})") from exc
+    """An optional file of the folder: {} when absent."""
+    return read_json(file, ModelLoadError) if file.is_file() else {}
 
 
 def _token_text(value) -> str | None:
