@@ -49,6 +49,25 @@ def _compile_chat_template(template: str):
     return env.from_string(template)
 
 
+def read_chat_template(value: str) -> str:
+    """--chat-template: a file's text, or the value itself when it is no file (vLLM's rule);
+    checked by compiling it now, not at the first chat record or request."""
+    path = Path(value)
+    try:
+        is_file = path.is_file()
+    except OSError:   # a template too long to be a path
+        is_file = False
+    try:
+        text = path.read_text() if is_file else value
+    except OSError as exc:
+        raise ConfigError(f"--chat-template {value}: cannot read: {exc}") from exc
+    try:
+        _compile_chat_template(text)
+    except Exception as exc:  # jinja2's TemplateSyntaxError, among others
+        raise ConfigError(f"--chat-template: not a valid Jinja template: {exc}") from exc
+    return text
+
+
 class Tokenizer:
     def __init__(self, backend, special_tokens: dict[str, str], chat_template: str | None = None,
                  extra_eos_ids: list[int] | None = None):

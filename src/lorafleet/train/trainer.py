@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorafleet.errors import ConfigError, TrainingError
+from lorafleet.models.tokenizer import read_chat_template
 from lorafleet.train import distributed as dist
 from lorafleet.train.base import load_base, trainable_in_float32
 from lorafleet.train.checkpoint import (CHECKPOINT_DIR, SHARDED, Checkpoint, capture_rng,
@@ -135,16 +136,6 @@ def evaluate(model: nn.Module, examples, batch_size: int, pad_id: int, device,
     return total / max(1, tokens)
 
 
-def set_chat_template(tokenizer, template: str) -> None:
-    """--chat-template: a file's text, or the value itself when it is no file (vLLM's rule)."""
-    path = Path(template)
-    try:
-        is_file = path.is_file()
-    except OSError:  # a template too long to be a path
-        is_file = False
-    tokenizer.chat_template = path.read_text() if is_file else template
-
-
 # ---- the output folder and logs ---------------------------------------------------------------
 
 def prepare_out_dir(cfg: TrainConfig) -> Path:
@@ -241,7 +232,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
         from lorafleet.models import load_tokenizer
         tokenizer = load_tokenizer(cfg.model)
     if cfg.chat_template:
-        set_chat_template(tokenizer, cfg.chat_template)
+        tokenizer.chat_template = read_chat_template(cfg.chat_template)
     train_set, val_set, stats = load_dataset(cfg.data_config(), tokenizer)
     if model is None:
         model = load_base(cfg, device, progress)
