@@ -257,7 +257,7 @@ def build(args):
     budget = memory_budget(args)
     tokenizer = load_tokenizer(args.model)
     if args.chat_template:
-        tokenizer.chat_template, tokenizer._template = load_chat_template(args.chat_template), None
+        tokenizer.chat_template = load_chat_template(args.chat_template)
     dtype = resolve_dtype(args.dtype, args.model, args.device, prefer_half=True)
     if args.tensor_parallel_size > 1:
         # The engine loads it (rank 0's shard) and each worker loads its own from the folder;
