@@ -15,8 +15,9 @@ from serve_process import serve_subprocess
 
 from lorafleet.cli import build_parser, main as cli_main
 from lorafleet.cli.config_file import apply_config_file
-from lorafleet.cli.serve import api_keys, load_chat_template, parse_adapter_args
+from lorafleet.cli.serve import api_keys, parse_adapter_args
 from lorafleet.errors import ConfigError
+from lorafleet.models.tokenizer import read_chat_template
 
 
 def parse(argv: list[str]):
@@ -103,12 +104,12 @@ def test_a_key_given_as_the_keys_file_is_never_printed(tmp_path, monkeypatch):
 
 def test_chat_template_file_or_inline(tmp_path):
     inline = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    assert load_chat_template(inline) == inline
+    assert read_chat_template(inline) == inline
     path = tmp_path / "t.jinja"
     path.write_text(inline + "!")
-    assert load_chat_template(str(path)) == inline + "!"
+    assert read_chat_template(str(path)) == inline + "!"
     with pytest.raises(ConfigError, match="Jinja"):
-        load_chat_template("{% for m in messages %}")
+        read_chat_template("{% for m in messages %}")
 
 
 @pytest.mark.slow

@@ -216,23 +216,6 @@ def api_keys(args):
     return ApiKeys(grants) if grants else None
 
 
-def load_chat_template(value: str) -> str:
-    """--chat-template: a file's text, or the value itself when it is no file (vLLM's rule);
-    checked by compiling it now, not at the first chat request."""
-    from lorafleet.models.tokenizer import _compile_chat_template
-
-    path = Path(value)
-    try:
-        text = path.read_text() if len(value) < 4096 and path.is_file() else value
-    except OSError as exc:
-        raise ConfigError(f"--chat-template {value}: cannot read: {exc}") from exc
-    try:
-        _compile_chat_template(text)
-    except Exception as exc:  # jinja2's TemplateSyntaxError, among others
-        raise ConfigError(f"--chat-template: not a valid Jinja template: {exc}") from exc
-    return text
-
-
 def build(args):
     """The engine, tokenizer and app the arguments describe (also used by tests)."""
     from lorafleet.adapters.store import check_name
@@ -241,6 +224,7 @@ def build(args):
     from lorafleet.lora.peft_format import adapter_folder
     from lorafleet.models import load_tokenizer
     from lorafleet.models.config import ModelConfig
+    from lorafleet.models.tokenizer import read_chat_template
     from lorafleet.serve import Engine, EngineConfig
 
     adapters = parse_adapter_args(args.adapter)
@@ -257,7 +241,7 @@ def build(args):
     budget = memory_budget(args)
     tokenizer = load_tokenizer(args.model)
     if args.chat_template:
-        tokenizer.chat_template = load_chat_template(args.chat_template)
+        tokenizer.chat_template = read_chat_template(args.chat_template)
     dtype = resolve_dtype(args.dtype, args.model, args.device, prefer_half=True)
     if args.tensor_parallel_size > 1:
         # The engine loads it (rank 0's shard) and each worker loads its own from the folder;
