@@ -13,6 +13,15 @@ from lorafleet.models.dtype import parse_dtype
 
 from .memory import parse_memory_size
 
+# EngineConfig.tensor_parallel_vocab: how the embedding and lm_head are split (shard.py)
+VOCAB_MODES = ("replicated", "lm_head", "sharded")
+
+
+def check_vocab_mode(vocab: str) -> None:
+    if vocab not in VOCAB_MODES:
+        raise ConfigError(f"tensor_parallel_vocab must be one of {', '.join(VOCAB_MODES)}, "
+                          f"got {vocab!r}")
+
 
 @dataclass
 class EngineConfig:
@@ -63,9 +72,7 @@ class EngineConfig:
         self.dtype = parse_dtype(self.dtype, "dtype")
         if self.memory_budget is not None:
             self.memory_budget = parse_memory_size(self.memory_budget, "memory_budget")
-        if self.tensor_parallel_vocab not in ("replicated", "lm_head", "sharded"):
-            raise ConfigError(f"tensor_parallel_vocab must be 'replicated', 'lm_head' or "
-                              f"'sharded', got {self.tensor_parallel_vocab!r}")
+        check_vocab_mode(self.tensor_parallel_vocab)
         if self.quantize not in (None, "nf4"):
             raise ConfigError(f"quantize must be 'nf4' or None, got {self.quantize!r}")
         for name in ("block_tokens", "max_num_seqs", "max_num_batched_tokens",

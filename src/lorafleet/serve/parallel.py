@@ -84,7 +84,7 @@ class TensorParallel:
         """source: the checkpoint folder the workers load (on CPU also the loaded model,
         unsharded, sent pickled); model: rank 0's loaded copy (on cuda:0 for CUDA), sharded
         here in place. quantize "nf4": every rank quantizes its own shard. vocab: how the
-        embedding and lm_head are split (shard.VOCAB_MODES). The Engine ran `check_start`
+        embedding and lm_head are split (engine_config.VOCAB_MODES). The Engine ran `check_start`
         (sizes, GPUs or cores) before loading."""
         if device != "cpu" and not isinstance(source, (str, Path)):
             raise ConfigError("tensor parallelism on CUDA needs the checkpoint folder, not a "

@@ -40,11 +40,11 @@ from torch import nn
 
 from lorafleet.errors import ConfigError
 
+from .engine_config import check_vocab_mode
 from .kv_cache import cdiv
 from .runner import wrap_projections
 
 COLUMN, ROW = "column", "row"
-VOCAB_MODES = ("replicated", "lm_head", "sharded")   # EngineConfig.tensor_parallel_vocab
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -187,14 +187,13 @@ def shard_model(model: nn.Module, rank: int, world: int,
     the local view, and row-parallel projections wrapped (runner.wrap_projections) with a
     forward hook that all-reduces the output (base + LoRA delta) and then adds the bias.
     quantize "nf4": then the shard's projections (not lm_head) are quantized (QLoRA's NF4), so
-    each rank quantizes only its own part. vocab (VOCAB_MODES): "lm_head" / "sharded" split the
-    lm_head / also the embedding by vocabulary rows; `gather` then brings the logits to rank 0.
+    each rank quantizes only its own part. vocab (engine_config.VOCAB_MODES): "lm_head" /
+    "sharded" split the lm_head / also the embedding by vocabulary rows; `gather` then brings
+    the logits to rank 0.
     Returns the unsharded targets (name -> (in, out)): adapters are checked against them."""
     config = model.config
     check_tensor_parallel(config, world)
-    if vocab not in VOCAB_MODES:
-        raise ConfigError(f"tensor_parallel_vocab must be one of {', '.join(VOCAB_MODES)}, "
-                          f"got {vocab!r}")
+    check_vocab_mode(vocab)
     full_targets = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
                     if isinstance(m, nn.Linear)}
     plan = shard_plan(config, rank, world)
