@@ -125,15 +125,20 @@ def _check_lengths(state: ServerState, prompt_ids: list[int], max_tokens: int | 
     return max_tokens
 
 
+def check_token_ids(state: ServerState, ids: list[int], param: str) -> None:
+    """400 naming `param` when a token id is outside the model's vocabulary."""
+    vocab = state.config.vocab_size
+    if vocab is not None:
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"{param}: token id {bad[0]} is outside the vocabulary "
+                                f"[0, {vocab})", param=param, code="invalid_token")
+
+
 def _encode_prompt(state: ServerState, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
         return list(state.tokenizer.encode(prompt))
-    vocab = state.config.vocab_size
-    if vocab is not None:
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise ApiError(400, f"prompt token id {bad[0]} is outside the vocabulary "
-                                f"[0, {vocab})", param="prompt", code="invalid_token")
+    check_token_ids(state, prompt, "prompt")
     return list(prompt)
 
 

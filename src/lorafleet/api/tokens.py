@@ -21,6 +21,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from lorafleet.api.access import authorize, open_request, resolve_model
+from lorafleet.api.generation import check_token_ids
 from lorafleet.api.protocol import ChatMessage
 from lorafleet.api.state import ApiError, ServerState
 
@@ -74,11 +75,7 @@ async def detokenize(request: Request):
     state, grant, body = await open_request(request, DetokenizeRequest)
     if body.model is not None:
         await resolve_model(state, grant, body.model)
-    vocab = state.config.vocab_size
-    bad = [t for t in body.tokens if vocab is not None and not 0 <= t < vocab]
-    if bad:
-        raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})",
-                       param="tokens", code="invalid_token")
+    check_token_ids(state, body.tokens, "tokens")
     text = await asyncio.to_thread(state.tokenizer.decode, body.tokens)
     return {"prompt": text}
 
