@@ -32,13 +32,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from lorafleet.serve.engine_config import VOCAB_MODES
+
 # Paper-estimate constants (A100-80GB SXM, NVLink 3; NCCL all-reduce on 8 GPUs in one node).
 A100 = {"hbm_bytes_per_s": 2.0e12, "bf16_flops_per_s": 312e12,
         "allreduce_bus_bytes_per_s": 230e9,   # nccl-tests all_reduce busbw, DGX A100, large msgs
         "allreduce_latency_s": 15e-6}         # small-message NCCL all-reduce on NVLink
 LLAMA_7B = {"hidden": 4096, "layers": 32, "params": 6.74e9, "intermediate": 11008,
             "vocab": 32000}
-VOCAB_MODES = ("replicated", "lm_head", "sharded")     # serve/shard.py
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,6 +15,7 @@ from lorafleet.cli.progress import (add_progress_argument, count_through, load_b
                                     progress_bar)
 from lorafleet.errors import ConfigError
 from lorafleet.models.dtype import add_dtype_argument, resolve_dtype
+from lorafleet.serve.engine_config import VOCAB_MODES
 from lorafleet.serve.memory import DEFAULT_MEMORY_FRACTION, format_bytes
 
 log = logging.getLogger("lorafleet.serve")
@@ -114,7 +115,7 @@ def add_parser(subparsers) -> None:
                    help="split the model over N processes on this machine (Megatron-style, "
                         "adapters split to match; gloo on CPU, NCCL on CUDA with rank r on "
                         "cuda:r): Llama family only (default %(default)s)")
-    p.add_argument("--tensor-parallel-vocab", choices=("replicated", "lm_head", "sharded"),
+    p.add_argument("--tensor-parallel-vocab", choices=VOCAB_MODES,
                    default=_default("tensor_parallel_vocab"),
                    help="with --tensor-parallel-size: embedding and lm_head replicated, or split "
                         "by vocabulary rows (lm_head only, or both); docs/engine.md measures "
